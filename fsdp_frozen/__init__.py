@@ -1,0 +1,23 @@
+"""fsdp_frozen: FSDP2 with frozen parameters in their own param groups.
+
+Public API::
+
+    from fsdp_frozen import FreezePolicy, shard_with_freezing, describe, PolicyError
+"""
+
+from .apply import shard_with_freezing
+from .errors import FreezingChangedError, PolicyError
+from .policy import FreezePolicy
+from .report import GroupRecord, describe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FreezePolicy",
+    "FreezingChangedError",
+    "GroupRecord",
+    "PolicyError",
+    "describe",
+    "shard_with_freezing",
+    "__version__",
+]

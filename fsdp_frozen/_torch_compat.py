@@ -1,0 +1,142 @@
+"""The only module that touches private torch internals, plus every version gate.
+
+Checked on torch 2.13.0 (CPU, gloo). The names used from 2.6-2.12 were read from those sources:
+``FSDPState._fsdp_param_group`` (single group, <= 2.12), ``FSDPParamGroup.post_forward_mesh_info``,
+``.reshard_after_backward``, ``.fsdp_params`` and ``FSDPParam.sharded_param`` (2.4+).
+Several param groups per FSDP state (``state._fsdp_param_groups`` and ``ShardPlacementResult``) exist
+from 2.13 on; older versions fall back to one group per module (see `apply.py`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
+
+MIN_TORCH = (2, 6)
+TORCH_VERSION: tuple[int, int] = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())  # type: ignore[assignment]
+
+if TORCH_VERSION < MIN_TORCH:  # pragma: no cover - exercised by test_version_gates via monkeypatch
+    raise ImportError(f"fsdp_frozen needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found {torch.__version__}")
+
+try:  # 2.13+: several param groups per FSDP state, keyed by process group
+    from torch.distributed.fsdp._fully_shard._fsdp_common import (  # noqa: F401
+        FSDPMeshInfo,
+        HSDPMeshInfo,
+        ShardPlacementResult,
+    )
+    from torch.distributed.fsdp._fully_shard._fsdp_init import _get_post_forward_mesh_info
+
+    SPLIT_GROUPS_SUPPORTED = True
+except ImportError:  # pragma: no cover - torch < 2.13
+    SPLIT_GROUPS_SUPPORTED = False
+
+#: `ignored_params` of fully_shard (needed to give a tied parameter to an outer unit).
+IGNORED_PARAMS_SUPPORTED = TORCH_VERSION >= (2, 7)
+
+
+def split_groups_supported() -> bool:
+    """True when one FSDP module can hold a frozen and a trainable param group (torch >= 2.13)."""
+    return SPLIT_GROUPS_SUPPORTED
+
+
+def param_groups(module: nn.Module) -> list[Any]:
+    """The FSDPParamGroups of an FSDP module's state (empty if it holds no parameters)."""
+    state = fully_shard.state(module)
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch <= 2.12
+        group = state._fsdp_param_group
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
+def has_fsdp_state(module: nn.Module) -> bool:
+    try:
+        return fully_shard.state(module) is not None
+    except (AttributeError, KeyError):
+        return False
+
+
+def fsdp_params(group: Any) -> list[Any]:
+    return list(group.fsdp_params)
+
+
+def sharded_param(fsdp_param: Any) -> nn.Parameter:
+    """The sharded DTensor parameter that FSDP keeps (and that the optimizer should see)."""
+    return fsdp_param.sharded_param
+
+
+def unsharded_param_if_any(fsdp_param: Any) -> torch.Tensor | None:
+    return getattr(fsdp_param, "_unsharded_param", None)
+
+
+def group_mesh_info(group: Any) -> Any:
+    return group.mesh_info
+
+
+def is_unsharded(group: Any) -> bool:
+    return bool(group.is_unsharded)
+
+
+def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """A mesh over the same ranks as `mesh` with new process groups.
+
+    FSDP 2.13 groups parameters by process group, so the frozen group needs its own.
+    """
+    ranks = mesh.mesh
+    rank = dist.get_rank()
+    if mesh.ndim == 1:
+        pg = dist.new_group(ranks.tolist(), use_local_synchronization=True)
+        return DeviceMesh.from_group(pg, mesh.device_type, mesh=ranks)
+    # 2-D (replicate x shard): new groups for every column (dim 0) and row (dim 1); keep this rank's.
+    dim_groups = []
+    for lines in (ranks.t(), ranks):
+        mine = None
+        for line in lines.tolist():
+            if rank in line:
+                mine = dist.new_group(line, use_local_synchronization=True)
+        dim_groups.append(mine)
+    return DeviceMesh.from_group(dim_groups, mesh.device_type, mesh=ranks)
+
+
+def make_frozen_mesh_info(mesh: DeviceMesh) -> Any:
+    """An FSDP mesh info for frozen groups: same ranks and layout as `mesh`, own process groups."""
+    fresh = _fresh_mesh(mesh)
+    if mesh.ndim == 1:
+        return FSDPMeshInfo(fresh, shard_mesh_dim=0)
+    return HSDPMeshInfo(fresh, shard_mesh_dim=1, replicate_mesh_dim=0)
+
+
+def placement_on(mesh_info: Any) -> Any:
+    return ShardPlacementResult(placement=torch.distributed.tensor.Shard(0), mesh_info=mesh_info)
+
+
+def post_forward_mesh_info(reshard_after_forward: bool | int, mesh_info: Any) -> Any:
+    """FSDP's post-forward mesh for `reshard_after_forward` (an int builds a new N-rank mesh)."""
+    return _get_post_forward_mesh_info(reshard_after_forward, mesh_info)
+
+
+def configure_group(group: Any, post_forward_mesh: Any, reshard_after_backward: bool) -> None:
+    """Give one param group its own reshard behaviour (the public setters change every group)."""
+    group.post_forward_mesh_info = post_forward_mesh
+    group.reshard_after_backward = reshard_after_backward
+
+
+def iter_all_fsdp_params(root: nn.Module) -> Iterator[tuple[nn.Module, Any, Any]]:
+    """(module, group, fsdp_param) for every FSDP module under `root`, each state once."""
+    seen: set[int] = set()
+    for module in root.modules():
+        if not has_fsdp_state(module):
+            continue
+        state = fully_shard.state(module)
+        if id(state) in seen:
+            continue
+        seen.add(id(state))
+        for group in param_groups(module):
+            for fp in fsdp_params(group):
+                yield module, group, fp

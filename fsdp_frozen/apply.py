@@ -1,0 +1,186 @@
+"""`shard_with_freezing`: turn a plan into fully_shard calls. The only module that applies FSDP2."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from . import _torch_compat as compat
+from .errors import FreezingChangedError, PolicyError
+from .plan import FROZEN, ShardingPlan, build_plan
+from .policy import FreezePolicy
+from .storage import cast_frozen
+
+_STATE_ATTR = "_fsdp_frozen_state"
+
+
+@dataclass
+class ShardedModelState:
+    """What `shard_with_freezing` leaves on the model for `describe` and the checkpoint planners."""
+
+    policy: FreezePolicy
+    plan: ShardingPlan
+    fsdp_params: dict[str, Any]  #: parameter FQN -> FSDP's per-parameter record
+
+
+def sharded_state(model: nn.Module) -> ShardedModelState:
+    """The state `shard_with_freezing` attached to `model`; PolicyError if there is none."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise PolicyError(f"{type(model).__name__} was not sharded with fsdp_frozen.shard_with_freezing")
+    return state
+
+
+def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy) -> nn.Module:
+    """Apply FSDP2 so that each unit's frozen parameters form their own no-grad param group.
+
+    Every unit (``policy.units`` plus the root) gets at most two groups: trainable parameters,
+    sharded and reduce-scattered as plain FSDP2 does, and frozen parameters, which
+
+    * are stored in ``policy.frozen_dtype`` (converted once here; no per-step cast),
+    * follow ``policy.frozen_reshard``: two all-gathers per step (``"after_forward"``), one
+      (``"after_backward"``: the unsharded frozen weights live from forward to the end of
+      backward), none in steady state (``"never"``: they stay unsharded, costing their full
+      bytes on every rank), or a partial reshard to N ranks (int),
+    * get no ``.grad`` and no optimizer state, and never appear in a reduce-scatter.
+
+    On torch >= 2.13 the split is per parameter (a module with a frozen weight and a trainable
+    bias is split too), using a second set of process groups over the same ranks for frozen
+    groups. On older torch, frozen-only submodules are grouped structurally and frozen parameters
+    of mixed modules stay in the trainable group, with a warning naming them.
+
+    Args:
+        model: an unsharded module; sharded in place and returned.
+        mesh: 1-D (FSDP) or 2-D (HSDP: replicate x shard) device mesh.
+        policy: a `FreezePolicy`.
+
+    Raises:
+        PolicyError: bad policy for this model/mesh, before anything is changed.
+    """
+    if not isinstance(policy, FreezePolicy):
+        raise PolicyError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+    if not isinstance(mesh, DeviceMesh) or mesh.ndim not in (1, 2):
+        raise PolicyError(f"mesh must be a 1-D (FSDP) or 2-D (HSDP) DeviceMesh, got {mesh!r}")
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise PolicyError(f"{type(model).__name__} is already sharded by shard_with_freezing")
+    for name, module in model.named_modules():
+        if compat.has_fsdp_state(module):
+            raise PolicyError(
+                f"module {name or '<root>'!r} already has fully_shard applied; pass an unsharded model"
+            )
+    plan = build_plan(model, policy, shard_size=mesh.size(mesh.ndim - 1))
+    if plan.unsplit:
+        warnings.warn(
+            f"torch {compat.TORCH_VERSION[0]}.{compat.TORCH_VERSION[1]} cannot hold two param groups in "
+            f"one module (needs >= 2.13): frozen parameters {list(plan.unsplit)} share their unit's "
+            f"trainable group and are gathered like trainable ones",
+            stacklevel=2,
+        )
+
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in plan.frozen)
+    if policy.frozen_dtype:
+        cast_frozen(model, sorted(plan.frozen), policy.torch_frozen_dtype)
+
+    mp_policy = MixedPrecisionPolicy(param_dtype=policy.torch_param_dtype, reduce_dtype=policy.torch_reduce_dtype)
+    apply = _apply_split if plan.split else _apply_structural
+    apply(model, mesh, plan, mp_policy)
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    fsdp_params = {names[id(compat.sharded_param(fp))]: fp for _, _, fp in compat.iter_all_fsdp_params(model)}
+    setattr(model, _STATE_ATTR, ShardedModelState(policy=policy, plan=plan, fsdp_params=fsdp_params))
+    model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen), prepend=True)
+    return model
+
+
+def _trainable_reshard(plan: ShardingPlan, unit: str) -> bool | int:
+    trainable = next((g for g in plan.groups_of(unit) if g.kind != FROZEN), None)
+    return trainable.reshard if trainable is not None else unit != ""
+
+
+def _ignored(model: nn.Module, plan: ShardingPlan, unit: str) -> dict[str, Any]:
+    ignored = {model.get_parameter(f) for f in plan.ignored.get(unit, ())}
+    return {"ignored_params": ignored} if ignored else {}
+
+
+def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
+    """torch >= 2.13: one fully_shard per unit; frozen params go to a param group on their own PGs."""
+    frozen_mesh_info = None
+    if any(g.kind == FROZEN for g in plan.groups):
+        frozen_mesh_info = compat.make_frozen_mesh_info(mesh)
+    post_forward_cache: dict[Any, Any] = {}
+
+    for unit in plan.units:
+        module = model.get_submodule(unit)
+        frozen_group = plan.frozen_group(unit)
+        frozen_ids = {id(model.get_parameter(f)) for f in frozen_group.params} if frozen_group else set()
+        placement = compat.placement_on(frozen_mesh_info) if frozen_ids else None
+        fully_shard(
+            module,
+            mesh=mesh,
+            reshard_after_forward=_trainable_reshard(plan, unit),
+            shard_placement_fn=(lambda p: placement if id(p) in frozen_ids else None) if frozen_ids else None,
+            mp_policy=mp_policy,
+            **_ignored(model, plan, unit),
+        )
+        if frozen_group is None:
+            continue
+        group = next(g for g in compat.param_groups(module) if compat.group_mesh_info(g) is frozen_mesh_info)
+        reshard = frozen_group.reshard
+        if reshard == "after_forward":
+            post_forward = frozen_mesh_info
+        elif reshard in ("after_backward", "never"):
+            post_forward = None
+        else:
+            if reshard not in post_forward_cache:
+                post_forward_cache[reshard] = compat.post_forward_mesh_info(reshard, frozen_mesh_info)
+            post_forward = post_forward_cache[reshard]
+        compat.configure_group(group, post_forward, reshard_after_backward=reshard != "never")
+
+
+def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
+    """torch < 2.13: frozen-only submodules of each unit become one extra FSDP group (public API)."""
+    for unit in plan.units:
+        frozen_group = plan.frozen_group(unit)
+        if frozen_group is not None:
+            modules = [model.get_submodule(m) for m in frozen_group.modules]
+            reshard = frozen_group.reshard
+            fully_shard(
+                modules,
+                mesh=mesh,
+                reshard_after_forward=reshard if isinstance(reshard, int) else reshard == "after_forward",
+                mp_policy=mp_policy,
+            )
+            if reshard == "never":
+                modules[0].set_reshard_after_backward(False, recurse=False)
+        fully_shard(
+            model.get_submodule(unit),
+            mesh=mesh,
+            reshard_after_forward=_trainable_reshard(plan, unit),
+            mp_policy=mp_policy,
+            **_ignored(model, plan, unit),
+        )
+
+
+def _freezing_check(fsdp_params: dict[str, Any], frozen: frozenset[str]):
+    """Root forward pre-hook: refuse to run on after a parameter's requires_grad was flipped."""
+    entries = [(fqn, fp, fqn not in frozen) for fqn, fp in fsdp_params.items()]
+
+    def check(module: nn.Module, args: Any) -> None:
+        for fqn, fp, want in entries:
+            for tensor in (compat.sharded_param(fp), compat.unsharded_param_if_any(fp)):
+                if tensor is not None and tensor.requires_grad != want:
+                    raise FreezingChangedError(
+                        f"requires_grad of parameter {fqn!r} changed from {want} to {not want} after "
+                        f"shard_with_freezing; its param group was built as "
+                        f"{'trainable' if want else 'frozen'}. Set requires_grad (or FreezePolicy.freeze/"
+                        f"unfreeze) before sharding: rebuild the model, shard it with the new policy and "
+                        f"load your checkpoint into it, or restore requires_grad={want}."
+                    )
+
+    return check

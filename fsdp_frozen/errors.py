@@ -1,0 +1,18 @@
+"""Exceptions raised by fsdp_frozen. Every message names the culprit (key, parameter, module or file)."""
+
+from __future__ import annotations
+
+
+class PolicyError(ValueError):
+    """A `FreezePolicy` or its application to a model is invalid.
+
+    Raised before any sharding happens, so the model is left as it was.
+    """
+
+
+class FreezingChangedError(RuntimeError):
+    """`requires_grad` of a sharded parameter changed after `shard_with_freezing`.
+
+    The frozen/trainable split is fixed when the model is sharded; training on would silently
+    use a stale split, so the next forward raises this instead.
+    """

@@ -1,0 +1,239 @@
+"""Pure planning: which parameters are frozen, which unit owns each, and the groups to build.
+
+Nothing here calls torch.distributed, so a plan can be built and printed in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import _torch_compat as compat
+from ._globs import glob_match
+from .errors import PolicyError
+from .policy import FreezePolicy
+
+FROZEN, TRAINABLE = "frozen", "trainable"
+_FROZEN_GATHERS = {"after_forward": 2, "after_backward": 1, "never": 0}
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """One param group to build: only frozen or only trainable parameters of one unit."""
+
+    unit: str  #: unit FQN ("" is the root)
+    kind: str  #: "frozen" or "trainable"
+    params: tuple[str, ...]  #: parameter FQNs as the unsharded model names them
+    numel: int
+    storage_dtype: str  #: dtype of the shards ("mixed" if the params differ)
+    gathered_dtype: str  #: dtype all-gathered and computed with
+    reshard: str | int | bool  #: frozen: policy name or int; trainable: FSDP reshard_after_forward
+    all_gathers_per_step: int  #: expected in steady state (0 at shard size 1)
+    unsharded_bytes: int  #: bytes of the gathered parameters
+    modules: tuple[str, ...] = ()  #: frozen-only submodules (structural fallback, torch < 2.13)
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    units: tuple[str, ...]  #: bottom-up: deeper units first, root ("") last
+    groups: tuple[GroupPlan, ...]
+    frozen: frozenset[str]  #: FQNs of frozen parameters after freeze/unfreeze
+    ignored: dict[str, tuple[str, ...]] = field(default_factory=dict)  #: unit -> tied params it must not take
+    unsplit: tuple[str, ...] = ()  #: frozen params left in a trainable group (torch < 2.13 fallback)
+    shard_size: int = 1
+    split: bool = True  #: True: per-parameter groups (2.13+); False: structural fallback
+
+    def groups_of(self, unit: str) -> list[GroupPlan]:
+        return [g for g in self.groups if g.unit == unit]
+
+    def frozen_group(self, unit: str) -> GroupPlan | None:
+        return next((g for g in self.groups if g.unit == unit and g.kind == FROZEN), None)
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _within(name: str, unit: str) -> bool:
+    return unit == "" or name == unit or name.startswith(unit + ".")
+
+
+def resolve_units(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
+    """Unit FQNs matched by `patterns` (FQN globs or class names), deepest first, root last."""
+    named = [(n, m) for n, m in model.named_modules() if n]
+    units: set[str] = set()
+    for pattern in patterns:
+        hits = {n for n, m in named if glob_match(pattern, n) or type(m).__name__ == pattern}
+        if not hits:
+            raise PolicyError(
+                f"FreezePolicy.units pattern {pattern!r} matches no submodule of {type(model).__name__} "
+                f"(neither a dotted FQN glob such as 'layers.*' nor a module class name)"
+            )
+        units |= hits
+    return sorted(units, key=lambda n: (-n.count("."), n)) + [""]
+
+
+def _enclosing_unit(module_fqn: str, units: list[str]) -> str:
+    return max((u for u in units if _within(module_fqn, u)), key=len)
+
+
+def _resolve_frozen(holders: dict[nn.Parameter, list[str]], policy: FreezePolicy) -> set[str]:
+    frozen = {names[0] for p, names in holders.items() if not p.requires_grad}
+    for key, value in (("freeze", True), ("unfreeze", False)):
+        for pattern in getattr(policy, key):
+            hits = [names[0] for names in holders.values() if any(glob_match(pattern, n) for n in names)]
+            if not hits:
+                raise PolicyError(f"FreezePolicy.{key} pattern {pattern!r} matches no parameter")
+            (frozen.update if value else frozen.difference_update)(hits)
+    return frozen
+
+
+def _check_int_reshard(key: str, value: object, shard_size: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return
+    if not (1 < value < shard_size and shard_size % value == 0):
+        divisors = [d for d in range(2, shard_size) if shard_size % d == 0]
+        raise PolicyError(
+            f"FreezePolicy.{key}={value} must be a divisor of the mesh's shard size {shard_size} "
+            f"other than 1 and {shard_size}; allowed here: {divisors or 'none (use a named policy)'}"
+        )
+
+
+def _gathers(kind: str, reshard: str | int | bool, shard_size: int) -> int:
+    if shard_size == 1:
+        return 0
+    if kind == FROZEN:
+        return _FROZEN_GATHERS.get(reshard, 2)  # type: ignore[arg-type]
+    return 1 if reshard is False else 2
+
+
+def _dtype_label(dtypes: set[torch.dtype]) -> str:
+    return str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "mixed"
+
+
+def _frozen_only_modules(model: nn.Module, unit: str, units: list[str], owned: set[str], frozen: set[str]) -> list[str]:
+    """Maximal submodules of `unit` (not crossing nested units) whose own parameters are all frozen."""
+    nested = [u for u in units if u != unit and _within(u, unit)]
+    result: list[str] = []
+    root = model.get_submodule(unit)
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if name in nested:
+                continue
+            params = [
+                f"{name}.{n}" for n, _ in child.named_parameters()
+                if not any(_within(f"{name}.{n}", u) for u in nested if _within(u, name))
+            ]
+            if params and all(p in owned and p in frozen for p in params):
+                result.append(name)
+            else:
+                visit(name, child)
+
+    visit(unit, root)
+    return result
+
+
+def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split: bool | None = None) -> ShardingPlan:
+    """Plan the frozen/trainable param groups of `model` under `policy` for a given shard size.
+
+    Args:
+        shard_size: ranks a parameter is sharded over (the mesh's last dim).
+        split: per-parameter groups (torch >= 2.13); default: what this torch supports.
+    """
+    split = compat.split_groups_supported() if split is None else split
+    for key in ("frozen_reshard", "trainable_reshard"):
+        _check_int_reshard(key, getattr(policy, key), shard_size)
+    units = resolve_units(model, policy.units)
+
+    holders: dict[nn.Parameter, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(param, []).append(name)
+    frozen = _resolve_frozen(holders, policy)
+
+    owner: dict[str, str] = {}
+    ignored: dict[str, list[str]] = {}
+    params: dict[str, nn.Parameter] = {}
+    for param, names in holders.items():
+        fqn = names[0]
+        if param.dim() == 0:
+            raise PolicyError(f"parameter {fqn!r} is a scalar; FSDP shards dim 0, reshape it to shape [1]")
+        params[fqn] = param
+        enclosing = {_enclosing_unit(_parent(n), units) for n in names}
+        outer = min(enclosing, key=len)
+        if not all(_within(u, outer) for u in enclosing):
+            raise PolicyError(
+                f"tied parameter {fqn!r} is used under units {sorted(enclosing)}, none of which contains "
+                f"the others; make one unit hold every module that uses it (names: {names})"
+            )
+        owner[fqn] = outer
+        for u in enclosing - {outer}:
+            if not compat.IGNORED_PARAMS_SUPPORTED:
+                raise PolicyError(
+                    f"tied parameter {fqn!r} is used in unit {u!r} and owned by {outer!r}; this needs "
+                    f"fully_shard(ignored_params=...), torch >= 2.7 (found {torch.__version__})"
+                )
+            ignored.setdefault(u, []).append(fqn)
+
+    frozen_dtype = policy.torch_frozen_dtype
+    mp_dtype = policy.torch_param_dtype
+
+    def make_group(unit: str, kind: str, fqns: list[str], reshard, modules=()) -> GroupPlan:
+        storage = [frozen_dtype if (kind == FROZEN and frozen_dtype and params[f].is_floating_point())
+                   else params[f].dtype for f in fqns]
+        gathered = [mp_dtype if (mp_dtype and s.is_floating_point) else s for s in storage]
+        return GroupPlan(
+            unit=unit, kind=kind, params=tuple(fqns), numel=sum(params[f].numel() for f in fqns),
+            storage_dtype=_dtype_label(set(storage)), gathered_dtype=_dtype_label(set(gathered)),
+            reshard=reshard, all_gathers_per_step=_gathers(kind, reshard, shard_size),
+            unsharded_bytes=sum(params[f].numel() * d.itemsize for f, d in zip(fqns, gathered)),
+            modules=tuple(modules),
+        )
+
+    groups: list[GroupPlan] = []
+    unsplit: list[str] = []
+    frozen_reshard = policy.frozen_reshard
+    for unit in units:
+        owned = [f for f in params if owner[f] == unit]
+        trainable_reshard = policy.trainable_reshard if policy.trainable_reshard is not None else unit != ""
+        frozen_fqns = [f for f in owned if f in frozen]
+        trainable_fqns = [f for f in owned if f not in frozen]
+        modules: list[str] = []
+        if frozen_fqns and not split:
+            modules = _frozen_only_modules(model, unit, units, set(owned), frozen)
+            in_modules = [f for f in frozen_fqns if any(_within(f, m) for m in modules)]
+            unsplit += [f for f in frozen_fqns if f not in in_modules]
+            trainable_fqns = [f for f in owned if f not in in_modules]
+            frozen_fqns = in_modules
+        if frozen_fqns:
+            groups.append(make_group(unit, FROZEN, frozen_fqns, frozen_reshard, modules))
+        if trainable_fqns:
+            groups.append(make_group(unit, TRAINABLE, trainable_fqns, trainable_reshard))
+
+    if frozen_reshard == "auto":
+        groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
+    return ShardingPlan(
+        units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
+        ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
+        shard_size=shard_size, split=split,
+    )
+
+
+def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list[GroupPlan]:
+    """Keep gathered the frozen groups that fit in `budget`, largest saving (= largest group) first."""
+    keep: set[int] = set()
+    frozen = sorted((i for i, g in enumerate(groups) if g.kind == FROZEN), key=lambda i: -groups[i].unsharded_bytes)
+    for i in frozen:
+        if groups[i].unsharded_bytes <= budget:
+            keep.add(i)
+            budget -= groups[i].unsharded_bytes
+    out = []
+    for i, g in enumerate(groups):
+        if g.kind == FROZEN:
+            reshard = "never" if i in keep else "after_forward"
+            g = GroupPlan(**{**g.__dict__, "reshard": reshard, "all_gathers_per_step": _gathers(FROZEN, reshard, shard_size)})
+        out.append(g)
+    return out

@@ -1,0 +1,155 @@
+"""`FreezePolicy`: the validated configuration of `shard_with_freezing`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+from .errors import PolicyError
+
+#: Named reshard policies of frozen groups (an int N is also accepted: reshard to N-rank groups).
+FROZEN_RESHARD_NAMES = ("after_forward", "after_backward", "never", "auto")
+#: Storage dtypes a frozen shard may be converted to at sharding time.
+FROZEN_DTYPES = ("bfloat16", "float16", "float32")
+#: Mixed-precision dtypes of `param_dtype` / `reduce_dtype`.
+MP_DTYPES = ("bfloat16", "float16", "float32")
+
+ReshardValue = Union[str, int]
+
+
+def _dtype_name(key: str, value: Any, allowed: tuple[str, ...]) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if not isinstance(value, str) or value not in allowed:
+        raise PolicyError(f"FreezePolicy.{key}={value!r} is not allowed; use None or one of {list(allowed)}")
+    return value
+
+
+def _patterns(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"FreezePolicy.{key} must be a list of non-empty strings, got {value!r}")
+    return tuple(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class FreezePolicy:
+    """How `shard_with_freezing` splits and shards a model.
+
+    Attributes:
+        units: Submodules that become FSDP units, as dotted FQN globs (``"layers.*"``; ``*`` stays
+            within one segment, ``**`` spans several) or module class names (``"TransformerBlock"``).
+            The root module is always a unit and takes every parameter no other unit took.
+        freeze / unfreeze: Parameter-FQN globs whose ``requires_grad`` is set to False / True before
+            sharding (``unfreeze`` wins). Without them, ``requires_grad`` as the user left it decides.
+        frozen_reshard: What frozen groups do after forward. ``"after_forward"`` (default, FSDP's
+            memory: two all-gathers per step), ``"after_backward"`` (kept from forward until backward
+            is done: one all-gather per step), ``"never"`` (gathered at first use and kept: no frozen
+            communication in steady state, at the cost of the unsharded frozen bytes per rank), an int
+            N (reshard to N-rank groups after forward, as FSDP's int ``reshard_after_forward``), or
+            ``"auto"`` (keep gathered the groups that fit in ``frozen_budget_bytes``, largest saving
+            first; ``"after_forward"`` for the rest).
+        frozen_budget_bytes: Per-rank bytes ``"auto"`` may spend on kept-gathered frozen weights.
+        trainable_reshard: FSDP's ``reshard_after_forward`` for trainable groups (None: True for
+            non-root units, False for the root).
+        frozen_dtype: Storage dtype of frozen shards, converted once at sharding time (None keeps the
+            original dtype). Must equal ``param_dtype`` unless it is ``"float32"``.
+        param_dtype / reduce_dtype: FSDP ``MixedPrecisionPolicy`` of the groups.
+    """
+
+    units: tuple[str, ...] = ()
+    freeze: tuple[str, ...] = ()
+    unfreeze: tuple[str, ...] = ()
+    frozen_reshard: ReshardValue = "after_forward"
+    frozen_budget_bytes: int | None = None
+    trainable_reshard: bool | int | None = None
+    frozen_dtype: str | None = None
+    param_dtype: str | None = None
+    reduce_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        for key in ("units", "freeze", "unfreeze"):
+            set_(key, _patterns(key, getattr(self, key)))
+        reshard = self.frozen_reshard
+        if not (_is_int(reshard) and reshard > 1) and reshard not in FROZEN_RESHARD_NAMES:
+            raise PolicyError(
+                f"FreezePolicy.frozen_reshard={reshard!r} is not allowed; use one of "
+                f"{list(FROZEN_RESHARD_NAMES)} or an int > 1 (ranks to reshard to after forward)"
+            )
+        budget = self.frozen_budget_bytes
+        if budget is not None and not (_is_int(budget) and budget >= 0):
+            raise PolicyError(f"FreezePolicy.frozen_budget_bytes must be an int >= 0, got {budget!r}")
+        if (reshard == "auto") != (budget is not None):
+            raise PolicyError(
+                "FreezePolicy.frozen_budget_bytes is required with frozen_reshard='auto' and only then "
+                f"(frozen_reshard={reshard!r}, frozen_budget_bytes={budget!r})"
+            )
+        tr = self.trainable_reshard
+        if not (tr is None or isinstance(tr, bool) or (_is_int(tr) and tr > 1)):
+            raise PolicyError(
+                f"FreezePolicy.trainable_reshard={tr!r} is not allowed; use None, True, False or an int > 1"
+            )
+        set_("frozen_dtype", _dtype_name("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES))
+        set_("param_dtype", _dtype_name("param_dtype", self.param_dtype, MP_DTYPES))
+        set_("reduce_dtype", _dtype_name("reduce_dtype", self.reduce_dtype, MP_DTYPES))
+        if self.frozen_dtype not in (None, "float32") and self.frozen_dtype != self.param_dtype:
+            raise PolicyError(
+                f"FreezePolicy.frozen_dtype={self.frozen_dtype!r} needs param_dtype={self.frozen_dtype!r}: "
+                f"frozen weights are computed with in their storage dtype (param_dtype={self.param_dtype!r})"
+            )
+
+    # -- conversions -------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "policy") -> "FreezePolicy":
+        """Build from a plain dict; unknown keys raise `PolicyError` naming them and `source`."""
+        if not isinstance(data, dict):
+            raise PolicyError(f"{source}: expected a mapping of FreezePolicy fields, got {type(data).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise PolicyError(f"{source}: unknown FreezePolicy key(s) {unknown}; allowed keys: {known}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "FreezePolicy":
+        """Read a YAML file holding a mapping of FreezePolicy fields."""
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise PolicyError(f"cannot read FreezePolicy YAML {str(path)!r}: {exc}") from exc
+        return cls.from_dict(data if data is not None else {}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML/JSON-friendly dict; `from_dict(to_dict())` round-trips."""
+        return {
+            f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+            for f in dataclasses.fields(self)
+        }
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def torch_param_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.param_dtype) if self.param_dtype else None
+
+    @property
+    def torch_reduce_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.reduce_dtype) if self.reduce_dtype else None
+
+    @property
+    def torch_frozen_dtype(self) -> torch.dtype | None:
+        return getattr(torch, self.frozen_dtype) if self.frozen_dtype else None

@@ -1,0 +1,84 @@
+"""`describe`: what `shard_with_freezing` built, read from the applied plan and FSDP's shards."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch.nn as nn
+
+from . import _torch_compat as compat
+from .apply import sharded_state
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """One param group of a sharded model."""
+
+    unit: str  #: unit FQN ("" = root)
+    kind: str  #: "frozen" or "trainable"
+    params: tuple[str, ...]
+    numel: int
+    storage_dtype: str
+    gathered_dtype: str
+    reshard: str  #: frozen policy, or the trainable group's reshard_after_forward
+    sharded_bytes: int  #: bytes of this rank's shards (FSDP's padded storage)
+    unsharded_bytes: int  #: bytes of the gathered parameters
+    all_gathers_per_step: int  #: expected in steady state
+    note: str = ""  #: e.g. frozen parameters a torch < 2.13 could not split off
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Description(list):
+    """A list of `GroupRecord`; ``str()`` renders it as a table."""
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self]
+
+    def table(self) -> str:
+        header = ("unit", "group", "params", "numel", "dtype", "reshard", "bytes/rank", "unsharded", "AG/step")
+        rows = [header] + [
+            (
+                r.unit or "<root>", r.kind, str(len(r.params)), f"{r.numel:,}",
+                r.storage_dtype if r.storage_dtype == r.gathered_dtype else f"{r.storage_dtype}->{r.gathered_dtype}",
+                r.reshard, f"{r.sharded_bytes:,}", f"{r.unsharded_bytes:,}", str(r.all_gathers_per_step),
+            )
+            for r in self
+        ]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        notes = [f"note ({r.unit or '<root>'} {r.kind}): {r.note}" for r in self if r.note]
+        return "\n".join(lines + notes)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shard_bytes(fsdp_param: Any) -> int:
+    local = compat.sharded_param(fsdp_param).to_local()
+    return local.untyped_storage().nbytes()
+
+
+def describe(model: nn.Module) -> Description:
+    """Records of every param group `shard_with_freezing` built on `model` (this rank's bytes).
+
+    Local: no communication. ``print(describe(model))`` shows a table.
+    """
+    state = sharded_state(model)
+    plan = state.plan
+    records = Description()
+    for g in plan.groups:
+        unsplit = [p for p in g.params if p in plan.unsplit]
+        records.append(
+            GroupRecord(
+                unit=g.unit, kind=g.kind, params=g.params, numel=g.numel,
+                storage_dtype=g.storage_dtype, gathered_dtype=g.gathered_dtype, reshard=str(g.reshard),
+                sharded_bytes=sum(_shard_bytes(state.fsdp_params[p]) for p in g.params),
+                unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=g.all_gathers_per_step,
+                note=f"frozen but not split off (torch < 2.13): {unsplit}" if unsplit else "",
+            )
+        )
+    return records

@@ -1,0 +1,147 @@
+"""Pure planning: units, ownership, tied parameters, auto budget, fallback — single process."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fsdp_frozen import FreezePolicy, PolicyError
+from fsdp_frozen._globs import glob_match
+from fsdp_frozen.plan import FROZEN, TRAINABLE, build_plan, resolve_units
+
+from .models import Block, make_model
+
+
+def test_glob_segments():
+    assert glob_match("layers.*", "layers.0")
+    assert not glob_match("layers.*", "layers.0.attn")
+    assert glob_match("**.bias", "layers.0.proj.bias")
+    assert glob_match("layers.[0-1].*", "layers.1.norm")
+    assert not glob_match("layers.[0-1].*", "layers.2.norm")
+
+
+def test_units_by_glob_and_class_name_deepest_first():
+    model = make_model()
+    assert resolve_units(model, ("layers.*",)) == ["layers.0", "layers.1", "layers.2", ""]
+    by_class = resolve_units(model, ("Block", "LoRALinear"))
+    assert by_class[-1] == "" and by_class.index("layers.0.attn") < by_class.index("layers.0")
+
+
+def test_unmatched_unit_pattern_names_it():
+    with pytest.raises(PolicyError, match=r"units pattern 'blocks\.\*' matches no submodule of ToyLM"):
+        build_plan(make_model(), FreezePolicy(units=["blocks.*"]), shard_size=2)
+
+
+def test_groups_are_pure_and_split_per_parameter():
+    plan = build_plan(make_model(), FreezePolicy(units=["layers.*"]), shard_size=2, split=True)
+    model = make_model()
+    params = dict(model.named_parameters())
+    for g in plan.groups:
+        assert {params[p].requires_grad for p in g.params} == {g.kind == TRAINABLE}
+    frozen0 = plan.frozen_group("layers.0")
+    assert "layers.0.proj.weight" in frozen0.params  # mixed module: weight frozen ...
+    trainable0 = next(g for g in plan.groups_of("layers.0") if g.kind == TRAINABLE)
+    assert "layers.0.proj.bias" in trainable0.params  # ... bias trainable
+    assert [g.kind for g in plan.groups_of("layers.2")] == [FROZEN]  # fully frozen unit
+    root = next(g for g in plan.groups_of("") if g.kind == TRAINABLE)
+    assert root.params == ("scale", "norm.weight", "norm.bias") and root.reshard is False
+    assert sorted(p for g in plan.groups for p in g.params) == sorted(params)  # every param exactly once
+
+
+def test_freeze_and_unfreeze_patterns():
+    plan = build_plan(
+        make_model(), FreezePolicy(units=["layers.*"], freeze=["scale"], unfreeze=["layers.2.**.lora_*.weight"]),
+        shard_size=2,
+    )
+    assert "scale" in plan.frozen
+    assert "layers.2.attn.lora_A.weight" not in plan.frozen
+    assert "layers.2.attn.base_layer.weight" in plan.frozen
+    with pytest.raises(PolicyError, match=r"freeze pattern 'nothing\.\*' matches no parameter"):
+        build_plan(make_model(), FreezePolicy(freeze=["nothing.*"]), shard_size=2)
+    with pytest.raises(PolicyError, match=r"unfreeze pattern 'x' matches no parameter"):
+        build_plan(make_model(), FreezePolicy(unfreeze=["x"]), shard_size=2)
+
+
+def test_peft_shaped_model():
+    plan = build_plan(make_model(peft_style=True), FreezePolicy(units=["layers.*"]), shard_size=2)
+    trainable = next(g for g in plan.groups_of("layers.0") if g.kind == TRAINABLE)
+    assert "layers.0.attn.lora_A.default.weight" in trainable.params
+    assert "layers.0.attn.base_layer.weight" in plan.frozen_group("layers.0").params
+
+
+def test_tied_parameter_owned_by_outer_unit():
+    model = make_model(tied=True)
+    plan = build_plan(model, FreezePolicy(units=["tok", "layers.*"]), shard_size=2)
+    # tok.weight is used by unit "tok" and by the root's head: the root owns it, "tok" ignores it.
+    assert plan.ignored == {"tok": ("tok.weight",)}
+    assert "tok.weight" in plan.frozen_group("").params
+    assert all("head.weight" not in g.params for g in plan.groups)  # one group, canonical name
+
+
+def test_tied_across_sibling_units_is_refused():
+    model = make_model()
+    model.layers[1].attn.base_layer.weight = model.layers[0].attn.base_layer.weight
+    with pytest.raises(PolicyError, match=r"tied parameter 'layers.0.attn.base_layer.weight' is used under units"):
+        build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2)
+
+
+def test_scalar_parameter_is_refused():
+    model = make_model()
+    model.temp = nn.Parameter(torch.tensor(1.0))
+    with pytest.raises(PolicyError, match=r"parameter 'temp' is a scalar"):
+        build_plan(model, FreezePolicy(), shard_size=2)
+
+
+@pytest.mark.parametrize("key", ["frozen_reshard", "trainable_reshard"])
+def test_int_reshard_must_divide_shard_size(key):
+    with pytest.raises(PolicyError, match=rf"{key}=3 must be a divisor of the mesh's shard size 4.*\[2\]"):
+        build_plan(make_model(), FreezePolicy(**{key: 3}), shard_size=4)
+    with pytest.raises(PolicyError, match=rf"{key}=2 .* shard size 2.*none"):
+        build_plan(make_model(), FreezePolicy(**{key: 2}), shard_size=2)
+    plan = build_plan(make_model(), FreezePolicy(units=["layers.*"], **{key: 2}), shard_size=4)
+    assert plan.groups
+
+
+def test_expected_all_gathers():
+    for reshard, n in [("after_forward", 2), ("after_backward", 1), ("never", 0), (2, 2)]:
+        plan = build_plan(make_model(), FreezePolicy(units=["layers.*"], frozen_reshard=reshard), shard_size=4)
+        assert plan.frozen_group("layers.0").all_gathers_per_step == n
+    plan = build_plan(make_model(), FreezePolicy(units=["layers.*"]), shard_size=1)
+    assert {g.all_gathers_per_step for g in plan.groups} == {0}
+
+
+def test_auto_keeps_largest_groups_within_budget():
+    model = make_model()
+    base = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2)
+    sizes = {g.unit: g.unsharded_bytes for g in base.groups if g.kind == FROZEN}
+    largest = max(sizes, key=sizes.get)
+    budget = sizes[largest] + min(sizes.values()) - 1  # the largest fits, then nothing else does
+    plan = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=budget), shard_size=2)
+    kept = {g.unit for g in plan.groups if g.kind == FROZEN and g.reshard == "never"}
+    assert kept == {largest}
+    assert {g.reshard for g in plan.groups if g.kind == FROZEN and g.unit != largest} == {"after_forward"}
+    none = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=0), shard_size=2)
+    assert {g.reshard for g in none.groups if g.kind == FROZEN} == {"after_forward"}
+
+
+def test_bf16_storage_and_gathered_bytes():
+    policy = FreezePolicy(units=["layers.*"], frozen_dtype="bfloat16", param_dtype="bfloat16")
+    plan = build_plan(make_model(), policy, shard_size=2)
+    fg = plan.frozen_group("layers.0")
+    assert (fg.storage_dtype, fg.gathered_dtype) == ("bfloat16", "bfloat16")
+    assert fg.unsharded_bytes == fg.numel * 2
+    tg = next(g for g in plan.groups_of("layers.0") if g.kind == TRAINABLE)
+    assert (tg.storage_dtype, tg.gathered_dtype) == ("float32", "bfloat16")
+
+
+def test_structural_fallback_plan_names_unsplit_params():
+    plan = build_plan(make_model(), FreezePolicy(units=["layers.*"]), shard_size=2, split=False)
+    assert set(plan.unsplit) == {"layers.0.proj.weight", "layers.1.proj.weight"}
+    fg = plan.frozen_group("layers.0")
+    assert set(fg.modules) == {"layers.0.norm", "layers.0.attn.base_layer", "layers.0.mlp.base_layer"}
+    tg = next(g for g in plan.groups_of("layers.0") if g.kind == TRAINABLE)
+    assert "layers.0.proj.weight" in tg.params
+
+
+def test_block_alone_as_root():
+    plan = build_plan(Block(8), FreezePolicy(units=["attn", "mlp"]), shard_size=2)
+    assert plan.units == ("attn", "mlp", "")
