@@ -101,7 +101,7 @@ def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
             if rank in line:
                 mine = dist.new_group(line, use_local_synchronization=True)
         dim_groups.append(mine)
-    return DeviceMesh.from_group(dim_groups, mesh.device_type, mesh=ranks)
+    return DeviceMesh.from_group(dim_groups, mesh.device_type, mesh=ranks, mesh_dim_names=mesh.mesh_dim_names)
 
 
 def make_frozen_mesh_info(mesh: DeviceMesh) -> Any:
@@ -122,9 +122,17 @@ def post_forward_mesh_info(reshard_after_forward: bool | int, mesh_info: Any) ->
 
 
 def configure_group(group: Any, post_forward_mesh: Any, reshard_after_backward: bool) -> None:
-    """Give one param group its own reshard behaviour (the public setters change every group)."""
+    """Give one param group its own reshard behaviour (the public setters change every group).
+
+    A partial (int) reshard also needs each FSDPParam's post-forward shard metadata, which FSDP
+    computes from the parameter's size only; a meta tensor of that size stands in for the data.
+    """
     group.post_forward_mesh_info = post_forward_mesh
     group.reshard_after_backward = reshard_after_backward
+    for fp in group.fsdp_params:
+        fp.post_forward_mesh_info = post_forward_mesh
+        if post_forward_mesh is not None:
+            fp._init_sharded_post_forward_param_metadata(torch.empty(fp._orig_size, device="meta"))
 
 
 def iter_all_fsdp_params(root: nn.Module) -> Iterator[tuple[nn.Module, Any, Any]]:

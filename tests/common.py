@@ -24,10 +24,21 @@ def mesh_1d(world_size: int):
 
 
 def plain_fsdp(model: nn.Module, mesh, units: tuple[str, ...], mp: MixedPrecisionPolicy | None = None) -> nn.Module:
-    """Reference: plain FSDP2 with the same units (one mixed group per unit)."""
+    """Reference: plain FSDP2 with the same units (one mixed group per unit).
+
+    A tied parameter used in a nested unit is ignored there, so the outer unit owns it (as ours does).
+    """
     mp = mp or MixedPrecisionPolicy()
+    holders: dict[nn.Parameter, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(p, []).append(name)
+    tied = [p for p, names in holders.items() if len(names) > 1]
     for unit in resolve_units(model, units):
-        fully_shard(model.get_submodule(unit), mesh=mesh, mp_policy=mp, reshard_after_forward=unit != "")
+        module = model.get_submodule(unit)
+        inner = {p for p in tied if unit and any(n.startswith(unit + ".") for n in holders[p])
+                 and not all(n.startswith(unit + ".") for n in holders[p])}
+        extra = {"ignored_params": inner} if inner else {}
+        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=unit != "", **extra)
     return model
 
 

@@ -7,6 +7,7 @@ A rank that raises fails the test with that rank's traceback; ranks that do not 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import time
@@ -33,7 +34,8 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, init_file: str, 
             out = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, "ok", out))
+        # Plain pickle (bytes): torch.multiprocessing would share tensors through fds that die with the rank.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
 
@@ -73,7 +75,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                     continue
                 if status == "error":
                     raise RankFailure(f"{fn.__name__}: rank {rank} of {world_size} failed:\n{payload}")
-                outputs[rank] = payload
+                outputs[rank] = pickle.loads(payload)
         finally:
             for p in procs:
                 p.join(timeout=5 if len(outputs) == world_size else 0.1)
