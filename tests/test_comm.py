@@ -1,0 +1,81 @@
+"""Collectives counted per step (c10d ops intercepted): frozen all-gathers and reduce-scatter contents."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fsdp_frozen import FreezePolicy, shard_with_freezing
+from fsdp_frozen.apply import sharded_state
+from fsdp_frozen.plan import FROZEN, TRAINABLE
+
+from .common import CommCounter, frozen_group_names, mesh_1d, train
+from .dist_harness import run_ranks
+from .models import make_model
+
+STEPS = 4
+PER_GROUP = {"after_forward": 2, "after_backward": 1, "never": 0}
+
+
+def _padded_numel(shape, world_size: int) -> int:
+    return math.ceil(shape[0] / world_size) * world_size * math.prod(shape[1:])
+
+
+def _count(rank: int, world_size: int) -> dict:
+    out = {}
+    for reshard in PER_GROUP:
+        model = shard_with_freezing(make_model(), mesh_1d(world_size), FreezePolicy(units=["layers.*"], frozen_reshard=reshard))
+        frozen_pgs = frozen_group_names(model)
+        counter = CommCounter()
+        per_step = []
+
+        def on_step(step, model, opt, counter=counter):
+            recs = counter.records
+            per_step.append({
+                "frozen_ag": sum(1 for k, pg, _ in recs if k == "all_gather" and pg in frozen_pgs),
+                "trainable_ag": sum(1 for k, pg, _ in recs if k == "all_gather" and pg not in frozen_pgs),
+                "frozen_rs": sum(1 for k, pg, _ in recs if k == "reduce_scatter" and pg in frozen_pgs),
+                "rs_bytes": sum(b for k, _, b in recs if k == "reduce_scatter"),
+            })
+            counter.records = []
+
+        with counter:
+            train(model, STEPS, rank, on_step=on_step)
+            # A state_dict() reshards kept-gathered groups: at most one re-gather per frozen group, then none.
+            model.state_dict()
+            counter.records = []
+            train(model, 2, rank, on_step=on_step)
+        plan = sharded_state(model).plan
+        params = dict(make_model().named_parameters())
+        out[reshard] = {
+            "per_step": per_step,
+            "n_frozen_groups": sum(1 for g in plan.groups if g.kind == FROZEN),
+            "n_trainable_groups": sum(1 for g in plan.groups if g.kind == TRAINABLE),
+            "expected_frozen_ag": sum(g.all_gathers_per_step for g in plan.groups if g.kind == FROZEN),
+            "trainable_rs_bytes": 4 * sum(
+                _padded_numel(params[p].shape, world_size) for g in plan.groups if g.kind == TRAINABLE for p in g.params
+            ),
+            "frozen_pgs": len(frozen_pgs),
+        }
+    return out
+
+
+@pytest.mark.parametrize("world_size", [2])
+def test_frozen_all_gathers_and_reduce_scatter_per_step(world_size):
+    results = run_ranks(_count, world_size)
+    for reshard, r in results[0].items():
+        n = r["n_frozen_groups"]
+        assert n == 4 and r["frozen_pgs"] >= 1  # 3 blocks + root embedding
+        steps, after_sd = r["per_step"][:STEPS], r["per_step"][STEPS:]
+        want = PER_GROUP[reshard] * n
+        assert r["expected_frozen_ag"] == want  # describe()'s figure matches the measurement
+        first = n if reshard == "never" else want  # "never": gathered once, at first use
+        assert [s["frozen_ag"] for s in steps] == [first] + [want] * (STEPS - 1), (reshard, steps)
+        # trainable groups behave as plain FSDP2: root kept (1/step), blocks 2/step (2 of 3 blocks have trainables)
+        assert {s["trainable_ag"] for s in steps} == {1 + 2 * 2}, (reshard, steps)
+        # reduce-scatter: never on frozen process groups, and exactly the trainable elements
+        assert {s["frozen_rs"] for s in steps} == {0}
+        assert {s["rs_bytes"] for s in steps} == {r["trainable_rs_bytes"]}, (reshard, steps)
+        if reshard == "never":
+            assert [s["frozen_ag"] for s in after_sd] == [n, 0], after_sd  # one re-gather after state_dict()

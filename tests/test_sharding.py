@@ -1,0 +1,182 @@
+"""shard_with_freezing on real ranks: storage, describe, bad input, requires_grad flips, fallback."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from fsdp_frozen import FreezePolicy, FreezingChangedError, PolicyError, describe, shard_with_freezing
+from fsdp_frozen import _torch_compat as compat
+
+from .common import full_state, mesh_1d, plain_fsdp, train
+from .dist_harness import RankFailure, run_ranks
+from .models import batch, make_model
+
+UNITS = ["layers.*"]
+
+
+def _storage(rank: int, world_size: int) -> dict:
+    mesh = mesh_1d(world_size)
+    fp32 = describe(shard_with_freezing(make_model(), mesh, FreezePolicy(units=UNITS, param_dtype="bfloat16")))
+    bf16_model = shard_with_freezing(
+        make_model(), mesh, FreezePolicy(units=UNITS, frozen_dtype="bfloat16", param_dtype="bfloat16")
+    )
+    bf16 = describe(bf16_model)
+    local_dtypes = {
+        n: p.to_local().dtype for n, p in bf16_model.named_parameters()
+    }
+    ref = plain_fsdp(make_model(), mesh, tuple(UNITS), MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    ref_losses = train(ref, 3, rank)
+    losses = train(bf16_model, 3, rank)
+    return {"fp32": fp32.to_dicts(), "bf16": bf16.to_dicts(), "table": str(bf16), "local_dtypes": local_dtypes,
+            "losses": losses, "ref_losses": ref_losses}
+
+
+def test_bf16_frozen_storage_halves_bytes_and_describe():
+    results = run_ranks(_storage, 2)
+    for r in results:
+        frozen = lambda recs: sum(x["sharded_bytes"] for x in recs if x["kind"] == "frozen")  # noqa: E731
+        trainable = lambda recs: sum(x["sharded_bytes"] for x in recs if x["kind"] == "trainable")  # noqa: E731
+        assert frozen(r["bf16"]) * 2 == frozen(r["fp32"]) > 0
+        assert trainable(r["bf16"]) == trainable(r["fp32"]) > 0  # trainable shards stay fp32
+        assert r["local_dtypes"]["layers.0.attn.base_layer.weight"] == torch.bfloat16
+        assert r["local_dtypes"]["layers.0.attn.lora_A.weight"] == torch.float32
+        rec = next(x for x in r["bf16"] if x["unit"] == "layers.0" and x["kind"] == "frozen")
+        assert rec["storage_dtype"] == rec["gathered_dtype"] == "bfloat16"
+        assert rec["reshard"] == "after_forward" and rec["all_gathers_per_step"] == 2
+        assert rec["unsharded_bytes"] == 2 * rec["numel"]
+        assert "layers.0.proj.weight" in rec["params"]
+        assert "bytes/rank" in r["table"] and "<root>" in r["table"] and "layers.0" in r["table"]
+        # Frozen weights stored in bf16 equal plain FSDP2's per-gather bf16 cast: same losses.
+        assert r["losses"] == r["ref_losses"]
+
+
+def _bad_input(rank: int, world_size: int) -> dict:
+    mesh = mesh_1d(world_size)
+    errors = {}
+
+    def capture(name, fn):
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            errors[name] = (type(exc).__name__, str(exc))
+
+    model = make_model()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    capture("int_reshard", lambda: shard_with_freezing(model, mesh, FreezePolicy(units=UNITS, frozen_reshard=4)))
+    untouched = (
+        {n: p.requires_grad for n, p in model.named_parameters()} == before
+        and not any(compat.has_fsdp_state(m) for m in model.modules())
+    )
+    capture("not_a_policy", lambda: shard_with_freezing(make_model(), mesh, {"units": UNITS}))
+    capture("mesh_3d", lambda: shard_with_freezing(make_model(), init_device_mesh("cpu", (1, 1, world_size)), FreezePolicy()))
+    pre = make_model()
+    fully_shard(pre.layers[1], mesh=mesh)
+    capture("already_fsdp", lambda: shard_with_freezing(pre, mesh, FreezePolicy(units=UNITS)))
+    twice = shard_with_freezing(make_model(), mesh, FreezePolicy(units=UNITS))
+    capture("twice", lambda: shard_with_freezing(twice, mesh, FreezePolicy(units=UNITS)))
+    capture("bad_unit", lambda: shard_with_freezing(make_model(), mesh, FreezePolicy(units=["blocks.*"])))
+    return {"errors": errors, "untouched": untouched}
+
+
+def test_bad_input_is_refused_before_sharding():
+    r = run_ranks(_bad_input, 4)[0]
+    errors = r["errors"]
+    assert r["untouched"]
+    assert errors["int_reshard"][0] == "PolicyError" and "frozen_reshard=4" in errors["int_reshard"][1]
+    assert "[2]" in errors["int_reshard"][1]
+    assert errors["not_a_policy"] == ("PolicyError", "policy must be a FreezePolicy, got dict")
+    assert errors["mesh_3d"][0] == "PolicyError" and "1-D (FSDP) or 2-D (HSDP)" in errors["mesh_3d"][1]
+    assert errors["already_fsdp"][0] == "PolicyError" and "'layers.1' already has fully_shard" in errors["already_fsdp"][1]
+    assert errors["twice"][0] == "PolicyError" and "is already sharded by shard_with_freezing" in errors["twice"][1]
+    assert errors["bad_unit"][0] == "PolicyError" and "'blocks.*'" in errors["bad_unit"][1]
+
+
+def _flip(rank: int, world_size: int, which: str, reshard: str) -> str:
+    model = shard_with_freezing(make_model(), mesh_1d(world_size), FreezePolicy(units=UNITS, frozen_reshard=reshard))
+    train(model, 1, rank)
+    name = {"unfreeze": "layers.0.attn.base_layer.weight", "freeze": "layers.0.attn.lora_A.weight"}[which]
+    model.get_parameter(name).requires_grad_(which == "unfreeze")
+    try:
+        model(batch(0, rank)[0])
+    except FreezingChangedError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.parametrize("which, reshard", [("unfreeze", "after_forward"), ("unfreeze", "never"), ("freeze", "after_backward")])
+def test_requires_grad_flip_is_detected_at_next_forward(which, reshard):
+    msg = run_ranks(_flip, 2, which, reshard)[0]
+    name = {"unfreeze": "layers.0.attn.base_layer.weight", "freeze": "layers.0.attn.lora_A.weight"}[which]
+    assert f"requires_grad of parameter {name!r} changed" in msg
+    assert "before sharding" in msg
+
+
+def _fallback(rank: int, world_size: int) -> dict:
+    compat.SPLIT_GROUPS_SUPPORTED = False  # what torch < 2.13 gets
+    mesh = mesh_1d(world_size)
+    ref = plain_fsdp(make_model(), mesh, tuple(UNITS))
+    ref_losses = train(ref, 4, rank)
+    out = {}
+    for reshard in ("after_forward", "never"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = shard_with_freezing(make_model(), mesh, FreezePolicy(units=UNITS, frozen_reshard=reshard))
+        losses = train(model, 4, rank)
+        out[reshard] = {
+            "warnings": [str(w.message) for w in caught if "cannot hold two param groups" in str(w.message)],
+            "equal": losses == ref_losses and all(torch.equal(a, b) for a, b in zip(full_state(ref).values(), full_state(model).values())),
+            "table": str(describe(model)),
+            "groups_per_state": max(len(compat.param_groups(m)) for m in model.modules() if compat.has_fsdp_state(m)),
+        }
+    return out
+
+
+def test_structural_fallback_without_split_groups():
+    for reshard, r in run_ranks(_fallback, 2)[0].items():
+        assert r["equal"], reshard
+        assert len(r["warnings"]) == 1
+        assert "layers.0.proj.weight" in r["warnings"][0] and "layers.1.proj.weight" in r["warnings"][0]
+        assert "not split off" in r["table"]
+        assert r["groups_per_state"] == 1
+
+
+def test_harness_reports_failing_rank_and_timeout():
+    with pytest.raises(RankFailure, match=r"rank 1 of 2 failed:[\s\S]*ValueError: boom on rank 1"):
+        run_ranks(_fail_on_rank_1, 2)
+    with pytest.raises(TimeoutError, match=r"ranks \[1\] of 2 did not finish"):
+        run_ranks(_hang_on_rank_1, 2, timeout=15)
+
+
+def _fail_on_rank_1(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise ValueError("boom on rank 1")
+
+
+def _hang_on_rank_1(rank: int, world_size: int) -> None:
+    if rank == 1:
+        import time
+
+        time.sleep(600)
+
+
+def test_version_gates(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(ImportError, match=r"fsdp_frozen needs torch >= 2.6, found 2.5.1"):
+        importlib.reload(compat)
+    monkeypatch.undo()
+    importlib.reload(compat)
+    assert compat.split_groups_supported() == (compat.TORCH_VERSION >= (2, 13))
+
+
+def test_tied_param_gate_on_old_torch(monkeypatch):
+    from fsdp_frozen.plan import build_plan
+
+    monkeypatch.setattr(compat, "IGNORED_PARAMS_SUPPORTED", False)
+    with pytest.raises(PolicyError, match=r"tied parameter 'tok.weight' is used in unit 'tok'.*torch >= 2.7"):
+        build_plan(make_model(tied=True), FreezePolicy(units=["tok", "layers.*"]), shard_size=2)
