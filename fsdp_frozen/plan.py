@@ -209,7 +209,10 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
             trainable_fqns = [f for f in owned if f not in in_modules]
             frozen_fqns = in_modules
         if frozen_fqns:
-            groups.append(make_group(unit, FROZEN, frozen_fqns, frozen_reshard, modules))
+            # Like FSDP's root, the root's frozen group is not resharded after forward: backward needs
+            # it right away, so "after_forward" there would only add a gather.
+            reshard = "after_backward" if (unit == "" and frozen_reshard == "after_forward") else frozen_reshard
+            groups.append(make_group(unit, FROZEN, frozen_fqns, reshard, modules))
         if trainable_fqns:
             groups.append(make_group(unit, TRAINABLE, trainable_fqns, trainable_reshard))
 

@@ -54,7 +54,8 @@ class FreezePolicy:
         freeze / unfreeze: Parameter-FQN globs whose ``requires_grad`` is set to False / True before
             sharding (``unfreeze`` wins). Without them, ``requires_grad`` as the user left it decides.
         frozen_reshard: What frozen groups do after forward. ``"after_forward"`` (default, FSDP's
-            memory: two all-gathers per step), ``"after_backward"`` (kept from forward until backward
+            memory: two all-gathers per step; the root's frozen group, like FSDP's root, is kept
+            until backward ends instead, since backward needs it at once), ``"after_backward"`` (kept from forward until backward
             is done: one all-gather per step), ``"never"`` (gathered at first use and kept: no frozen
             communication in steady state, at the cost of the unsharded frozen bytes per rank), an int
             N (reshard to N-rank groups after forward, as FSDP's int ``reshard_after_forward``), or

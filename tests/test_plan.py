@@ -105,6 +105,7 @@ def test_expected_all_gathers():
     for reshard, n in [("after_forward", 2), ("after_backward", 1), ("never", 0), (2, 2)]:
         plan = build_plan(make_model(), FreezePolicy(units=["layers.*"], frozen_reshard=reshard), shard_size=4)
         assert plan.frozen_group("layers.0").all_gathers_per_step == n
+        assert plan.frozen_group("").all_gathers_per_step == (1 if reshard == "after_forward" else n)
     plan = build_plan(make_model(), FreezePolicy(units=["layers.*"]), shard_size=1)
     assert {g.all_gathers_per_step for g in plan.groups} == {0}
 

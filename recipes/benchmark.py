@@ -1,0 +1,232 @@
+"""Benchmark: shard_with_freezing under each frozen policy against plain FSDP2, in one run.
+
+    torchrun --nproc-per-node 2 recipes/benchmark.py [--steps 10] [--out bench_out]
+
+Builds the Llama-style LoRA model (recipes/llama.py: >= 4 blocks, width >= 512, LoRA rank 8 on every
+linear) once per variant, with bf16 mixed precision (reduce in fp32), and times the variants
+round-robin (one step of each per round) so that machine noise hits all of them alike. Prints a
+markdown table on rank 0 and writes JSON. Ratios are against plain FSDP2 in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama import LlamaConfig, LlamaLoRA  # noqa: E402
+
+from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
+
+POLICIES = ["after_forward", "after_backward", "never"]
+
+
+class CommBytes(TorchDispatchMode):
+    """Bytes moved by c10d all-gathers / reduce-scatters, split by process group name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        kind = {"_allgather_base_": "ag", "_reduce_scatter_base_": "rs"}.get(name)
+        if kind:
+            out = args[0] if kind == "ag" else args[1]
+            pg = dist.ProcessGroup.unbox(args[2]).group_name
+            self.records.append((kind, pg, out.numel() * out.element_size()))
+        return func(*args, **(kwargs or {}))
+
+
+def build(variant: str, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaLoRA(cfg)
+    if variant == "plain":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        return model
+    policy = FreezePolicy(
+        units=["layers.*"], frozen_reshard=variant, frozen_dtype="bfloat16",
+        param_dtype="bfloat16", reduce_dtype="float32",
+    )
+    return shard_with_freezing(model, mesh, policy)
+
+
+def frozen_pgs(model: nn.Module) -> set[str]:
+    from fsdp_frozen import _torch_compat as compat
+
+    names = set()
+    for _, group, _ in compat.iter_all_fsdp_params(model):
+        if not any(compat.sharded_param(fp).requires_grad for fp in compat.fsdp_params(group)):
+            for info in (group.mesh_info, group.post_forward_mesh_info):
+                if info is not None:
+                    names.add(info.shard_process_group.group_name)
+    return names
+
+
+def persistent_bytes(model: nn.Module) -> tuple[int, int]:
+    """(frozen, total) bytes of parameter storage that lives across steps on this rank."""
+    frozen = total = 0
+    for p in model.parameters():
+        local = p.to_local() if isinstance(p, DTensor) else p  # kept-gathered groups show full tensors
+        n = local.untyped_storage().nbytes()
+        total += n
+        frozen += 0 if p.requires_grad else n
+    return frozen, total
+
+
+def kept_sharded_bytes(model: nn.Module) -> tuple[int, int]:
+    """Shards kept by FSDP behind kept-gathered (unsharded) frozen params, from describe()."""
+    try:
+        recs = describe(model)
+    except Exception:  # noqa: BLE001 - plain FSDP2 model
+        return 0, 0
+    kept = sum(r.sharded_bytes for r in recs if r.kind == "frozen" and r.reshard == "never")
+    return kept, kept
+
+
+def peak_bytes(model: nn.Module, opt, step_fn) -> int | None:
+    try:
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+        tracker = FSDPMemTracker(mod=model, optm=opt)
+        with tracker:
+            step_fn()
+        snap = tracker.get_tracker_snapshot("peak")
+        return max(v.get("Total", 0) for v in snap.values())
+    except Exception:  # noqa: BLE001 - FSDPMemTracker supports one param group per module only
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--out", default="bench_out")
+    args = ap.parse_args()
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+    mesh = init_device_mesh(device.type, (world,))
+    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, hidden_dim=int(args.dim * 8 / 3) // 32 * 32)
+
+    variants = ["plain"] + POLICIES
+    models = {v: build(v, cfg, mesh, device) for v in variants}
+    opts = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
+    g = torch.Generator().manual_seed(rank)
+    data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(4)]
+
+    def step(v: str, i: int) -> float:
+        tokens = data[i % len(data)]
+        logits = models[v](tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        opts[v].step()
+        opts[v].zero_grad(set_to_none=True)
+        return loss.item()
+
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for i in range(args.warmup + args.steps):
+        for v in variants:
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(v, i)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times[v].append(time.perf_counter() - t0)
+
+    results = {}
+    for v in variants:
+        counter = CommBytes()
+        with counter:
+            step(v, 0)
+        fpgs = frozen_pgs(models[v]) if v != "plain" else set()
+        frozen_b, total_b = persistent_bytes(models[v])
+        kept_f, kept_t = kept_sharded_bytes(models[v])
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            step(v, 0)
+        results[v] = {
+            "step_time_s": statistics.median(times[v]),
+            "all_gather_bytes": sum(b for k, _, b in counter.records if k == "ag"),
+            "frozen_all_gather_bytes": sum(b for k, pg, b in counter.records if k == "ag" and pg in fpgs),
+            "reduce_scatter_bytes": sum(b for k, _, b in counter.records if k == "rs"),
+            "frozen_persistent_bytes": frozen_b + kept_f,
+            "total_persistent_bytes": total_b + kept_t,
+            "peak_bytes": peak_bytes(models[v], opts[v], lambda v=v: step(v, 0)),
+            "cuda_max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+        }
+    plain = results["plain"]
+    trainable_ag = results["after_forward"]["all_gather_bytes"] - results["after_forward"]["frozen_all_gather_bytes"]
+    plain["frozen_all_gather_bytes"] = plain["all_gather_bytes"] - trainable_ag  # same trainable groups as ours
+    for r in results.values():
+        r["step_time_ratio"] = r["step_time_s"] / plain["step_time_s"]
+        r["frozen_all_gather_ratio"] = r["frozen_all_gather_bytes"] / plain["frozen_all_gather_bytes"]
+        r["frozen_persistent_ratio"] = r["frozen_persistent_bytes"] / plain["frozen_persistent_bytes"]
+
+    layout = str(describe(models["after_forward"]))
+    if rank == 0:
+        meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
+                "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        print(f"describe() of the after_forward model, rank 0:\n{layout}\n")
+        print(render(results, meta))
+        print(f"\nJSON: {out / 'benchmark.json'}")
+    dist.destroy_process_group()
+
+
+def render(results: dict, meta: dict) -> str:
+    mib = lambda b: "n/a" if b is None else f"{b / 2**20:.2f}"  # noqa: E731
+    lines = [
+        f"world {meta['world_size']} ({meta['device']}), torch {meta['torch']}, {meta['config']['n_layers']} blocks, "
+        f"dim {meta['config']['dim']}, LoRA r{meta['config']['lora_rank']}, bf16 compute, batch {meta['batch']}x{meta['seq']}, "
+        f"median of {meta['steps']} steps",
+        "",
+        "| variant | step ms | vs plain | AG MiB/step | frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
+        "| frozen MiB/rank | frozen vs plain | total MiB/rank | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v, r in results.items():
+        lines.append(
+            f"| {'plain FSDP2' if v == 'plain' else v} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_ratio']:.2f}x "
+            f"| {mib(r['all_gather_bytes'])} | {mib(r['frozen_all_gather_bytes'])} | {r['frozen_all_gather_ratio']:.2f}x "
+            f"| {mib(r['reduce_scatter_bytes'])} | {mib(r['frozen_persistent_bytes'])} | {r['frozen_persistent_ratio']:.2f}x "
+            f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'] or r['cuda_max_memory_allocated'])} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""A small Llama-style causal LM with LoRA adapters, defined here so nothing is downloaded.
+
+RMSNorm, causal self-attention (SDPA), SwiGLU MLP; every linear of every block is a frozen base
+plus a trainable rank-r update (PEFT's names: ``base_layer``, ``lora_A``, ``lora_B``). The token
+embedding and output head are frozen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 256
+    dim: int = 512
+    n_layers: int = 4
+    n_heads: int = 8
+    hidden_dim: int = 1376
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base_layer = nn.Linear(d_in, d_out, bias=False)
+        self.base_layer.weight.requires_grad_(False)
+        self.lora_A = nn.Linear(d_in, rank, bias=False)
+        self.lora_B = nn.Linear(rank, d_out, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        lin = lambda i, o: LoRALinear(i, o, cfg.lora_rank, cfg.lora_alpha)  # noqa: E731
+        self.n_heads = cfg.n_heads
+        self.attn_norm = RMSNorm(cfg.dim)
+        self.wq, self.wk, self.wv, self.wo = (lin(cfg.dim, cfg.dim) for _ in range(4))
+        self.mlp_norm = RMSNorm(cfg.dim)
+        self.w1, self.w3 = lin(cfg.dim, cfg.hidden_dim), lin(cfg.dim, cfg.hidden_dim)
+        self.w2 = lin(cfg.hidden_dim, cfg.dim)
+        for norm in (self.attn_norm, self.mlp_norm):
+            norm.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        h = self.attn_norm(x)
+        q, k, v = (w(h).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.wo(a)
+        h = self.mlp_norm(x)
+        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+class LlamaLoRA(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        for p in (self.tok_embeddings.weight, self.norm.weight, self.output.weight):
+            p.requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.output(self.norm(h))
