@@ -79,10 +79,6 @@ def group_mesh_info(group: Any) -> Any:
     return group.mesh_info
 
 
-def is_unsharded(group: Any) -> bool:
-    return bool(group.is_unsharded)
-
-
 def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """A mesh over the same ranks as `mesh` with new process groups.
 

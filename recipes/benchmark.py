@@ -25,31 +25,14 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
+from fsdp_frozen.comm_counter import CommCounter, frozen_group_names  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
-
-
-class CommBytes(TorchDispatchMode):
-    """Bytes moved by c10d all-gathers / reduce-scatters, split by process group name."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[str, str, int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        kind = {"_allgather_base_": "ag", "_reduce_scatter_base_": "rs"}.get(name)
-        if kind:
-            out = args[0] if kind == "ag" else args[1]
-            pg = dist.ProcessGroup.unbox(args[2]).group_name
-            self.records.append((kind, pg, out.numel() * out.element_size()))
-        return func(*args, **(kwargs or {}))
 
 
 def build(variant: str, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
@@ -69,18 +52,6 @@ def build(variant: str, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Modu
     return shard_with_freezing(model, mesh, policy)
 
 
-def frozen_pgs(model: nn.Module) -> set[str]:
-    from fsdp_frozen import _torch_compat as compat
-
-    names = set()
-    for _, group, _ in compat.iter_all_fsdp_params(model):
-        if not any(compat.sharded_param(fp).requires_grad for fp in compat.fsdp_params(group)):
-            for info in (group.mesh_info, group.post_forward_mesh_info):
-                if info is not None:
-                    names.add(info.shard_process_group.group_name)
-    return names
-
-
 def persistent_bytes(model: nn.Module) -> tuple[int, int]:
     """(frozen, total) bytes of parameter storage that lives across steps on this rank."""
     frozen = total = 0
@@ -92,14 +63,11 @@ def persistent_bytes(model: nn.Module) -> tuple[int, int]:
     return frozen, total
 
 
-def kept_sharded_bytes(model: nn.Module) -> tuple[int, int]:
-    """Shards kept by FSDP behind kept-gathered (unsharded) frozen params, from describe()."""
-    try:
-        recs = describe(model)
-    except Exception:  # noqa: BLE001 - plain FSDP2 model
-        return 0, 0
-    kept = sum(r.sharded_bytes for r in recs if r.kind == "frozen" and r.reshard == "never")
-    return kept, kept
+def kept_shard_bytes(model: nn.Module) -> int:
+    """Shards FSDP still holds behind kept-gathered ("never") frozen groups (those show full tensors)."""
+    if not hasattr(model, "_fsdp_frozen_state"):
+        return 0  # plain FSDP2
+    return sum(r.sharded_bytes for r in describe(model) if r.kind == "frozen" and r.reshard == "never")
 
 
 def peak_bytes(model: nn.Module, opt, step_fn) -> int | None:
@@ -167,22 +135,22 @@ def main() -> None:
 
     results = {}
     for v in variants:
-        counter = CommBytes()
+        counter = CommCounter()
         with counter:
             step(v, 0)
-        fpgs = frozen_pgs(models[v]) if v != "plain" else set()
+        fpgs = frozen_group_names(models[v]) if v != "plain" else set()  # plain: derived below
         frozen_b, total_b = persistent_bytes(models[v])
-        kept_f, kept_t = kept_sharded_bytes(models[v])
+        kept = kept_shard_bytes(models[v])
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             step(v, 0)
         results[v] = {
             "step_time_s": statistics.median(times[v]),
-            "all_gather_bytes": sum(b for k, _, b in counter.records if k == "ag"),
-            "frozen_all_gather_bytes": sum(b for k, pg, b in counter.records if k == "ag" and pg in fpgs),
-            "reduce_scatter_bytes": sum(b for k, _, b in counter.records if k == "rs"),
-            "frozen_persistent_bytes": frozen_b + kept_f,
-            "total_persistent_bytes": total_b + kept_t,
+            "all_gather_bytes": counter.total("all_gather"),
+            "frozen_all_gather_bytes": counter.total("all_gather", fpgs),
+            "reduce_scatter_bytes": counter.total("reduce_scatter"),
+            "frozen_persistent_bytes": frozen_b + kept,
+            "total_persistent_bytes": total_b + kept,
             "peak_bytes": peak_bytes(models[v], opts[v], lambda v=v: step(v, 0)),
             "cuda_max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None,
         }

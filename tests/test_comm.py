@@ -31,20 +31,19 @@ def _count(rank: int, world_size: int) -> dict:
         per_step = []
 
         def on_step(step, model, opt, counter=counter):
-            recs = counter.records
             per_step.append({
-                "frozen_ag": sum(1 for k, pg, _ in recs if k == "all_gather" and pg in frozen_pgs),
-                "trainable_ag": sum(1 for k, pg, _ in recs if k == "all_gather" and pg not in frozen_pgs),
-                "frozen_rs": sum(1 for k, pg, _ in recs if k == "reduce_scatter" and pg in frozen_pgs),
-                "rs_bytes": sum(b for k, _, b in recs if k == "reduce_scatter"),
+                "frozen_ag": counter.total("all_gather", frozen_pgs, count=True),
+                "trainable_ag": counter.total("all_gather", count=True) - counter.total("all_gather", frozen_pgs, count=True),
+                "frozen_rs": counter.total("reduce_scatter", frozen_pgs, count=True),
+                "rs_bytes": counter.total("reduce_scatter"),
             })
-            counter.records = []
+            counter.clear()
 
         with counter:
             train(model, STEPS, rank, on_step=on_step)
             # A state_dict() reshards kept-gathered groups: at most one re-gather per frozen group, then none.
             model.state_dict()
-            counter.records = []
+            counter.clear()
             train(model, 2, rank, on_step=on_step)
         plan = sharded_state(model).plan
         params = dict(make_model().named_parameters())

@@ -56,7 +56,7 @@ def _run_parity(rank: int, world_size: int) -> dict:
             sharded = compat.sharded_param(fp)
             if not sharded.requires_grad:
                 assert sharded.grad is None, fp
-                if sharded in opt.state or len(opt.state.get(sharded, {})) > 0:
+                if sharded in opt.state:
                     frozen_with_state.append(str(fp))
         trainable_with_state = sum(1 for p in model.parameters() if p.requires_grad and p in opt.state)
         ref_state, state = full_state(ref), full_state(model)

@@ -1,0 +1,69 @@
+"""`CommCounter`: count the c10d collectives FSDP issues (calls and bytes, per process group).
+
+Used by the tests (counts per step) and the benchmark (bytes per step). Intercepts the c10d ops
+with a `TorchDispatchMode`, so it sees what FSDP2 really launches; checked on torch 2.13.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import _torch_compat as compat
+
+#: c10d op name -> (kind, index of the argument whose bytes are counted: the gathered output, or
+#: the reduce-scatter input, i.e. the full unsharded gradients).
+_OPS = {
+    "_allgather_base_": ("all_gather", 0),
+    "allgather_into_tensor_coalesced_": ("all_gather", 0),
+    "_reduce_scatter_base_": ("reduce_scatter", 1),
+    "reduce_scatter_tensor_coalesced_": ("reduce_scatter", 1),
+    "allreduce_": ("all_reduce", 0),
+}
+
+
+class CommCounter(TorchDispatchMode):
+    """``with CommCounter() as c: step()`` records ``(kind, process_group_name, bytes)`` per collective."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[str, str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        op = _OPS.get(func._schema.name.split("::")[-1])
+        if op is not None:
+            kind, index = op
+            tensors = args[index] if isinstance(args[index], (list, tuple)) else [args[index]]
+            nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+            self.records.append((kind, _group_name(args), nbytes))
+        return func(*args, **(kwargs or {}))
+
+    def total(self, kind: str, groups: set[str] | None = None, *, count: bool = False) -> int:
+        """Bytes (or calls, with ``count=True``) of `kind`, optionally only on process groups `groups`."""
+        hits = [b for k, g, b in self.records if k == kind and (groups is None or g in groups)]
+        return len(hits) if count else sum(hits)
+
+    def clear(self) -> None:
+        self.records = []
+
+
+def _group_name(args) -> str:
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            return dist.ProcessGroup.unbox(a).group_name
+        if isinstance(a, dist.ProcessGroup):
+            return a.group_name
+    return "?"
+
+
+def frozen_group_names(model: nn.Module) -> set[str]:
+    """Names of the process groups that the frozen param groups of `model` communicate on."""
+    names = set()
+    for _, group, _ in compat.iter_all_fsdp_params(model):
+        if not any(compat.sharded_param(fp).requires_grad for fp in compat.fsdp_params(group)):
+            for info in (group.mesh_info, group.post_forward_mesh_info):
+                if info is not None:
+                    names.add(info.shard_process_group.group_name)
+    return names
