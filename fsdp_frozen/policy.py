@@ -55,8 +55,8 @@ class FreezePolicy:
             sharding (``unfreeze`` wins). Without them, ``requires_grad`` as the user left it decides.
         frozen_reshard: What frozen groups do after forward. ``"after_forward"`` (default, FSDP's
             memory: two all-gathers per step; the root's frozen group, like FSDP's root, is kept
-            until backward ends instead, since backward needs it at once), ``"after_backward"`` (kept from forward until backward
-            is done: one all-gather per step), ``"never"`` (gathered at first use and kept: no frozen
+            until backward ends instead, since backward needs it at once), ``"after_backward"``
+            (kept from forward until backward is done: one all-gather per step), ``"never"`` (gathered at first use and kept: no frozen
             communication in steady state, at the cost of the unsharded frozen bytes per rank), an int
             N (reshard to N-rank groups after forward, as FSDP's int ``reshard_after_forward``), or
             ``"auto"`` (keep gathered the groups that fit in ``frozen_budget_bytes``, largest saving

@@ -65,8 +65,6 @@ def persistent_bytes(model: nn.Module) -> tuple[int, int]:
 
 def kept_shard_bytes(model: nn.Module) -> int:
     """Shards FSDP still holds behind kept-gathered ("never") frozen groups (those show full tensors)."""
-    if not hasattr(model, "_fsdp_frozen_state"):
-        return 0  # plain FSDP2
     return sum(r.sharded_bytes for r in describe(model) if r.kind == "frozen" and r.reshard == "never")
 
 
@@ -140,7 +138,7 @@ def main() -> None:
             step(v, 0)
         fpgs = frozen_group_names(models[v]) if v != "plain" else set()  # plain: derived below
         frozen_b, total_b = persistent_bytes(models[v])
-        kept = kept_shard_bytes(models[v])
+        kept = kept_shard_bytes(models[v]) if v != "plain" else 0
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             step(v, 0)

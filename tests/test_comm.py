@@ -15,7 +15,7 @@ from .dist_harness import run_ranks
 from .models import make_model
 
 STEPS = 4
-PER_GROUP = {"after_forward": 2, "after_backward": 1, "never": 0}
+POLICIES = ("after_forward", "after_backward", "never")
 
 
 def _padded_numel(shape, world_size: int) -> int:
@@ -24,7 +24,7 @@ def _padded_numel(shape, world_size: int) -> int:
 
 def _count(rank: int, world_size: int) -> dict:
     out = {}
-    for reshard in PER_GROUP:
+    for reshard in POLICIES:
         model = shard_with_freezing(make_model(), mesh_1d(world_size), FreezePolicy(units=["layers.*"], frozen_reshard=reshard))
         frozen_pgs = frozen_group_names(model)
         counter = CommCounter()
