@@ -39,6 +39,9 @@ except ImportError:  # pragma: no cover - torch < 2.13
 #: `ignored_params` of fully_shard (needed to give a tied parameter to an outer unit).
 IGNORED_PARAMS_SUPPORTED = TORCH_VERSION >= (2, 7)
 
+#: DCP's `HuggingFaceStorageWriter` with consolidation (safetensors export); public from 2.8 on.
+HF_STORAGE_WRITER_SUPPORTED = TORCH_VERSION >= (2, 8)
+
 
 def split_groups_supported() -> bool:
     """True when one FSDP module can hold a frozen and a trainable param group (torch >= 2.13)."""

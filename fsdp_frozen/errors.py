@@ -16,3 +16,12 @@ class FreezingChangedError(RuntimeError):
     The frozen/trainable split is fixed when the model is sharded; training on would silently
     use a stale split, so the next forward raises this instead.
     """
+
+
+class CheckpointLayoutError(RuntimeError):
+    """A checkpoint cannot be loaded into this model as asked, or cannot be saved as asked.
+
+    The message lists every difference (missing, extra, shape, frozen vs trainable, dtype,
+    quantization) or names the file, base checkpoint or parameter at fault. Raised before any
+    tensor of the model or optimizer is changed.
+    """

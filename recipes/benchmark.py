@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -29,7 +31,11 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
 
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # noqa: E402
+
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
+from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
 from fsdp_frozen.comm_counter import CommCounter, frozen_group_names  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
@@ -81,6 +87,57 @@ def peak_bytes(model: nn.Module, opt, step_fn) -> int | None:
         return None
 
 
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def checkpoint_bench(model: nn.Module, opt, root: Path, repeats: int) -> dict:
+    """Trainable-only save (frozen base already on disk) vs a full dcp.save of the same model + optimizer.
+
+    Both run round-robin `repeats` times into fresh directories; the median time of each is reported.
+    """
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+    dist.barrier()
+    save_checkpoint(root / "base", model, opt)  # writes the frozen base once
+    times: dict[str, list[float]] = {"full": [], "trainable": []}
+    sizes: dict[str, int] = {}
+    for i in range(repeats):
+        for kind in ("full", "trainable"):
+            path = root / f"{kind}_{i}"
+            dist.barrier()
+            t0 = time.perf_counter()
+            if kind == "full":
+                state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+                dcp.save(state, checkpoint_id=str(path))
+            else:
+                save_checkpoint(path, model, opt)  # frozen="auto": a reference to the base
+            dist.barrier()
+            times[kind].append(time.perf_counter() - t0)
+            if rank == 0:
+                sizes[kind] = dir_bytes(path)
+                if i == 0 and kind == "trainable":
+                    manifest = read_manifest(path)
+    result = {}
+    if rank == 0:
+        nbytes = lambda e: math.prod(e["shape"]) * getattr(torch, e["dtype"]).itemsize  # noqa: E731
+        logical = sum(nbytes(e) for e in manifest["params"].values() if e["kind"] == "trainable")
+        logical += sum(nbytes(e) for e in manifest["optimizer"].values() if e["shape"] is not None)
+        assert manifest["frozen_state"] == "referenced"
+        result = {
+            "full_save_bytes": sizes["full"],
+            "trainable_save_bytes": sizes["trainable"],
+            "trainable_and_optimizer_bytes": logical,
+            "bytes_ratio_vs_trainable_and_optimizer": sizes["trainable"] / logical,
+            "full_save_s": statistics.median(times["full"]),
+            "trainable_save_s": statistics.median(times["trainable"]),
+        }
+        result["time_ratio_vs_full"] = result["trainable_save_s"] / result["full_save_s"]
+        shutil.rmtree(root, ignore_errors=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
@@ -90,6 +147,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--out", default="bench_out")
+    ap.add_argument("--save-repeats", type=int, default=5, help="timed checkpoint saves of each kind")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -161,14 +219,18 @@ def main() -> None:
         r["frozen_persistent_ratio"] = r["frozen_persistent_bytes"] / plain["frozen_persistent_bytes"]
 
     layout = str(describe(models["after_forward"]))
+    out = Path(args.out)
+    ckpt = checkpoint_bench(models["after_forward"], opts["after_forward"], out / "ckpt", args.save_repeats)
     if rank == 0:
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
-        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        (out / "benchmark.json").write_text(
+            json.dumps({"meta": meta, "results": results, "checkpoint": ckpt}, indent=2)
+        )
         print(f"describe() of the after_forward model, rank 0:\n{layout}\n")
         print(render(results, meta))
+        print(render_checkpoint(ckpt, args.save_repeats))
         print(f"\nJSON: {out / 'benchmark.json'}")
     dist.destroy_process_group()
 
@@ -192,6 +254,23 @@ def render(results: dict, meta: dict) -> str:
             f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'] or r['cuda_max_memory_allocated'])} |"
         )
     return "\n".join(lines)
+
+
+def render_checkpoint(c: dict, repeats: int) -> str:
+    mib = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
+    return "\n".join([
+        "",
+        f"Checkpoint save (after_forward model + AdamW state, median of {repeats}; the frozen base was saved once before):",
+        "",
+        "| save | MiB written | vs trainable+optimizer | ms | vs full dcp.save |",
+        "|---|---|---|---|---|",
+        f"| full dcp.save (model + optimizer) | {mib(c['full_save_bytes'])} | "
+        f"{c['full_save_bytes'] / c['trainable_and_optimizer_bytes']:.2f}x | {c['full_save_s'] * 1e3:.1f} | 1.00x |",
+        f"| save_checkpoint, frozen='auto' (reference) | {mib(c['trainable_save_bytes'])} | "
+        f"{c['bytes_ratio_vs_trainable_and_optimizer']:.3f}x | {c['trainable_save_s'] * 1e3:.1f} | "
+        f"{c['time_ratio_vs_full']:.3f}x |",
+        f"\ntrainable parameters + optimizer state: {mib(c['trainable_and_optimizer_bytes'])} MiB",
+    ])
 
 
 if __name__ == "__main__":

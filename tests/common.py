@@ -38,10 +38,11 @@ def plain_fsdp(model: nn.Module, mesh, units: tuple[str, ...], mp: MixedPrecisio
     return model
 
 
-def train(model: nn.Module, steps: int, rank: int, lr: float = 1e-2, on_step=None) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+def train(model: nn.Module, steps: int, rank: int, lr: float = 1e-2, on_step=None, opt=None, start: int = 0) -> list[float]:
+    """`steps` AdamW steps on batches `start`, `start + 1`, ...; a new optimizer unless `opt` is given."""
+    opt = opt if opt is not None else torch.optim.AdamW(model.parameters(), lr=lr)
     losses = []
-    for step in range(steps):
+    for step in range(start, start + steps):
         x, y = batch(step, rank)
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))

@@ -68,6 +68,7 @@ class ToyLM(nn.Module):
         self.tok = nn.Embedding(vocab, dim)
         self.tok.weight.requires_grad_(False)
         self.scale = nn.Parameter(torch.ones(dim))  # root-level, trainable
+        self.register_buffer("pos", torch.randn(64, dim) * 0.02)  # a persistent buffer
         self.layers = nn.ModuleList(Block(dim, peft_style, mixed_bias) for _ in range(n_layers))
         if frozen_block:  # a unit with no trainable parameter at all
             for p in self.layers[-1].parameters():
@@ -80,7 +81,7 @@ class ToyLM(nn.Module):
             self.head.weight.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.tok(tokens) * self.scale
+        h = self.tok(tokens) * self.scale + self.pos[: tokens.shape[1]]
         for layer in self.layers:
             h = layer(h)
         return self.head(self.norm(h))

@@ -1,0 +1,408 @@
+"""`save_checkpoint` / `load_checkpoint`: atomic directories, frozen-base references, safe loading.
+
+Built on the planners in `planner.py`, DCP's ``save``/``load`` and ``torch.distributed.checkpoint.
+state_dict`` (``get_state_dict`` / ``set_state_dict``). Every function here is collective: call it on
+every rank with the same arguments; paths must be on a filesystem every rank sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import shutil
+import uuid
+import warnings
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from ..errors import CheckpointLayoutError
+from .checksum import checksums
+from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds, split_key
+from .layout import Spec, compare, metadata_specs, read_manifest, tensor_spec
+from .planner import FrozenLoadPlanner, FrozenSavePlanner, entry, frozen_fingerprint
+
+_BASE_ATTR = "_fsdp_frozen_checkpoint_base"
+_TMP_INFIX = ".tmp-"
+FROZEN_CHOICES = ("auto", "include", "skip")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def frozen_base(model: nn.Module) -> dict[str, str] | None:
+    """``{"path", "fingerprint"}`` of the checkpoint holding this model's frozen state, if known.
+
+    Set by a save that wrote the frozen state and by a load that read it.
+    """
+    return getattr(model, _BASE_ATTR, None)
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    extra: dict[str, Any] | None = None,
+    frozen: str = "auto",
+    overwrite: bool = False,
+) -> str:
+    """Save model (and optimizer) state to the directory `path`, atomically. Returns the path.
+
+    Frozen parameters are stored under ``frozen/FQN``, trainable ones under ``trainable/FQN``,
+    buffers under ``buffers/FQN``, optimizer state (trainable parameters only) under
+    ``optimizer/FQN/NAME``, `extra` under ``extra/NAME``; ``fsdp_frozen.json`` is the layout manifest.
+
+    Args:
+        frozen: ``"auto"`` writes the frozen state only if the model has no frozen base on disk yet
+            (a checkpoint that holds exactly these frozen weights, by fingerprint); otherwise it writes
+            a reference to that base (path relative to `path`, plus fingerprint). ``"include"`` always
+            writes it; ``"skip"`` never does (loading then leaves the frozen weights as they are).
+        extra: a flat mapping of names to tensors or picklable objects (DCP pickles non-tensors).
+        overwrite: replace an existing checkpoint at `path` (only after the new one is complete).
+
+    Atomicity: every rank writes into ``PATH.tmp-XXXX``; rank 0 renames it to `path` after all ranks
+    finished. A save killed midway leaves any previous checkpoint at `path` intact (the next save to
+    `path` removes the leftover temporary directory). With `overwrite`, the old directory is moved
+    aside, the new one renamed in, then the old one deleted.
+
+    Cost: one checksum pass over every parameter and buffer shard (one all-reduce), plus DCP's save
+    of what is written. With a frozen base on disk only trainable state and optimizer state are written.
+    """
+    if frozen not in FROZEN_CHOICES:
+        raise ValueError(f"save_checkpoint: frozen must be one of {FROZEN_CHOICES}, got {frozen!r}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"checkpoint {path!r} exists; pass overwrite=True to replace it")
+
+    model_sd = get_model_state_dict(model)
+    state: dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if extra:
+        state["extra"] = dict(extra)
+    kinds = model_kinds(model)
+    sums = checksums({k: v for k, v in model_sd.items() if isinstance(v, torch.Tensor)})
+    params = {n: entry(v, sums[n], kind=kinds[n]) for n, v in model_sd.items() if kinds.get(n) in (FROZEN, TRAINABLE)}
+    fingerprint_now = frozen_fingerprint(params)
+
+    mode, base = {"include": "include", "skip": "skip", "auto": "include"}[frozen], None
+    known = frozen_base(model)
+    # A base at `path` itself is about to be replaced: the frozen state must then be written again.
+    if frozen == "auto" and known is not None and known["path"] != path and any(
+        p["kind"] == FROZEN for p in params.values()
+    ):
+        usable = _base_usable(known["path"], fingerprint_now) if _rank() == 0 else None
+        if _broadcast(usable):
+            mode = "reference"
+            base = {"path": os.path.relpath(known["path"], path), "fingerprint": fingerprint_now}
+
+    tmp = None
+    if _rank() == 0:
+        for stale in glob.glob(glob.escape(path) + _TMP_INFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = f"{path}{_TMP_INFIX}{uuid.uuid4().hex[:8]}"
+    tmp = _broadcast(tmp)
+    planner = FrozenSavePlanner(model, frozen=mode, base=base, checksums_by_fqn=sums)
+    dcp.save(state, checkpoint_id=tmp, planner=planner)
+    _barrier()
+    if _rank() == 0:
+        _replace_dir(tmp, path)
+    _barrier()
+    if mode == "include":
+        setattr(model, _BASE_ATTR, {"path": path, "fingerprint": fingerprint_now})
+    return path
+
+
+def _base_usable(base_path: str, fingerprint_now: str) -> bool:
+    try:
+        manifest = read_manifest(base_path)
+    except CheckpointLayoutError:
+        return False
+    return (
+        manifest is not None
+        and manifest.get("frozen_state") == "included"
+        and manifest.get("frozen_fingerprint") == fingerprint_now
+    )
+
+
+def _replace_dir(tmp: str, path: str) -> None:
+    """Rename `tmp` to `path`; an existing `path` is moved aside first and removed last."""
+    _fsync_dir(tmp)
+    old = None
+    if os.path.exists(path):
+        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------- load
+def _read_metadata(path: str) -> Metadata:
+    try:
+        return FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the same to the user
+        raise CheckpointLayoutError(f"cannot read DCP metadata {os.path.join(path, '.metadata')!r}: {e}") from e
+
+
+def _resolve_base(path: str, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    ref = manifest.get("base") or {}
+    base_path = os.path.normpath(os.path.join(path, ref.get("path", "")))
+    if not os.path.isdir(base_path):
+        raise CheckpointLayoutError(
+            f"checkpoint {path!r} takes its frozen parameters from base checkpoint {base_path!r}, which is "
+            f"missing (deleted or moved?); restore it there, or load with a model whose frozen weights come "
+            f"from elsewhere after saving with frozen='include'"
+        )
+    try:
+        base_manifest = read_manifest(base_path)
+    except CheckpointLayoutError as e:
+        raise CheckpointLayoutError(f"base checkpoint {base_path!r} of {path!r} is not usable: {e}") from e
+    if base_manifest is None or base_manifest.get("frozen_state") != "included":
+        raise CheckpointLayoutError(f"base checkpoint {base_path!r} of {path!r} holds no frozen state")
+    if base_manifest.get("frozen_fingerprint") != ref.get("fingerprint"):
+        raise CheckpointLayoutError(
+            f"base checkpoint {base_path!r} of {path!r} has changed: its frozen-state fingerprint is "
+            f"{base_manifest.get('frozen_fingerprint')}, the reference expects {ref.get('fingerprint')}"
+        )
+    return base_path, base_manifest
+
+
+def _check_files(path: str, metadata: Metadata, keys: set[str]) -> None:
+    """Every data file that holds one of `keys` exists and is long enough (no tensor read)."""
+    need: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn in keys:
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in sorted(need.items()):
+        file = os.path.join(path, rel)
+        have = os.path.getsize(file) if os.path.isfile(file) else None
+        if have is None or have < size:
+            what = "is missing" if have is None else f"is truncated ({have} bytes, needs {size})"
+            raise CheckpointLayoutError(f"checkpoint file {file!r} {what}; nothing was loaded")
+
+
+def _files_of(metadata: Metadata, keys: set[str]) -> dict[str, str]:
+    return {idx.fqn: info.relative_path for idx, info in (metadata.storage_data or {}).items() if idx.fqn in keys}
+
+
+def _staging(model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, extra_specs: dict[str, Spec]) -> dict[str, Any]:
+    """Empty tensors shaped and sharded like the targets: loads land here first, never half in the model."""
+
+    def like(v: Any) -> Any:
+        return torch.zeros_like(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+
+    staged: dict[str, Any] = {"model": {k: like(v) for k, v in model_sd.items()}}
+    if optim_sd is not None:
+        staged["optimizer"] = {
+            "state": {p: {n: like(v) for n, v in s.items()} for p, s in optim_sd["state"].items()},
+            "param_groups": copy.deepcopy(optim_sd["param_groups"]),
+        }
+    extra = {}
+    for key, spec in extra_specs.items():
+        name = split_key(key)[1]
+        extra[name] = torch.empty(spec.shape, dtype=getattr(torch, spec.dtype)) if spec.shape is not None else None
+    if extra:
+        staged["extra"] = extra
+    return staged
+
+
+def _template_specs(staged: dict[str, Any], kinds: dict[str, str]) -> dict[str, tuple[str, Any]]:
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+
+    flat, mappings = flatten_state_dict(staged)
+    return {checkpoint_key(mappings[k], kinds): (k, flat[k]) for k in flat}
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    allow_freezing_change: bool = False,
+    cast: bool = False,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Load a checkpoint into `model` (and `optimizer`); return its `extra` entries.
+
+    Before any tensor is read, the checkpoint's layout (its manifest and DCP metadata, and the
+    frozen base it references) is compared with the model's: missing or extra parameters and
+    buffers, shapes, frozen vs trainable, dtypes. Any difference raises `CheckpointLayoutError`
+    listing all of them. Data files are checked for presence and length; tensors are then read
+    into a staging copy (peak memory: one extra copy of the loaded shards), their checksums are
+    compared with the manifest, and only then copied into the model and optimizer. On any error
+    the model and optimizer are unchanged.
+
+    Args:
+        allow_freezing_change: a parameter frozen at save and trainable now gets zero-initialised
+            optimizer state; one trainable at save and frozen now loses its optimizer state, with a
+            warning naming it. Without it, a changed status is a difference.
+        cast: convert dtypes on load; without it a dtype difference is an error, never a silent cast.
+        strict: for a plain DCP checkpoint (no manifest, e.g. a pretrained base saved with
+            ``dcp.save(model.state_dict())``), ``strict=False`` leaves parameters it lacks (e.g. LoRA
+            adapters) as they are. Checkpoints written by fsdp_frozen are always loaded strictly.
+
+    A checkpoint saved with ``frozen="auto"`` that references a base reads the frozen parameters
+    from that base, after checking its fingerprint; one saved with ``frozen="skip"`` leaves the
+    model's frozen parameters as they are.
+    """
+    path = os.path.abspath(os.fspath(path))
+    manifest = read_manifest(path)
+    metadata = _read_metadata(path)
+    kinds = model_kinds(model)
+    model_sd = get_model_state_dict(model)
+    optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+
+    sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]] = {"own": (path, metadata, manifest)}
+    raw: dict[str, str] = {}  # plain checkpoints: our key -> the key DCP stored
+    if manifest is None:
+        saved = {}
+        # Keys are FQNs (dcp.save(model.state_dict())) or "model.FQN" (dcp.save({"model": ...})); an
+        # unsharded Hugging Face model's own FQNs start with "model." too, so count which reading fits.
+        keys = list(metadata.state_dict_metadata)
+        prefixed = sum(k.startswith("model.") and k[6:] in kinds for k in keys) > sum(k in kinds for k in keys)
+        for key, spec in metadata_specs(metadata).items():
+            if prefixed and not key.startswith("model."):
+                continue  # other top-level entries (optimizer, ...) are not model state
+            name = key[6:] if prefixed else key
+            ours = f"{kinds.get(name, BUFFERS)}/{name}"
+            saved[ours], raw[ours] = spec, key
+        frozen_not_stored = False
+    else:
+        saved = {k: s for k, s in metadata_specs(metadata).items() if split_key(k)[0] != FROZEN}
+        if manifest["frozen_state"] == "included":
+            saved.update({k: s for k, s in metadata_specs(metadata).items() if split_key(k)[0] == FROZEN})
+        elif manifest["frozen_state"] == "referenced":
+            base_path, base_manifest = _resolve_base(path, manifest)
+            base_metadata = _read_metadata(base_path)
+            sources["base"] = (base_path, base_metadata, base_manifest)
+            saved.update({k: s for k, s in metadata_specs(base_metadata).items() if split_key(k)[0] == FROZEN})
+        frozen_not_stored = manifest["frozen_state"] == "skipped"
+
+    extra_specs = {k: s for k, s in saved.items() if split_key(k)[0] == EXTRA}
+    staged = _staging(model_sd, optim_sd, extra_specs)
+    template = _template_specs(staged, kinds)
+    match = compare(
+        {t: tensor_spec(v) for t, (_, v) in template.items()},
+        saved,
+        cast=cast,
+        allow_freezing_change=allow_freezing_change,
+        frozen_not_stored=frozen_not_stored,
+    )
+    if manifest is None:
+        if optim_sd is not None:
+            match.differences.insert(0, "a plain DCP checkpoint (no fsdp_frozen manifest) holds no optimizer "
+                                        "state this function can map; pass optimizer=None")
+        if not strict:
+            match.differences = [d for d in match.differences if "is missing from the checkpoint" not in d]
+        match.key_map = {t: raw[s] for t, s in match.key_map.items()}
+    match.raise_if_different(f"checkpoint {path!r}")
+    for name in match.dropped:
+        warnings.warn(f"optimizer state of parameter {name!r} not loaded: trainable at save, frozen now", stacklevel=2)
+
+    # Read: one DCP load per source directory, each given only the keys it holds.
+    for source, (src_path, src_md, _) in sources.items():
+        wanted = {t: s for t, s in match.key_map.items() if _source_of(s, sources) == source}
+        if not wanted:
+            continue
+        _check_files(src_path, src_md, set(wanted.values()))
+        planner = FrozenLoadPlanner(model, cast=cast, key_map=wanted)
+        try:
+            dcp.load(staged, checkpoint_id=src_path, planner=planner)
+        except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; name the files involved
+            files = sorted(set(_files_of(src_md, set(wanted.values())).values()))
+            raise CheckpointLayoutError(
+                f"reading checkpoint {src_path!r} failed (files {files}); the model was not changed: {e}"
+            ) from e
+
+    if manifest is not None:
+        _verify_checksums(sources, template, match)
+
+    loaded_model = {template[t][0].split(".", 1)[1]: template[t][1] for t in match.key_map
+                    if split_key(t)[0] in (FROZEN, TRAINABLE, BUFFERS)}
+    set_model_state_dict(model, loaded_model, options=StateDictOptions(strict=False))
+    if optimizer is not None and "optimizer" in staged:
+        set_optimizer_state_dict(model, optimizer, staged["optimizer"])
+    _record_base(model, path, manifest, sources)
+    return dict(staged.get("extra", {}))
+
+
+def _source_of(saved_key: str, sources: dict[str, Any]) -> str:
+    """Frozen entries come from the base checkpoint when there is one; everything else from the own."""
+    return "base" if "base" in sources and split_key(saved_key)[0] == FROZEN else "own"
+
+
+def _verify_checksums(
+    sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]],
+    template: dict[str, tuple[str, Any]],
+    match: Any,
+) -> None:
+    """Compare checksums of what was read with the manifests' (one all-reduce)."""
+    expected: dict[str, tuple[str, str]] = {}
+    for t, s in match.key_map.items():
+        kind, name = split_key(s)
+        if kind not in (FROZEN, TRAINABLE, BUFFERS) or t in match.cast:
+            continue
+        source = _source_of(s, sources)
+        src_path, src_md, src_manifest = sources[source]
+        section = src_manifest.get("buffers" if kind == BUFFERS else "params", {}) if src_manifest else {}
+        want = section.get(name, {}).get("checksum")
+        if want:
+            expected[t] = (want, os.path.join(src_path, _files_of(src_md, {s}).get(s, "?")))
+    got = checksums({t: template[t][1] for t in expected})
+    bad = [f"{split_key(t)[1]!r} (in {file!r})" for t, (want, file) in expected.items() if got[t] != want]
+    if bad:
+        raise CheckpointLayoutError(
+            f"checksum mismatch: data of {len(bad)} tensor(s) differs from what was saved (corrupted file?): "
+            f"{', '.join(bad)}; the model was not changed"
+        )
+
+
+def _record_base(model: nn.Module, path: str, manifest: dict[str, Any] | None, sources: dict[str, Any]) -> None:
+    if manifest is None:
+        setattr(model, _BASE_ATTR, None)
+    elif manifest["frozen_state"] == "included":
+        setattr(model, _BASE_ATTR, {"path": path, "fingerprint": manifest["frozen_fingerprint"]})
+    elif manifest["frozen_state"] == "referenced":
+        base_path, _, base_manifest = sources["base"]
+        setattr(model, _BASE_ATTR, {"path": base_path, "fingerprint": base_manifest["frozen_fingerprint"]})
