@@ -3,9 +3,14 @@
     torchrun --nproc-per-node 2 recipes/benchmark.py [--steps 10] [--out bench_out]
 
 Builds the Llama-style LoRA model (recipes/llama.py: >= 4 blocks, width >= 512, LoRA rank 8 on every
-linear) once per variant, with bf16 mixed precision (reduce in fp32), and times the variants
-round-robin (one step of each per round) so that machine noise hits all of them alike. Prints a
-markdown table on rank 0 and writes JSON. Ratios are against plain FSDP2 in the same run.
+linear) once per variant: plain FSDP2 (one unit per block) and shard_with_freezing under every frozen
+policy (after_forward, after_backward, never) with bf16 and fp32 frozen storage, all computing in bf16
+(reduce in fp32). Times the variants round-robin (one step of each per round) so that machine noise
+hits all of them alike, counts collective bytes per step, persistent bytes per rank, peak memory
+(FSDPMemTracker where it works; torch.cuda.max_memory_allocated on CUDA) and tokens/s. Then times a
+trainable-only checkpoint save against full dcp.saves. Prints markdown tables on rank 0, writes
+OUT/benchmark.json and, with matplotlib (the `plot` extra), OUT/benchmark.png. Ratios are against
+plain FSDP2 in the same run.
 """
 
 from __future__ import annotations
@@ -39,6 +44,11 @@ from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
 from fsdp_frozen.comm_counter import CommCounter, frozen_group_names  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
+DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  #: frozen storage dtypes; compute is bf16 in every variant
+
+
+def variant_name(policy: str, dtype: str) -> str:
+    return policy if dtype == "bf16" else f"{policy} ({dtype} frozen)"
 
 
 def build(variant: str, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
@@ -51,8 +61,10 @@ def build(variant: str, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Modu
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
+    policy_name, _, dtype = variant.partition(" (")
+    dtype = dtype.split()[0] if dtype else "bf16"
     policy = FreezePolicy(
-        units=["layers.*"], frozen_reshard=variant, frozen_dtype="bfloat16",
+        units=["layers.*"], frozen_reshard=policy_name, frozen_dtype=DTYPES[dtype],
         param_dtype="bfloat16", reduce_dtype="float32",
     )
     return shard_with_freezing(model, mesh, policy)
@@ -91,26 +103,29 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def checkpoint_bench(model: nn.Module, opt, root: Path, repeats: int) -> dict:
-    """Trainable-only save (frozen base already on disk) vs a full dcp.save of the same model + optimizer.
+def checkpoint_bench(model: nn.Module, opt, plain: nn.Module, plain_opt, root: Path, repeats: int) -> dict:
+    """Trainable-only save (frozen base already on disk) vs full dcp.saves of model + optimizer state.
 
-    Both run round-robin `repeats` times into fresh directories; the median time of each is reported.
+    "full": the same split model (frozen shards in bf16); "plain_full": the plain FSDP2 model (fp32
+    frozen shards), what a user saves without this package. All run round-robin `repeats` times into
+    fresh directories; the median time of each is reported.
     """
     rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(root, ignore_errors=True)
     dist.barrier()
     save_checkpoint(root / "base", model, opt)  # writes the frozen base once
-    times: dict[str, list[float]] = {"full": [], "trainable": []}
+    times: dict[str, list[float]] = {"full": [], "plain_full": [], "trainable": []}
     sizes: dict[str, int] = {}
     for i in range(repeats):
-        for kind in ("full", "trainable"):
+        for kind in times:
             path = root / f"{kind}_{i}"
             dist.barrier()
             t0 = time.perf_counter()
-            if kind == "full":
-                state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
-                dcp.save(state, checkpoint_id=str(path))
+            if kind != "trainable":
+                m, o = (model, opt) if kind == "full" else (plain, plain_opt)
+                dcp.save({"model": get_model_state_dict(m), "optimizer": get_optimizer_state_dict(m, o)},
+                         checkpoint_id=str(path))
             else:
                 save_checkpoint(path, model, opt)  # frozen="auto": a reference to the base
             dist.barrier()
@@ -127,13 +142,16 @@ def checkpoint_bench(model: nn.Module, opt, root: Path, repeats: int) -> dict:
         assert manifest["frozen_state"] == "referenced"
         result = {
             "full_save_bytes": sizes["full"],
+            "plain_full_save_bytes": sizes["plain_full"],
             "trainable_save_bytes": sizes["trainable"],
             "trainable_and_optimizer_bytes": logical,
             "bytes_ratio_vs_trainable_and_optimizer": sizes["trainable"] / logical,
             "full_save_s": statistics.median(times["full"]),
+            "plain_full_save_s": statistics.median(times["plain_full"]),
             "trainable_save_s": statistics.median(times["trainable"]),
         }
         result["time_ratio_vs_full"] = result["trainable_save_s"] / result["full_save_s"]
+        result["time_ratio_vs_plain_full"] = result["trainable_save_s"] / result["plain_full_save_s"]
         shutil.rmtree(root, ignore_errors=True)
     return result
 
@@ -148,6 +166,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--save-repeats", type=int, default=5, help="timed checkpoint saves of each kind")
+    ap.add_argument("--variants", default=",".join(POLICIES), help="frozen policies to run (after_forward always)")
+    ap.add_argument("--frozen-dtypes", default=",".join(DTYPES), help="frozen storage dtypes to run (bf16 always)")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -161,7 +182,12 @@ def main() -> None:
     mesh = init_device_mesh(device.type, (world,))
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, hidden_dim=int(args.dim * 8 / 3) // 32 * 32)
 
-    variants = ["plain"] + POLICIES
+    chosen, dtypes = args.variants.split(","), args.frozen_dtypes.split(",")
+    if set(chosen) - set(POLICIES) or "after_forward" not in chosen:
+        ap.error(f"--variants: a comma list of {POLICIES} including after_forward, got {args.variants!r}")
+    if set(dtypes) - set(DTYPES) or "bf16" not in dtypes:
+        ap.error(f"--frozen-dtypes: a comma list of {list(DTYPES)} including bf16, got {args.frozen_dtypes!r}")
+    variants = ["plain"] + [variant_name(p, d) for d in DTYPES if d in dtypes for p in POLICIES if p in chosen]
     models = {v: build(v, cfg, mesh, device) for v in variants}
     opts = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
     g = torch.Generator().manual_seed(rank)
@@ -202,6 +228,7 @@ def main() -> None:
             step(v, 0)
         results[v] = {
             "step_time_s": statistics.median(times[v]),
+            "tokens_per_s": args.batch * args.seq * world / statistics.median(times[v]),
             "all_gather_bytes": counter.total("all_gather"),
             "frozen_all_gather_bytes": counter.total("all_gather", fpgs),
             "reduce_scatter_bytes": counter.total("reduce_scatter"),
@@ -220,7 +247,9 @@ def main() -> None:
 
     layout = str(describe(models["after_forward"]))
     out = Path(args.out)
-    ckpt = checkpoint_bench(models["after_forward"], opts["after_forward"], out / "ckpt", args.save_repeats)
+    ckpt = checkpoint_bench(
+        models["after_forward"], opts["after_forward"], models["plain"], opts["plain"], out / "ckpt", args.save_repeats
+    )
     if rank == 0:
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
@@ -231,6 +260,8 @@ def main() -> None:
         print(f"describe() of the after_forward model, rank 0:\n{layout}\n")
         print(render(results, meta))
         print(render_checkpoint(ckpt, args.save_repeats))
+        if not args.no_plot:
+            print(plot(results, meta, out / "benchmark.png"))
         print(f"\nJSON: {out / 'benchmark.json'}")
     dist.destroy_process_group()
 
@@ -242,18 +273,54 @@ def render(results: dict, meta: dict) -> str:
         f"dim {meta['config']['dim']}, LoRA r{meta['config']['lora_rank']}, bf16 compute, batch {meta['batch']}x{meta['seq']}, "
         f"median of {meta['steps']} steps",
         "",
-        "| variant | step ms | vs plain | AG MiB/step | frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
+        "| variant | step ms | vs plain | tok/s | AG MiB/step | frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
         "| frozen MiB/rank | frozen vs plain | total MiB/rank | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v, r in results.items():
         lines.append(
             f"| {'plain FSDP2' if v == 'plain' else v} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_ratio']:.2f}x "
+            f"| {r['tokens_per_s']:,.0f} "
             f"| {mib(r['all_gather_bytes'])} | {mib(r['frozen_all_gather_bytes'])} | {r['frozen_all_gather_ratio']:.2f}x "
             f"| {mib(r['reduce_scatter_bytes'])} | {mib(r['frozen_persistent_bytes'])} | {r['frozen_persistent_ratio']:.2f}x "
             f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'] or r['cuda_max_memory_allocated'])} |"
         )
     return "\n".join(lines)
+
+
+def plot(results: dict, meta: dict, path: Path) -> str:
+    """A PNG with step time, frozen all-gather bytes and frozen persistent bytes per variant."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "(no chart: pip install -e '.[plot]' for matplotlib)"
+    names = ["plain FSDP2" if v == "plain" else v for v in results]
+    panels = [
+        ("step time vs plain FSDP2", [r["step_time_ratio"] for r in results.values()], "x"),
+        ("frozen all-gather MiB / step", [r["frozen_all_gather_bytes"] / 2**20 for r in results.values()], "MiB"),
+        ("frozen parameter MiB / rank", [r["frozen_persistent_bytes"] / 2**20 for r in results.values()], "MiB"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(names) + 1.8))
+    colors = ["#888888"] + ["#3b7dd8"] * (len(names) - 1)
+    for ax, (title, values, unit) in zip(axes, panels):
+        ax.barh(names, values, color=colors)
+        ax.set_title(title, fontsize=10)
+        ax.invert_yaxis()
+        for y, val in enumerate(values):
+            ax.text(val, y, f" {val:.2f}{unit if unit == 'x' else ''}", va="center", fontsize=8)
+        ax.margins(x=0.25)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(f"fsdp_frozen vs plain FSDP2: {meta['config']['n_layers']} blocks, dim {meta['config']['dim']}, "
+                 f"LoRA r{meta['config']['lora_rank']}, world {meta['world_size']} ({meta['device']}), "
+                 f"torch {meta['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart: {path}"
 
 
 def render_checkpoint(c: dict, repeats: int) -> str:
@@ -264,11 +331,14 @@ def render_checkpoint(c: dict, repeats: int) -> str:
         "",
         "| save | MiB written | vs trainable+optimizer | ms | vs full dcp.save |",
         "|---|---|---|---|---|",
-        f"| full dcp.save (model + optimizer) | {mib(c['full_save_bytes'])} | "
+        f"| full dcp.save, plain FSDP2 model (fp32 frozen) | {mib(c['plain_full_save_bytes'])} | "
+        f"{c['plain_full_save_bytes'] / c['trainable_and_optimizer_bytes']:.2f}x | "
+        f"{c['plain_full_save_s'] * 1e3:.1f} | {c['plain_full_save_s'] / c['full_save_s']:.2f}x |",
+        f"| full dcp.save, same split model (bf16 frozen) | {mib(c['full_save_bytes'])} | "
         f"{c['full_save_bytes'] / c['trainable_and_optimizer_bytes']:.2f}x | {c['full_save_s'] * 1e3:.1f} | 1.00x |",
         f"| save_checkpoint, frozen='auto' (reference) | {mib(c['trainable_save_bytes'])} | "
         f"{c['bytes_ratio_vs_trainable_and_optimizer']:.3f}x | {c['trainable_save_s'] * 1e3:.1f} | "
-        f"{c['time_ratio_vs_full']:.3f}x |",
+        f"{c['time_ratio_vs_full']:.3f}x ({c['time_ratio_vs_plain_full']:.3f}x vs plain) |",
         f"\ntrainable parameters + optimizer state: {mib(c['trainable_and_optimizer_bytes'])} MiB",
     ])
 

@@ -1,8 +1,9 @@
 """A small Llama-style causal LM with LoRA adapters, defined here so nothing is downloaded.
 
-RMSNorm, causal self-attention (SDPA), SwiGLU MLP; every linear of every block is a frozen base
-plus a trainable rank-r update (PEFT's names: ``base_layer``, ``lora_A``, ``lora_B``). The token
-embedding and output head are frozen.
+RMSNorm, causal self-attention (SDPA), SwiGLU MLP. With ``lora_rank > 0`` every linear of every block
+is a frozen base plus a trainable rank-r update (PEFT's names: ``base_layer``, ``lora_A``,
+``lora_B``), and the token embedding, norms and output head are frozen. With ``lora_rank == 0`` it is a
+plain model with every parameter trainable (freeze parts of it with ``FreezePolicy.freeze``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ class RMSNorm(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        lin = lambda i, o: LoRALinear(i, o, cfg.lora_rank, cfg.lora_alpha)  # noqa: E731
+        def lin(d_in: int, d_out: int) -> nn.Module:
+            if cfg.lora_rank == 0:
+                return nn.Linear(d_in, d_out, bias=False)
+            return LoRALinear(d_in, d_out, cfg.lora_rank, cfg.lora_alpha)
+
         self.n_heads = cfg.n_heads
         self.attn_norm = RMSNorm(cfg.dim)
         self.wq, self.wk, self.wv, self.wo = (lin(cfg.dim, cfg.dim) for _ in range(4))
@@ -60,7 +65,7 @@ class TransformerBlock(nn.Module):
         self.w1, self.w3 = lin(cfg.dim, cfg.hidden_dim), lin(cfg.dim, cfg.hidden_dim)
         self.w2 = lin(cfg.hidden_dim, cfg.dim)
         for norm in (self.attn_norm, self.mlp_norm):
-            norm.weight.requires_grad_(False)
+            norm.weight.requires_grad_(cfg.lora_rank == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -81,7 +86,7 @@ class LlamaLoRA(nn.Module):
         self.norm = RMSNorm(cfg.dim)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         for p in (self.tok_embeddings.weight, self.norm.weight, self.output.weight):
-            p.requires_grad_(False)
+            p.requires_grad_(cfg.lora_rank == 0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)

@@ -1,0 +1,99 @@
+"""Recipe configs: nested dataclasses loaded from YAML plus ``key=value`` overrides, strictly.
+
+Every key must be a field: an unknown or misspelled key (in the file or an override) is an error that
+names it, its section and the closest valid key. Values are type-checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A recipe config key or value is invalid; the message names the key and the file."""
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] = ()) -> T:
+    """Build `cls` from the YAML file at `path` (optional) and dotted ``key=value`` overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"cannot read config {source!r}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {source!r} must be a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=20)")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return _build(cls, data, prefix="", source=source)
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str, source: str) -> T:
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown config key {prefix + key!r} in {source}{hint} (valid keys here: {', '.join(sorted(fields))})"
+            )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix + name!r} in {source} must be a section (a mapping)")
+            kwargs[name] = _build(hint, value, prefix=f"{prefix}{name}.", source=source)
+        else:
+            kwargs[name] = _check_type(value, hint, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    options = typing.get_args(hint) if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    for option in options:
+        base = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return value
+        if option is Any:
+            return value
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if base in (list, tuple) and isinstance(value, (list, tuple)):
+            return list(value)
+        if base is dict and isinstance(value, dict):
+            return value
+        if isinstance(base, type) and base not in (list, tuple, dict) and isinstance(value, base):
+            if base is int and isinstance(value, bool):
+                continue
+            return value
+    raise ConfigError(f"config key {key!r} in {source} must be {_name(hint)}, got {value!r}")
+
+
+def _name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

@@ -1,0 +1,132 @@
+"""Distillation: a frozen teacher, sharded with fsdp_frozen, trains a smaller student.
+
+    torchrun --nproc-per-node 2 recipes/distill.py --config recipes/configs/distill.yaml [key=value ...]
+
+The teacher is entirely frozen: ``shard_with_freezing`` gives each of its units one frozen group,
+stored in bf16, with ``teacher.frozen_reshard`` = ``"never"`` (gathered once, no teacher communication
+after the first step; costs the teacher's full bf16 bytes per rank) or ``"after_forward"`` (gathered
+for each forward and freed: FSDP's memory). It runs under ``torch.no_grad``. The student trains on
+``kd_weight * KL(teacher || student) * T^2 + (1 - kd_weight) * cross-entropy``. Progress bar, metrics,
+checkpoints (student + optimizer) and ``train.resume`` as in lora_finetune.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from config import load_config  # noqa: E402
+from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
+from llama import LlamaConfig, LlamaLoRA  # noqa: E402
+from lora_finetune import DataConfig, OptimizerConfig, TrainConfig  # noqa: E402
+from runtime import init_runtime, resume_step, train_loop, write_config  # noqa: E402
+
+from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
+from fsdp_frozen.checkpoint import load_checkpoint  # noqa: E402
+
+
+@dataclass
+class TeacherConfig:
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    hidden_dim: int = 352
+    lora_rank: int = 0  #: match the architecture of `checkpoint` (8 for a lora_finetune run)
+    seed: int = 1
+    checkpoint: str | None = None  #: fsdp_frozen checkpoint to load the teacher from; None: random init
+    frozen_reshard: str = "never"  #: "never" or "after_forward"
+
+
+@dataclass
+class StudentConfig:
+    dim: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    hidden_dim: int = 352
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 2.0
+    kd_weight: float = 0.9
+
+
+@dataclass
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/distill"))
+
+
+class DistillRecipe:
+    def __init__(self, cfg: DistillConfig) -> None:
+        if cfg.teacher.frozen_reshard not in ("never", "after_forward"):
+            raise ValueError(f"teacher.frozen_reshard must be 'never' or 'after_forward', got {cfg.teacher.frozen_reshard!r}")
+        self.cfg = cfg
+        self.device, self.mesh = init_runtime()
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.out = Path(cfg.train.output_dir)
+        t, s = cfg.teacher, cfg.student
+        with torch.device(self.device):
+            torch.manual_seed(t.seed)
+            teacher = LlamaLoRA(LlamaConfig(VOCAB_SIZE, t.dim, t.n_layers, t.n_heads, t.hidden_dim, t.lora_rank))
+            torch.manual_seed(s.seed)
+            student = LlamaLoRA(LlamaConfig(VOCAB_SIZE, s.dim, s.n_layers, s.n_heads, s.hidden_dim, lora_rank=0))
+        teacher_policy = FreezePolicy(units=("layers.*",), freeze=("**",), frozen_reshard=t.frozen_reshard,
+                                      frozen_dtype="bfloat16", param_dtype="bfloat16", reduce_dtype="float32")
+        self.teacher = shard_with_freezing(teacher, self.mesh, teacher_policy)
+        if t.checkpoint:  # e.g. a lora_finetune run: its adapters were trainable, here everything is frozen
+            load_checkpoint(t.checkpoint, self.teacher, allow_freezing_change=True, cast=True)
+        self.student = shard_with_freezing(student, self.mesh, FreezePolicy(units=("layers.*",)))
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.optimizer.lr,
+                                           weight_decay=cfg.optimizer.weight_decay)
+        self.data = ByteBatches(generated_corpus(cfg.data.n_sentences, cfg.data.seed), cfg.data.batch_size,
+                                cfg.data.seq_len, cfg.data.seed)
+        self.trained = self.student  # what train_loop checkpoints with the optimizer
+        self.start = resume_step(self.out, self.student, self.optimizer) if cfg.train.resume else 0
+        if self.rank == 0:
+            print(f"teacher:\n{describe(self.teacher)}\nstudent:\n{describe(self.student)}", flush=True)
+
+    def loss(self, step: int) -> torch.Tensor:
+        x, y = self.data.batch(step, self.rank, self.world)
+        x, y = x.to(self.device), y.to(self.device)
+        with torch.no_grad():
+            teacher_logits = self.teacher(x).float()
+        logits = self.student(x).float()
+        temp, w = self.cfg.loss.temperature, self.cfg.loss.kd_weight
+        kd = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(teacher_logits / temp, -1),
+                      log_target=True, reduction="batchmean") * temp**2
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        return w * kd + (1 - w) * ce
+
+    def train(self) -> list[float]:
+        losses = train_loop(self)
+        return losses
+
+def main(argv: list[str] | None = None) -> list[float]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (recipes/configs/distill.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
+    args = ap.parse_args(argv)
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    recipe = DistillRecipe(cfg)
+    write_config(recipe)
+    losses = recipe.train()
+    dist.barrier()
+    dist.destroy_process_group()
+    return losses
+
+
+if __name__ == "__main__":
+    main()

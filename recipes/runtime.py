@@ -1,0 +1,150 @@
+"""What every recipe needs at run time: device and process group, a progress bar, JSON-lines metrics,
+and finding the checkpoint to resume from."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def init_runtime() -> tuple[torch.device, DeviceMesh]:
+    """CUDA + NCCL when a GPU is present, else CPU + gloo; a 1-D mesh over all ranks."""
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return device, init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+class ProgressBar:
+    """One line on rank 0: step, loss, tokens/s. Redrawn in place on a terminal, printed every
+    `every` steps otherwise (logs, CI)."""
+
+    def __init__(self, total: int, every: int, enabled: bool) -> None:
+        self.total, self.every, self.enabled = total, max(1, every), enabled
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if not self.enabled:
+            return
+        done = int(30 * step / max(self.total, 1))
+        line = f"[{'#' * done}{'.' * (30 - done)}] step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
+        if self.tty:
+            print("\r" + line, end="\n" if step == self.total else "", flush=True)
+        elif step % self.every == 0 or step == self.total:
+            print(line, flush=True)
+
+
+class MetricsLog:
+    """``metrics.jsonl`` in the output directory, one JSON object per step, written by rank 0.
+
+    On resume from step N, lines after step N (from the interrupted run) are dropped first, so the
+    file reads as one uninterrupted run.
+    """
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int = 0) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, **record: Any) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def latest_checkpoint(output_dir: Path) -> tuple[Path, int] | None:
+    """The complete ``step_N`` checkpoint with the largest N (a directory with DCP's .metadata)."""
+    best = None
+    for d in output_dir.glob("step_*"):
+        m = re.fullmatch(r"step_(\d+)", d.name)
+        if m and (d / ".metadata").is_file() and (best is None or int(m.group(1)) > best[1]):
+            best = (d, int(m.group(1)))
+    return best
+
+
+class Throughput:
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def tokens_per_s(self, tokens: int) -> float:
+        now = time.perf_counter()
+        rate = tokens / max(now - self.t, 1e-9)
+        self.t = now
+        return rate
+
+
+def train_loop(recipe: Any) -> list[float]:
+    """The step loop every recipe shares.
+
+    `recipe` provides ``cfg.train`` (steps, log_every, checkpoint_every), ``cfg.data`` (batch_size,
+    seq_len), ``out``, ``rank``, ``world``, ``start`` (last finished step), ``optimizer``, ``trained``
+    (the module checkpointed with the optimizer) and ``loss(step)``. Returns the mean loss per step.
+    """
+    from fsdp_frozen.checkpoint import save_checkpoint
+
+    cfg = recipe.cfg.train
+    metrics = MetricsLog(recipe.out / "metrics.jsonl", recipe.rank == 0, resume_step=recipe.start)
+    bar = ProgressBar(cfg.steps, cfg.log_every, recipe.rank == 0)
+    clock = Throughput()
+    tokens = recipe.cfg.data.batch_size * recipe.cfg.data.seq_len * recipe.world
+    if recipe.rank == 0:
+        print(f"training steps {recipe.start + 1}..{cfg.steps} on {recipe.world} rank(s)", flush=True)
+    losses = []
+    for step in range(recipe.start + 1, cfg.steps + 1):
+        loss = recipe.loss(step)
+        loss.backward()
+        recipe.optimizer.step()
+        recipe.optimizer.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        value = mean.item() / recipe.world
+        losses.append(value)
+        rate = clock.tokens_per_s(tokens)
+        metrics.write(step=step, loss=value, tokens_per_s=rate, lr=recipe.optimizer.param_groups[0]["lr"])
+        bar.update(step, value, rate)
+        if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            save_checkpoint(recipe.out / f"step_{step}", recipe.trained, recipe.optimizer, extra={"step": step},
+                            overwrite=True)
+    return losses
+
+
+def resume_step(output_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Load the latest ``step_N`` checkpoint under `output_dir` if there is one; the step to continue after."""
+    from fsdp_frozen.checkpoint import load_checkpoint
+
+    found = latest_checkpoint(output_dir)
+    if found is None:
+        return 0
+    return int(load_checkpoint(found[0], model, optimizer)["step"])
+
+
+def write_config(recipe: Any) -> None:
+    """``OUTPUT_DIR/config.yaml``: the resolved config of this run (rank 0)."""
+    import dataclasses
+
+    import yaml
+
+    if recipe.rank == 0:
+        recipe.out.mkdir(parents=True, exist_ok=True)
+        (recipe.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe.cfg), sort_keys=False))

@@ -1,0 +1,138 @@
+"""Recipes end to end under torchrun (world 2, tiny configs): loss falls, checkpoints, exact resume,
+config validation, and the Hugging Face + PEFT adapter export."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.hidden_dim=64", "data.batch_size=4",
+        "data.seq_len=32", "train.log_every=5", "optimizer.lr=0.01"]
+TIMEOUT = 300
+
+
+def torchrun(script: str, config: str, *overrides: str, world: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           str(ROOT / "recipes" / script), "--config", str(ROOT / "recipes" / "configs" / config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # Own process group, so a hung run is killed with all its ranks, not just the launcher.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{script} timed out after {TIMEOUT}s\n{stdout[-2000:]}\n{stderr[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def run_ok(*args, **kwargs) -> subprocess.CompletedProcess:
+    out = torchrun(*args, **kwargs)
+    assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
+    return out
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(ln) for ln in lines]
+    assert all(r["tokens_per_s"] > 0 for r in records)
+    return {r["step"]: r["loss"] for r in records}
+
+
+def check_recipe(tmp_path: Path, script: str, config: str, overrides: list[str], steps: int = 12) -> None:
+    """Loss falls; checkpoints are written; a run resumed from step steps/2 logs the same losses."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    half = steps // 2
+    common = [*overrides, f"train.checkpoint_every={half}"]
+    out = run_ok(script, config, *common, f"train.steps={steps}", f"train.output_dir={full}")
+    assert f"step {steps}/{steps}" in out.stdout, out.stdout[-2000:]  # the progress bar, rank 0
+    straight = losses(full)
+    assert sorted(straight) == list(range(1, steps + 1))
+    first, last = straight[1], sum(straight[s] for s in range(steps - 2, steps + 1)) / 3
+    assert last < first - 0.3, f"loss did not fall: {straight}"
+    assert (full / f"step_{half}" / "fsdp_frozen.json").is_file() and (full / f"step_{steps}" / ".metadata").is_file()
+
+    run_ok(script, config, *common, f"train.steps={half}", f"train.output_dir={part}")
+    out = run_ok(script, config, *common, f"train.steps={steps}", f"train.output_dir={part}", "train.resume=true")
+    assert f"training steps {half + 1}..{steps}" in out.stdout, out.stdout[-2000:]  # it did resume
+    assert losses(part) == straight, "resumed run differs from the uninterrupted one"
+
+
+def test_lora_finetune(tmp_path):
+    check_recipe(tmp_path, "lora_finetune.py", "lora_tiny.yaml", TINY)
+    manifest = json.loads((tmp_path / "full" / "step_12" / "fsdp_frozen.json").read_text())
+    assert manifest["frozen_state"] == "referenced" and manifest["base"]["path"] == "../step_6"
+
+
+def test_partial_freeze(tmp_path):
+    check_recipe(tmp_path, "lora_finetune.py", "partial_freeze.yaml", TINY)
+    params = json.loads((tmp_path / "full" / "step_6" / "fsdp_frozen.json").read_text())["params"]
+    frozen = sorted(n for n, e in params.items() if e["kind"] == "frozen")
+    assert frozen == sorted(["tok_embeddings.weight"] + [n for n in params if n.startswith(("layers.0.", "layers.1."))])
+
+
+def test_distill(tmp_path):
+    tiny = ["teacher.dim=32", "teacher.n_heads=2", "teacher.hidden_dim=64", "student.dim=32", "student.n_heads=2",
+            "student.hidden_dim=64", "data.batch_size=4", "data.seq_len=32", "train.log_every=5", "optimizer.lr=0.01"]
+    check_recipe(tmp_path, "distill.py", "distill.yaml", tiny)
+
+
+@pytest.mark.parametrize("where,bad,expect", [
+    ("override", "trian.steps=3", "unknown config key 'trian' in .*did you mean 'train'"),
+    ("override", "train.stpes=3", "unknown config key 'train.stpes' in .*did you mean 'train.steps'"),
+    ("override", "freeze.frozen_reshrd=never", "frozen_reshrd"),
+    ("override", "train.steps=many", "config key 'train.steps' in .* must be int, got 'many'"),
+    ("file", "optimizer:\n  lr: 0.001\n  lr_warmup: 10\n", "unknown config key 'optimizer.lr_warmup' in .*bad.yaml"),
+])
+def test_misspelled_config_key_fails_naming_it(tmp_path, where, bad, expect):
+    import re
+
+    if where == "file":
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text((ROOT / "recipes" / "configs" / "lora_tiny.yaml").read_text() + bad)
+        cmd = [sys.executable, str(ROOT / "recipes" / "lora_finetune.py"), "--config", str(cfg)]
+    else:
+        cmd = [sys.executable, str(ROOT / "recipes" / "lora_finetune.py"), "--config",
+               str(ROOT / "recipes" / "configs" / "lora_tiny.yaml"), bad]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+    assert out.returncode != 0 and re.search(expect, out.stderr), out.stderr[-3000:]
+
+
+HF_MISSING = importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None
+
+
+@pytest.mark.skipif(HF_MISSING, reason="needs the 'hf' extra: pip install -e '.[hf]' (transformers, peft)")
+def test_hf_peft_lora_and_adapter_export(tmp_path):
+    sys.path.insert(0, str(ROOT / "recipes"))
+    from hf_llama import build_hf_base, build_hf_lora
+    from lora_finetune import ModelConfig
+    from peft import PeftModel
+
+    from fsdp_frozen.checkpoint import load_checkpoint
+
+    tiny = ["model.dim=32", "model.n_heads=2", "model.hidden_dim=64", "data.batch_size=4", "data.seq_len=32"]
+    out_dir = tmp_path / "hf"
+    run_ok("lora_finetune.py", "hf_lora.yaml", *tiny, "train.steps=10", "train.checkpoint_every=0",
+           f"train.output_dir={out_dir}")
+    assert losses(out_dir)[10] < losses(out_dir)[1]
+    assert {p.name for p in (out_dir / "adapter").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
+
+    cfg = ModelConfig(kind="hf", dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    trained = build_hf_lora(cfg, 256)
+    load_checkpoint(out_dir / "step_10", trained)  # the trained model, unsharded, in this process
+    reloaded = PeftModel.from_pretrained(build_hf_base(cfg, 256), str(out_dir / "adapter"))
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = trained(input_ids=tokens).logits, reloaded(input_ids=tokens).logits
+    assert not torch.equal(want, build_hf_lora(cfg, 256)(input_ids=tokens).logits), "adapter did not train"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
