@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -14,7 +15,7 @@ from . import _torch_compat as compat
 from .errors import FreezingChangedError, PolicyError
 from .plan import FROZEN, ShardingPlan, build_plan
 from .policy import FreezePolicy
-from .storage import cast_frozen
+from .storage import cast_frozen, quantize_nf4
 
 _STATE_ATTR = "_fsdp_frozen_state"
 
@@ -73,6 +74,15 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
             raise PolicyError(
                 f"module {name or '<root>'!r} already has fully_shard applied; pass an unsharded model"
             )
+    if policy.frozen_dtype == "float8_e4m3fn":
+        backend = dist.get_backend(mesh.get_group(mesh.ndim - 1))
+        raise PolicyError(
+            f"FreezePolicy.frozen_dtype='float8_e4m3fn' is not supported: "
+            + (f"the {backend} backend cannot all-gather float8 tensors (it fails with 'Invalid scalar type' "
+               f"inside the collective); " if backend == "gloo" else "")
+            + "float8 frozen storage is not implemented (torchao's float8 FSDP2 support targets trainable "
+            "weights); use frozen_dtype='bfloat16' or 'nf4'"
+        )
     plan = build_plan(model, policy, shard_size=mesh.size(mesh.ndim - 1))
     if plan.unsplit:
         warnings.warn(
@@ -84,8 +94,10 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
 
     for name, param in model.named_parameters():
         param.requires_grad_(name not in plan.frozen)
-    if policy.frozen_dtype:
-        cast_frozen(model, sorted(plan.frozen), policy.torch_frozen_dtype)
+    if plan.quantized:
+        quantize_nf4(model, sorted(plan.quantized), policy.nf4_block_size, policy.nf4_scaler_block_size)
+    if policy.torch_frozen_dtype is not None:
+        cast_frozen(model, sorted(plan.frozen - plan.quantized), policy.torch_frozen_dtype)
 
     mp_policy = MixedPrecisionPolicy(param_dtype=policy.torch_param_dtype, reduce_dtype=policy.torch_reduce_dtype)
     apply = _apply_split if plan.split else _apply_structural
@@ -103,8 +115,18 @@ def _trainable_reshard(plan: ShardingPlan, unit: str) -> bool | int:
     return trainable.reshard if trainable is not None else unit != ""
 
 
+def _unmanaged_nf4(plan: ShardingPlan, unit: str) -> list[str]:
+    """NF4 weights FSDP must not manage: with a shard size of 1 torchao's NF4 all-gather hooks fail
+    (torch 2.13 / torchao 0.18), and nothing would be communicated anyway, so they stay plain."""
+    if plan.shard_size > 1:
+        return []
+    group = plan.frozen_group(unit)
+    return [f for f in group.params if f in plan.quantized] if group else []
+
+
 def _ignored(model: nn.Module, plan: ShardingPlan, unit: str) -> dict[str, Any]:
-    ignored = {model.get_parameter(f) for f in plan.ignored.get(unit, ())}
+    names = [*plan.ignored.get(unit, ()), *_unmanaged_nf4(plan, unit)]
+    ignored = {model.get_parameter(f) for f in names}
     return {"ignored_params": ignored} if ignored else {}
 
 
@@ -118,7 +140,10 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
     for unit in plan.units:
         module = model.get_submodule(unit)
         frozen_group = plan.frozen_group(unit)
-        frozen_ids = {id(model.get_parameter(f)) for f in frozen_group.params} if frozen_group else set()
+        unmanaged = set(_unmanaged_nf4(plan, unit))
+        frozen_ids = (
+            {id(model.get_parameter(f)) for f in frozen_group.params if f not in unmanaged} if frozen_group else set()
+        )
         placement = compat.placement_on(frozen_mesh_info) if frozen_ids else None
         fully_shard(
             module,
@@ -128,7 +153,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
         )
-        if frozen_group is None:
+        if not frozen_ids:
             continue
         group = next(g for g in compat.param_groups(module) if compat.group_mesh_info(g) is frozen_mesh_info)
         reshard = frozen_group.reshard

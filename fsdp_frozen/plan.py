@@ -14,6 +14,7 @@ from . import _torch_compat as compat
 from ._globs import glob_match
 from .errors import PolicyError
 from .policy import FreezePolicy
+from .storage import NF4, nf4_ineligible, nf4_nbytes
 
 FROZEN, TRAINABLE = "frozen", "trainable"
 _FROZEN_GATHERS = {"after_forward": 2, "after_backward": 1, "never": 0}
@@ -44,6 +45,8 @@ class ShardingPlan:
     unsplit: tuple[str, ...] = ()  #: frozen params left in a trainable group (torch < 2.13 fallback)
     shard_size: int = 1
     split: bool = True  #: True: per-parameter groups (2.13+); False: structural fallback
+    quantized: frozenset[str] = frozenset()  #: frozen params stored as NF4 (frozen_dtype="nf4")
+    not_quantized: dict[str, str] = field(default_factory=dict)  #: frozen params NF4 cannot hold -> why
 
     def groups_of(self, unit: str) -> list[GroupPlan]:
         return [g for g in self.groups if g.unit == unit]
@@ -113,6 +116,14 @@ def _dtype_label(dtypes: set[torch.dtype]) -> str:
     return str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "mixed"
 
 
+def _label(names: list[str]) -> str:
+    """"bfloat16", or "nf4+bfloat16" for a group of NF4 weights and dense leftovers, or "mixed"."""
+    unique = sorted(set(names), key=lambda n: (n != NF4, n))
+    if len(unique) == 1 or (len(unique) == 2 and unique[0] == NF4):
+        return "+".join(unique)
+    return "mixed"
+
+
 def _frozen_only_modules(model: nn.Module, unit: str, units: list[str], owned: set[str], frozen: set[str]) -> list[str]:
     """Maximal submodules of `unit` (not crossing nested units) whose own parameters are all frozen."""
     nested = [u for u in units if u != unit and _within(u, unit)]
@@ -180,16 +191,35 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
 
     frozen_dtype = policy.torch_frozen_dtype
     mp_dtype = policy.torch_param_dtype
+    quantized: set[str] = set()
+    not_quantized: dict[str, str] = {}
+    if policy.frozen_dtype == NF4:
+        if shard_size == 1 and not compat.IGNORED_PARAMS_SUPPORTED:
+            raise PolicyError(
+                f"FreezePolicy.frozen_dtype='nf4' at shard size 1 keeps NF4 weights out of FSDP "
+                f"(ignored_params), which needs torch >= 2.7 (found {torch.__version__})"
+            )
+        for fqn in sorted(frozen & set(params)):
+            why = nf4_ineligible(model, fqn, params[fqn], shard_size, policy.nf4_block_size,
+                                 policy.nf4_scaler_block_size)
+            if why is None and len(holders[params[fqn]]) == 1:
+                quantized.add(fqn)
+            else:
+                not_quantized[fqn] = why or "tied to another module"
+    nf4_bytes = lambda f: nf4_nbytes(params[f].numel(), policy.nf4_block_size, policy.nf4_scaler_block_size)  # noqa: E731
 
     def make_group(unit: str, kind: str, fqns: list[str], reshard, modules=()) -> GroupPlan:
         storage = [frozen_dtype if (kind == FROZEN and frozen_dtype and params[f].is_floating_point())
                    else params[f].dtype for f in fqns]
         gathered = [mp_dtype if (mp_dtype and s.is_floating_point) else s for s in storage]
+        names = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, storage)]
+        gathered_names = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, gathered)]
         return GroupPlan(
             unit=unit, kind=kind, params=tuple(fqns), numel=sum(params[f].numel() for f in fqns),
-            storage_dtype=_dtype_label(set(storage)), gathered_dtype=_dtype_label(set(gathered)),
+            storage_dtype=_label(names), gathered_dtype=_label(gathered_names),
             reshard=reshard, all_gathers_per_step=_gathers(kind, reshard, shard_size),
-            unsharded_bytes=sum(params[f].numel() * d.itemsize for f, d in zip(fqns, gathered)),
+            unsharded_bytes=sum(nf4_bytes(f) if f in quantized else params[f].numel() * d.itemsize
+                                for f, d in zip(fqns, gathered)),
             modules=tuple(modules),
         )
 
@@ -221,7 +251,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
     return ShardingPlan(
         units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
         ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
-        shard_size=shard_size, split=split,
+        shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
     )
 
 

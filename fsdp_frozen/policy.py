@@ -13,8 +13,10 @@ from .errors import PolicyError
 
 #: Named reshard policies of frozen groups (an int N is also accepted: reshard to N-rank groups).
 FROZEN_RESHARD_NAMES = ("after_forward", "after_backward", "never", "auto")
-#: Storage dtypes a frozen shard may be converted to at sharding time.
-FROZEN_DTYPES = ("bfloat16", "float16", "float32")
+#: Storage formats a frozen shard may be converted to at sharding time ("nf4": torchao NF4Tensor).
+FROZEN_DTYPES = ("bfloat16", "float16", "float32", "nf4", "float8_e4m3fn")
+#: Formats that are not a torch dtype (quantized storage).
+QUANTIZED_DTYPES = ("nf4",)
 #: Mixed-precision dtypes of `param_dtype` / `reduce_dtype`.
 MP_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -65,7 +67,16 @@ class FreezePolicy:
         trainable_reshard: FSDP's ``reshard_after_forward`` for trainable groups (None: True for
             non-root units, False for the root).
         frozen_dtype: Storage dtype of frozen shards, converted once at sharding time (None keeps the
-            original dtype). Must equal ``param_dtype`` unless it is ``"float32"``.
+            original dtype). Must equal ``param_dtype`` unless it is ``"float32"`` or ``"nf4"``.
+            ``"nf4"``: frozen ``nn.Linear`` weights are quantized once with torchao (`to_nf4`),
+            stored and all-gathered packed (about 0.53 bytes per element) and dequantized to the
+            compute dtype in the linear; frozen parameters NF4 cannot hold (norms, embeddings, shapes
+            whose quantization blocks do not split evenly over the shard size) are stored in
+            ``param_dtype`` and listed by `describe`. Not with an int ``frozen_reshard``.
+            ``"float8_e4m3fn"`` is refused at sharding time: gloo cannot all-gather float8, and
+            float8 frozen storage is not implemented for other backends.
+        nf4_block_size / nf4_scaler_block_size: torchao's NF4 block sizes (elements per scaler,
+            scalers per double-quantization factor).
         param_dtype / reduce_dtype: FSDP ``MixedPrecisionPolicy`` of the groups.
     """
 
@@ -78,6 +89,8 @@ class FreezePolicy:
     frozen_dtype: str | None = None
     param_dtype: str | None = None
     reduce_dtype: str | None = None
+    nf4_block_size: int = 64
+    nf4_scaler_block_size: int = 256
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
@@ -105,7 +118,17 @@ class FreezePolicy:
         set_("frozen_dtype", _dtype_name("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES))
         set_("param_dtype", _dtype_name("param_dtype", self.param_dtype, MP_DTYPES))
         set_("reduce_dtype", _dtype_name("reduce_dtype", self.reduce_dtype, MP_DTYPES))
-        if self.frozen_dtype not in (None, "float32") and self.frozen_dtype != self.param_dtype:
+        for key in ("nf4_block_size", "nf4_scaler_block_size"):
+            value = getattr(self, key)
+            if not (_is_int(value) and value > 0):
+                raise PolicyError(f"FreezePolicy.{key} must be an int > 0, got {value!r}")
+        if self.frozen_dtype == "nf4" and _is_int(reshard):
+            raise PolicyError(
+                f"FreezePolicy.frozen_dtype='nf4' does not work with frozen_reshard={reshard!r}: torchao's "
+                f"NF4Tensor does not support an int reshard_after_forward; use 'after_forward', "
+                f"'after_backward', 'never' or 'auto'"
+            )
+        if self.frozen_dtype not in (None, "float32", "nf4", "float8_e4m3fn") and self.frozen_dtype != self.param_dtype:
             raise PolicyError(
                 f"FreezePolicy.frozen_dtype={self.frozen_dtype!r} needs param_dtype={self.frozen_dtype!r}: "
                 f"frozen weights are computed with in their storage dtype (param_dtype={self.param_dtype!r})"
@@ -153,4 +176,7 @@ class FreezePolicy:
 
     @property
     def torch_frozen_dtype(self) -> torch.dtype | None:
+        """The float dtype frozen shards are stored in (quantized formats: their dense leftovers' dtype)."""
+        if self.frozen_dtype in QUANTIZED_DTYPES or self.frozen_dtype == "float8_e4m3fn":
+            return self.torch_param_dtype
         return getattr(torch, self.frozen_dtype) if self.frozen_dtype else None

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from . import _torch_compat as compat
 from .apply import sharded_state
+from .storage import storage_nbytes
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,7 @@ class Description(list):
 
 
 def _shard_bytes(fsdp_param: Any) -> int:
-    local = compat.sharded_param(fsdp_param).to_local()
-    return local.untyped_storage().nbytes()
+    return storage_nbytes(compat.sharded_param(fsdp_param).to_local())
 
 
 def describe(model: nn.Module) -> Description:
@@ -72,13 +72,20 @@ def describe(model: nn.Module) -> Description:
     records = Description()
     for g in plan.groups:
         unsplit = [p for p in g.params if p in plan.unsplit]
+        dense = {p: plan.not_quantized[p] for p in g.params if p in plan.not_quantized}
+        notes = [f"frozen but not split off (torch < 2.13): {unsplit}"] if unsplit else []
+        notes += [f"not NF4, kept in {g.gathered_dtype.split('+')[-1]}: " + "; ".join(f"{p} ({why})" for p, why in dense.items())] if dense else []
         records.append(
             GroupRecord(
                 unit=g.unit, kind=g.kind, params=g.params, numel=g.numel,
                 storage_dtype=g.storage_dtype, gathered_dtype=g.gathered_dtype, reshard=str(g.reshard),
-                sharded_bytes=sum(_shard_bytes(state.fsdp_params[p]) for p in g.params),
+                sharded_bytes=sum(
+                    _shard_bytes(state.fsdp_params[p]) if p in state.fsdp_params
+                    else storage_nbytes(model.get_parameter(p))  # not managed by FSDP (NF4 at shard size 1)
+                    for p in g.params
+                ),
                 unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=g.all_gathers_per_step,
-                note=f"frozen but not split off (torch < 2.13): {unsplit}" if unsplit else "",
+                note=" | ".join(notes),
             )
         )
     return records

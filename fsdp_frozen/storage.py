@@ -1,11 +1,23 @@
-"""Frozen storage formats: converted once, before sharding, so no step pays a cast."""
+"""Frozen storage formats: converted once, before sharding, so no step pays a cast.
+
+* a float dtype (bf16/fp16/fp32): `cast_frozen`, in place;
+* ``"nf4"``: torchao's `NF4Tensor` (4-bit NormalFloat with double-quantized block scalers), which
+  implements FSDP2's all-gather extension: shards stay packed, are all-gathered packed and are
+  dequantized to the compute dtype inside the linear. Quantization is torchao's (`to_nf4`);
+  `nf4_ineligible` says which frozen weights can take it.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
+
+NF4 = "nf4"
+#: Inner tensors of an NF4Tensor that carry its data (torchao 0.18 names).
+_NF4_INNER = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
 
 
 def cast_frozen(model: nn.Module, fqns: Iterable[str], dtype: torch.dtype) -> None:
@@ -18,3 +30,58 @@ def cast_frozen(model: nn.Module, fqns: Iterable[str], dtype: torch.dtype) -> No
         param = model.get_parameter(fqn)
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
+
+
+def nf4_ineligible(
+    model: nn.Module, fqn: str, param: nn.Parameter, shard_size: int, block_size: int, scaler_block_size: int
+) -> str | None:
+    """Why the frozen parameter `fqn` cannot be stored as NF4 at this shard size (None: it can).
+
+    torchao quantizes 2-D weights in blocks of `block_size` elements, whose scalers are quantized
+    in blocks of `scaler_block_size`; FSDP then splits every inner tensor into `shard_size` equal
+    dim-0 chunks (NF4 cannot be padded), so all of them must divide evenly.
+    """
+    owner = model.get_submodule(fqn.rpartition(".")[0])
+    if not (isinstance(owner, nn.Linear) and fqn.endswith(".weight")):
+        return "not the weight of an nn.Linear"
+    if not param.is_floating_point() or param.dim() != 2:
+        return f"not a 2-D float tensor ({param.dtype}, {tuple(param.shape)})"
+    rows, numel = param.shape[0], param.numel()
+    n_blocks = numel // block_size
+    checks = [
+        (numel % block_size == 0, f"{numel} elements not a multiple of nf4_block_size={block_size}"),
+        (n_blocks % scaler_block_size == 0, f"{n_blocks} blocks not a multiple of nf4_scaler_block_size={scaler_block_size}"),
+        (rows % shard_size == 0, f"{rows} rows not divisible by the shard size {shard_size}"),
+        ((n_blocks // max(scaler_block_size, 1)) % shard_size == 0 and n_blocks % shard_size == 0
+         and (numel // 2) % shard_size == 0, f"its quantization blocks do not split into {shard_size} equal shards"),
+    ]
+    return next((why for ok, why in checks if not ok), None)
+
+
+def nf4_nbytes(numel: int, block_size: int, scaler_block_size: int) -> int:
+    """Bytes of an NF4Tensor of `numel` elements: 4-bit data, int8 block scalers, fp32 factors."""
+    n_blocks = numel // block_size
+    return numel // 2 + n_blocks + 4 * math.ceil(n_blocks / scaler_block_size)
+
+
+def quantize_nf4(model: nn.Module, fqns: Iterable[str], block_size: int, scaler_block_size: int) -> None:
+    """Replace each named frozen weight by a frozen Parameter holding torchao's NF4Tensor of it."""
+    from torchao.quantization import to_nf4
+
+    for fqn in fqns:
+        parent, _, leaf = fqn.rpartition(".")
+        module = model.get_submodule(parent)
+        weight = getattr(module, leaf)
+        quantized = to_nf4(weight.detach().contiguous(), block_size, scaler_block_size)
+        setattr(module, leaf, nn.Parameter(quantized, requires_grad=False))
+
+
+def is_nf4(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "NF4Tensor"
+
+
+def storage_nbytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor's storage; for an NF4Tensor, of its packed inner tensors."""
+    if is_nf4(t):
+        return sum(getattr(t, name).untyped_storage().nbytes() for name in _NF4_INNER[:3])
+    return t.untyped_storage().nbytes()

@@ -4,7 +4,7 @@
 
 Builds the Llama-style LoRA model (recipes/llama.py: >= 4 blocks, width >= 512, LoRA rank 8 on every
 linear) once per variant: plain FSDP2 (one unit per block) and shard_with_freezing under every frozen
-policy (after_forward, after_backward, never) with bf16 and fp32 frozen storage, all computing in bf16
+policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen storage, all computing in bf16
 (reduce in fp32). Times the variants round-robin (one step of each per round) so that machine noise
 hits all of them alike, counts collective bytes per step, persistent bytes per rank, peak memory
 (FSDPMemTracker where it works; torch.cuda.max_memory_allocated on CUDA) and tokens/s. Then times a
@@ -42,9 +42,10 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
 from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
 from fsdp_frozen.comm_counter import CommCounter, frozen_group_names  # noqa: E402
+from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  #: frozen storage dtypes; compute is bf16 in every variant
+DTYPES = {"bf16": "bfloat16", "fp32": "float32", "nf4": "nf4"}  #: frozen storage; compute is bf16 in every variant
 
 
 def variant_name(policy: str, dtype: str) -> str:
@@ -75,7 +76,7 @@ def persistent_bytes(model: nn.Module) -> tuple[int, int]:
     frozen = total = 0
     for p in model.parameters():
         local = p.to_local() if isinstance(p, DTensor) else p  # kept-gathered groups show full tensors
-        n = local.untyped_storage().nbytes()
+        n = storage_nbytes(local)  # NF4: its packed inner tensors
         total += n
         frozen += 0 if p.requires_grad else n
     return frozen, total
@@ -259,6 +260,7 @@ def main() -> None:
         )
         print(f"describe() of the after_forward model, rank 0:\n{layout}\n")
         print(render(results, meta))
+        print(render_nf4(results))
         print(render_checkpoint(ckpt, args.save_repeats))
         if not args.no_plot:
             print(plot(results, meta, out / "benchmark.png"))
@@ -286,6 +288,19 @@ def render(results: dict, meta: dict) -> str:
             f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'] or r['cuda_max_memory_allocated'])} |"
         )
     return "\n".join(lines)
+
+
+def render_nf4(results: dict) -> str:
+    """NF4 against plain FSDP2's fp32 frozen bytes and against the bf16 run's frozen all-gather bytes."""
+    lines = []
+    for policy in POLICIES:
+        nf4, bf16 = results.get(variant_name(policy, "nf4")), results.get(policy)
+        if nf4 is None or bf16 is None:
+            continue
+        ag = nf4["frozen_all_gather_bytes"] / bf16["frozen_all_gather_bytes"] if bf16["frozen_all_gather_bytes"] else 0
+        lines.append(f"- {policy}: NF4 frozen bytes/rank {nf4['frozen_persistent_ratio']:.3f}x plain FSDP2's fp32; "
+                     f"frozen all-gather bytes/step {ag:.3f}x the bf16 run's")
+    return "\nNF4 frozen storage:\n" + "\n".join(lines) if lines else ""
 
 
 def plot(results: dict, meta: dict, path: Path) -> str:
