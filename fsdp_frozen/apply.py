@@ -77,7 +77,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     if policy.frozen_dtype == "float8_e4m3fn":
         backend = dist.get_backend(mesh.get_group(mesh.ndim - 1))
         raise PolicyError(
-            f"FreezePolicy.frozen_dtype='float8_e4m3fn' is not supported: "
+            "FreezePolicy.frozen_dtype='float8_e4m3fn' is not supported: "
             + (f"the {backend} backend cannot all-gather float8 tensors (it fails with 'Invalid scalar type' "
                f"inside the collective); " if backend == "gloo" else "")
             + "float8 frozen storage is not implemented (torchao's float8 FSDP2 support targets trainable "

@@ -434,7 +434,8 @@ def _load_compare(rank: int, world: int, tmp: str) -> None:
 
 
 def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
-    with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] died|Connection reset by peer"):
+    # Rank 1 dies; rank 0 either is reported first or fails in its collective (gloo: reset or closed).
+    with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] died|Connection (reset|closed) by peer"):
         run_ranks(_save_then_die, 2, str(tmp_path), timeout=120)
     assert list(tmp_path.glob("ck.tmp-*")), "the interrupted save wrote into a temporary directory"
     assert read_manifest(tmp_path / "ck")["frozen_state"] == "included"

@@ -99,18 +99,12 @@ def test_nf4_bytes_all_gather_and_training():
 
 
 def _refusals(rank: int, world: int) -> dict:
-    out = {}
     model = make_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(PolicyError) as e:
         shard_with_freezing(model, mesh_1d(world), FreezePolicy(units=("layers.*",), frozen_dtype="float8_e4m3fn"))
-    out["float8"] = str(e.value)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters()), "model changed by a refusal"
-    nf4 = shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=("layers.*",), frozen_dtype="nf4", **BLOCKS))
-    with pytest.raises(CheckpointLayoutError) as e:
-        save_checkpoint("/nonexistent/ck", nf4)
-    out["checkpoint"] = str(e.value)
-    return out
+    return {"float8": str(e.value)}
 
 
 def test_nf4_refusals():
@@ -120,4 +114,69 @@ def test_nf4_refusals():
         FreezePolicy(units=("layers.*",), frozen_dtype="nf4", nf4_block_size=0)
     out = run_ranks(_refusals, 2)[0]
     assert "the gloo backend cannot all-gather float8" in out["float8"] and "use frozen_dtype='bfloat16' or 'nf4'" in out["float8"]
-    assert "does not handle NF4-quantized parameters yet" in out["checkpoint"] and "layers.0" in out["checkpoint"]
+
+
+def _nf4_checkpoint(rank: int, world: int, tmp: str, src_world: int | None) -> dict:
+    import os
+
+    from fsdp_frozen.checkpoint import load_checkpoint
+
+    policy = FreezePolicy(units=("layers.*",), frozen_dtype="nf4", **BLOCKS)
+    path = os.path.join(tmp, "nf4")
+    if src_world is None:  # write: train, save, return what a load must reproduce
+        model = shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), policy)
+        train(model, 2, rank)
+        save_checkpoint(path, model, model._test_optimizer)
+        return {"losses": train(model, 2, rank, opt=model._test_optimizer, start=2)}
+    # NF4 eligibility depends on the shard size; without the fully frozen block's small LoRA weights
+    # it is the same at 2 and 1 ranks.
+    model = shard_with_freezing(make_model(1, frozen_block=False), mesh_1d(world), policy)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    if world != src_world:  # NF4 cannot be resharded (torchao): refused before any read
+        with pytest.raises(CheckpointLayoutError) as e:
+            load_checkpoint(path, model, opt)
+        return {"reshard": str(e.value)}
+    load_checkpoint(path, model, opt)
+    out = {"losses": train(model, 2, rank, opt=opt, start=2)}
+    # Quantized storage that differs from the model's: refused before any read, naming the parameter.
+    for name, other in (("bf16", FreezePolicy(units=("layers.*",), frozen_dtype="bfloat16", param_dtype="bfloat16")),
+                        ("blocks", FreezePolicy(units=("layers.*",), frozen_dtype="nf4", nf4_block_size=32,
+                                                nf4_scaler_block_size=2))):
+        with pytest.raises(CheckpointLayoutError) as e:
+            load_checkpoint(path, shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), other))
+        out[name] = str(e.value)
+    return out
+
+
+@pytest.mark.parametrize("load_world", [2, 1])
+def test_nf4_checkpoint_is_packed_and_checked(tmp_path, load_world):
+    import json
+    import os
+
+    want = run_ranks(_nf4_checkpoint, 2, str(tmp_path), None)[0]
+    manifest = json.loads((tmp_path / "nf4" / "fsdp_frozen.json").read_text())
+    entry = manifest["params"]["layers.0.attn.base_layer.weight"]
+    assert entry["quantization"] == {"format": "nf4", "block_size": 16, "scaler_block_size": 4}
+    assert manifest["params"]["layers.0.norm.weight"]["quantization"] is None
+    # Packed: what DCP stored for an NF4 weight is the NF4Tensor shard itself (uint8 data), no dense copy.
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(tmp_path / "nf4")).read_metadata()
+    (index, info), *_ = [(i, v) for i, v in md.storage_data.items() if i.fqn == "frozen/layers.0.attn.base_layer.weight"]
+    with open(tmp_path / "nf4" / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        stored = torch.load(io.BytesIO(f.read(info.length)), weights_only=False)
+    assert type(stored).__name__ == "NF4Tensor" and stored.quantized_data.dtype == torch.uint8
+    assert stored.quantized_data.numel() == 16 * 16 // 2 // 2  # 4 bits per element, half the rows
+    assert os.path.getsize(tmp_path / "nf4" / info.relative_path) > 0
+    got = run_ranks(_nf4_checkpoint, load_world, str(tmp_path), 2)[0]
+    if load_world != 2:
+        assert "NF4 parameter 'layers.0.attn.base_layer.weight' was saved in 2 shard(s) and would load into 1" \
+            in got["reshard"], got["reshard"]
+        return
+    assert got["losses"] == want["losses"], "training resumed from the NF4 checkpoint differs"
+    assert "'frozen/layers.0.attn.base_layer.weight': stored as nf4(block_size=16, scaler_block_size=4) in the " \
+           "checkpoint, plain bfloat16 in the model" in got["bf16"]
+    assert "nf4(block_size=32, scaler_block_size=2) in the model" in got["blocks"]

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from ..storage import is_nf4
+
 _PERIOD = 65521  # word weights cycle through 1..65521 (a prime)
 _WEIGHTS = torch.arange(1, _PERIOD + 1, dtype=torch.int64)
 _MASK = 2**64 - 1
@@ -38,7 +40,7 @@ def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     counts = coord is not None and local.numel() > 0 and all(
         coord[d] == 0 for d, p in enumerate(t.placements) if isinstance(p, Replicate)
     )
-    if local.dim() and tuple(local.shape[1:]) != tuple(t.shape[1:]):
+    if not is_nf4(local) and local.dim() and tuple(local.shape[1:]) != tuple(t.shape[1:]):
         raise NotImplementedError(
             f"checksums need tensors sharded along dim 0 (FSDP's layout); got placements {t.placements} "
             f"for a tensor of shape {tuple(t.shape)}"
@@ -68,6 +70,28 @@ def _sums(data: torch.Tensor, start: int) -> tuple[int, int]:
         weighted += _weighted_words(words, (start + head) // 8)
     p, w = _byte_terms(raw[head + mid :], start + head + mid)
     return (plain + p) & _MASK, (weighted + w) & _MASK
+
+
+def _nf4_sums(local: torch.Tensor, whole: torch.Tensor) -> tuple[int, int]:
+    """Checksum contribution of one NF4 shard: its packed tensors, as if laid end to end globally.
+
+    FSDP splits each inner tensor of an NF4Tensor into equal dim-0 chunks, so a shard starting at
+    row r of R holds the fraction r/R of each; regions follow one another (data, scalers, factors).
+    The replicated scalar ``scaler_mean`` is added by the first shard only.
+    """
+    rows = whole.shape[0]
+    first = whole.__create_chunk_list__()[0].offsets[0] if isinstance(whole, DTensor) else 0
+    plain = weighted = 0
+    base = 0
+    for attr in ("quantized_data", "quantized_scalers", "quantization_factor"):
+        inner = getattr(local, attr)
+        total = inner.numel() * rows // max(local.shape[0], 1) * inner.element_size()
+        p, w = _sums(inner, base + first * total // rows)
+        plain, weighted, base = plain + p, weighted + w, base + total
+    if first == 0:
+        p, w = _sums(local.scaler_mean.reshape(1), base)
+        plain, weighted = plain + p, weighted + w
+    return plain & _MASK, weighted & _MASK
 
 
 def _byte_terms(raw: torch.Tensor, start: int) -> tuple[int, int]:
@@ -108,7 +132,7 @@ def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     for i, name in enumerate(names):
         local, start, counts = _local_view(tensors[name])
         if counts:
-            plain, weighted = _sums(local, start)
+            plain, weighted = _nf4_sums(local, tensors[name]) if is_nf4(local) else _sums(local, start)
             values[2 * i] = _wrap(plain)
             values[2 * i + 1] = _wrap(weighted)
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -30,9 +30,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..errors import CheckpointLayoutError
+from ..storage import clone_nf4, is_nf4
 from .checksum import checksums
 from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds, split_key
-from .layout import Spec, compare, metadata_specs, read_manifest, tensor_spec
+from .layout import Spec, compare, metadata_specs, quantization_label, read_manifest, tensor_spec
 from .planner import FrozenLoadPlanner, FrozenSavePlanner, entry, frozen_fingerprint
 
 _BASE_ATTR = "_fsdp_frozen_checkpoint_base"
@@ -208,6 +209,44 @@ def _resolve_base(path: str, manifest: dict[str, Any]) -> tuple[str, dict[str, A
     return base_path, base_manifest
 
 
+def _with_quantization(metadata: Metadata, manifest: dict[str, Any], keep: Any) -> dict[str, Spec]:
+    """DCP metadata specs of the keys whose kind passes `keep`, with quantization from the manifest."""
+    out = {}
+    for key, spec in metadata_specs(metadata).items():
+        kind, name = split_key(key)
+        if not keep(kind):
+            continue
+        if kind in (FROZEN, TRAINABLE, BUFFERS):
+            section = manifest["buffers" if kind == BUFFERS else "params"]
+            spec = Spec(spec.shape, spec.dtype, quantization_label(section.get(name, {}).get("quantization")))
+        out[key] = spec
+    return out
+
+
+def _nf4_reshard_differences(
+    sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]], template: dict[str, tuple[str, Any]],
+    key_map: dict[str, str],
+) -> list[str]:
+    """NF4 weights load only into the sharding they were saved with: torchao's NF4Tensor cannot be
+    sliced at other boundaries (aten.slice), which DCP's resharding needs. Decided from metadata
+    alone, identically on every rank."""
+    out = []
+    for t, s in key_map.items():
+        value = template[t][1]
+        local = value.to_local() if hasattr(value, "to_local") else value
+        if not is_nf4(local):
+            continue
+        md = sources[_source_of(s, sources)][1].state_dict_metadata[s]
+        saved = sorted(tuple(c.offsets) for c in md.chunks)
+        shards = value.device_mesh.size(value.device_mesh.ndim - 1) if hasattr(value, "device_mesh") else 1
+        if len(saved) != shards:
+            out.append(
+                f"NF4 parameter {split_key(s)[1]!r} was saved in {len(saved)} shard(s) and would load into "
+                f"{shards}: torchao's NF4Tensor cannot be resharded by DCP; load it at the saving shard size"
+            )
+    return out
+
+
 def _check_files(path: str, metadata: Metadata, keys: set[str]) -> None:
     """Every data file that holds one of `keys` exists and is long enough (no tensor read)."""
     need: dict[str, int] = {}
@@ -230,7 +269,11 @@ def _staging(model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, extra_sp
     """Empty tensors shaped and sharded like the targets: loads land here first, never half in the model."""
 
     def like(v: Any) -> Any:
-        return torch.zeros_like(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+        if not isinstance(v, torch.Tensor):
+            return copy.deepcopy(v)
+        if is_nf4(v.to_local() if hasattr(v, "to_local") else v):
+            return clone_nf4(v)  # NF4Tensor has no zeros_like; a packed copy is small
+        return torch.zeros_like(v)
 
     staged: dict[str, Any] = {"model": {k: like(v) for k, v in model_sd.items()}}
     if optim_sd is not None:
@@ -306,17 +349,17 @@ def load_checkpoint(
                 continue  # other top-level entries (optimizer, ...) are not model state
             name = key[6:] if prefixed else key
             ours = f"{kinds.get(name, BUFFERS)}/{name}"
-            saved[ours], raw[ours] = spec, key
+            saved[ours], raw[ours] = Spec(spec.shape, spec.dtype), key  # a plain base: plain storage
         frozen_not_stored = False
     else:
-        saved = {k: s for k, s in metadata_specs(metadata).items() if split_key(k)[0] != FROZEN}
+        saved = _with_quantization(metadata, manifest, lambda kind: kind != FROZEN)
         if manifest["frozen_state"] == "included":
-            saved.update({k: s for k, s in metadata_specs(metadata).items() if split_key(k)[0] == FROZEN})
+            saved.update(_with_quantization(metadata, manifest, lambda kind: kind == FROZEN))
         elif manifest["frozen_state"] == "referenced":
             base_path, base_manifest = _resolve_base(path, manifest)
             base_metadata = _read_metadata(base_path)
             sources["base"] = (base_path, base_metadata, base_manifest)
-            saved.update({k: s for k, s in metadata_specs(base_metadata).items() if split_key(k)[0] == FROZEN})
+            saved.update(_with_quantization(base_metadata, base_manifest, lambda kind: kind == FROZEN))
         frozen_not_stored = manifest["frozen_state"] == "skipped"
 
     extra_specs = {k: s for k, s in saved.items() if split_key(k)[0] == EXTRA}
@@ -329,6 +372,7 @@ def load_checkpoint(
         allow_freezing_change=allow_freezing_change,
         frozen_not_stored=frozen_not_stored,
     )
+    match.differences += _nf4_reshard_differences(sources, template, match.key_map)
     if manifest is None:
         if optim_sd is not None:
             match.differences.insert(0, "a plain DCP checkpoint (no fsdp_frozen manifest) holds no optimizer "

@@ -34,15 +34,6 @@ def model_kinds(model: nn.Module) -> dict[str, str]:
     was not sharded with it, ``requires_grad`` decides. Tied parameters appear under every name.
     """
     from ..apply import _STATE_ATTR  # local import: apply imports nothing from here
-    from ..errors import CheckpointLayoutError
-    from ..storage import is_nf4
-
-    quantized = [n for n, p in model.named_parameters() if is_nf4(p.to_local() if hasattr(p, "to_local") else p)]
-    if quantized:
-        raise CheckpointLayoutError(
-            f"fsdp_frozen.checkpoint does not handle NF4-quantized parameters yet ({len(quantized)}, e.g. "
-            f"{quantized[0]!r}); save before quantizing, or use torch.distributed.checkpoint directly"
-        )
 
     state = getattr(model, _STATE_ATTR, None)
     canonical = {id(p): n for n, p in model.named_parameters()}

@@ -29,6 +29,23 @@ class Spec:
 
     shape: tuple[int, ...] | None
     dtype: str | None
+    quantization: str | None = None  #: e.g. "nf4(block_size=64, scaler_block_size=256)"; "?" = unknown
+
+
+def quantization_of(value: Any) -> dict[str, Any] | None:
+    """The manifest's quantization record of a (possibly sharded) tensor: None for plain storage."""
+    from ..storage import is_nf4
+
+    local = value.to_local() if hasattr(value, "to_local") else value
+    if is_nf4(local):
+        return {"format": "nf4", "block_size": local.block_size, "scaler_block_size": local.scaler_block_size}
+    return None
+
+
+def quantization_label(record: dict[str, Any] | None) -> str | None:
+    if record is None:
+        return None
+    return f"{record['format']}(block_size={record['block_size']}, scaler_block_size={record['scaler_block_size']})"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -37,7 +54,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def tensor_spec(value: Any) -> Spec:
     if isinstance(value, torch.Tensor):
-        return Spec(tuple(value.shape), dtype_name(value.dtype))
+        return Spec(tuple(value.shape), dtype_name(value.dtype), quantization_label(quantization_of(value)))
     return Spec(None, None)
 
 
@@ -45,8 +62,8 @@ def metadata_specs(metadata: Metadata) -> dict[str, Spec]:
     """Specs of every key in a DCP checkpoint's metadata (read from ``.metadata``; no tensor read)."""
     out = {}
     for key, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata):
-            out[key] = Spec(tuple(md.size), dtype_name(md.properties.dtype))
+        if isinstance(md, TensorStorageMetadata):  # DCP's metadata does not record quantization
+            out[key] = Spec(tuple(md.size), dtype_name(md.properties.dtype), "?")
         else:
             out[key] = Spec(None, None)
     return out
@@ -182,7 +199,13 @@ def compare(
         elif key not in saved:  # extra: only what the checkpoint holds is loaded
             continue
         have, want = saved[src], spec
-        if have.shape != want.shape:
+        if have.quantization != "?" and have.quantization != want.quantization:
+            diffs.append(
+                f"{key!r}: stored as {have.quantization or 'plain ' + str(have.dtype)} in the checkpoint, "
+                f"{want.quantization or 'plain ' + str(want.dtype)} in the model (converting quantized "
+                f"storage on load is not supported yet)"
+            )
+        elif have.shape != want.shape:
             diffs.append(f"{key!r}: shape {list(have.shape or ())} in the checkpoint, {list(want.shape or ())} in the model")
         elif have.dtype != want.dtype:
             if cast:

@@ -22,7 +22,7 @@ from .. import __version__
 from ..errors import CheckpointLayoutError
 from .checksum import checksums, fingerprint
 from .keys import BUFFERS, EXTRA, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, checkpoint_key, model_kinds, split_key
-from .layout import FORMAT, FORMAT_VERSION, compare, metadata_specs, tensor_spec, write_manifest
+from .layout import FORMAT, FORMAT_VERSION, compare, metadata_specs, quantization_of, tensor_spec, write_manifest
 
 FROZEN_MODES = ("include", "reference", "skip")
 
@@ -37,7 +37,7 @@ def entry(value: Any, checksum: str | None = None, **more: Any) -> dict[str, Any
     spec = tensor_spec(value)
     out: dict[str, Any] = {"shape": list(spec.shape) if spec.shape is not None else None, "dtype": spec.dtype}
     if checksum is not None:
-        out.update(checksum=checksum, quantization=None)
+        out.update(checksum=checksum, quantization=quantization_of(value))
     out.update(more)
     return out
 
