@@ -228,9 +228,11 @@ def _refusals(rank: int, world: int, path: str) -> dict:
     no_opt = os.path.join(os.path.dirname(path), "no_opt")
     save_checkpoint(no_opt, build(world), None)
     m = build(world)
+    fresh_opt = torch.optim.AdamW(m.parameters())
     with pytest.raises(CheckpointLayoutError) as e:
-        load_checkpoint(no_opt, m, torch.optim.AdamW(m.parameters()))
+        load_checkpoint(no_opt, m, fresh_opt)
     out["optimizer"] = str(e.value)
+    assert not fresh_opt.state, "a refused load left state in a fresh optimizer"
     return out
 
 

@@ -334,7 +334,24 @@ def load_checkpoint(
     metadata = _read_metadata(path)
     kinds = model_kinds(model)
     model_sd = get_model_state_dict(model)
+    # get_optimizer_state_dict gives a fresh optimizer zero state (DCP runs a step with lr=0); a refused
+    # load must leave it fresh, so that state is dropped again on any error below.
+    fresh_optimizer = optimizer is not None and not optimizer.state
     optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
+    try:
+        return _load(path, model, optimizer, manifest, metadata, kinds, model_sd, optim_sd,
+                     allow_freezing_change=allow_freezing_change, cast=cast, strict=strict)
+    except BaseException:
+        if fresh_optimizer:
+            optimizer.state.clear()
+        raise
+
+
+def _load(
+    path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, manifest: dict[str, Any] | None,
+    metadata: Metadata, kinds: dict[str, str], model_sd: dict[str, Any], optim_sd: dict[str, Any] | None,
+    *, allow_freezing_change: bool, cast: bool, strict: bool,
+) -> dict[str, Any]:
 
     sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]] = {"own": (path, metadata, manifest)}
     raw: dict[str, str] = {}  # plain checkpoints: our key -> the key DCP stored
