@@ -261,8 +261,13 @@ def _check_files(path: str, metadata: Metadata, keys: set[str]) -> None:
             raise CheckpointLayoutError(f"checkpoint file {file!r} {what}; nothing was loaded")
 
 
-def _files_of(metadata: Metadata, keys: set[str]) -> dict[str, str]:
-    return {idx.fqn: info.relative_path for idx, info in (metadata.storage_data or {}).items() if idx.fqn in keys}
+def _files_of(metadata: Metadata, keys: set[str]) -> dict[str, list[str]]:
+    """Checkpoint key -> the data files holding its chunks."""
+    out: dict[str, set[str]] = {}
+    for idx, info in (metadata.storage_data or {}).items():
+        if idx.fqn in keys:
+            out.setdefault(idx.fqn, set()).add(info.relative_path)
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def _staging(model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, extra_specs: dict[str, Spec]) -> dict[str, Any]:
@@ -411,7 +416,7 @@ def _load(
         try:
             dcp.load(staged, checkpoint_id=src_path, planner=planner)
         except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; name the files involved
-            files = sorted(set(_files_of(src_md, set(wanted.values())).values()))
+            files = sorted({f for fs in _files_of(src_md, set(wanted.values())).values() for f in fs})
             raise CheckpointLayoutError(
                 f"reading checkpoint {src_path!r} failed (files {files}); the model was not changed: {e}"
             ) from e
@@ -449,7 +454,8 @@ def _verify_checksums(
         section = src_manifest.get("buffers" if kind == BUFFERS else "params", {}) if src_manifest else {}
         want = section.get(name, {}).get("checksum")
         if want:
-            expected[t] = (want, os.path.join(src_path, _files_of(src_md, {s}).get(s, "?")))
+            files = _files_of(src_md, {s}).get(s, ["?"])
+            expected[t] = (want, ", ".join(os.path.join(src_path, f) for f in files))
     got = checksums({t: template[t][1] for t in expected})
     bad = [f"{split_key(t)[1]!r} (in {file!r})" for t, (want, file) in expected.items() if got[t] != want]
     if bad:
