@@ -15,8 +15,8 @@ from .errors import PolicyError
 FROZEN_RESHARD_NAMES = ("after_forward", "after_backward", "never", "auto")
 #: Storage formats a frozen shard may be converted to at sharding time ("nf4": torchao NF4Tensor).
 FROZEN_DTYPES = ("bfloat16", "float16", "float32", "nf4", "float8_e4m3fn")
-#: Formats that are not a torch dtype (quantized storage).
-QUANTIZED_DTYPES = ("nf4",)
+#: Formats that are not a float storage dtype: their dense leftovers are stored in `param_dtype`.
+QUANTIZED_DTYPES = ("nf4", "float8_e4m3fn")
 #: Mixed-precision dtypes of `param_dtype` / `reduce_dtype`.
 MP_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -128,7 +128,7 @@ class FreezePolicy:
                 f"NF4Tensor does not support an int reshard_after_forward; use 'after_forward', "
                 f"'after_backward', 'never' or 'auto'"
             )
-        if self.frozen_dtype not in (None, "float32", "nf4", "float8_e4m3fn") and self.frozen_dtype != self.param_dtype:
+        if self.frozen_dtype not in (None, "float32", *QUANTIZED_DTYPES) and self.frozen_dtype != self.param_dtype:
             raise PolicyError(
                 f"FreezePolicy.frozen_dtype={self.frozen_dtype!r} needs param_dtype={self.frozen_dtype!r}: "
                 f"frozen weights are computed with in their storage dtype (param_dtype={self.param_dtype!r})"
@@ -177,6 +177,6 @@ class FreezePolicy:
     @property
     def torch_frozen_dtype(self) -> torch.dtype | None:
         """The float dtype frozen shards are stored in (quantized formats: their dense leftovers' dtype)."""
-        if self.frozen_dtype in QUANTIZED_DTYPES or self.frozen_dtype == "float8_e4m3fn":
+        if self.frozen_dtype in QUANTIZED_DTYPES:
             return self.torch_param_dtype
         return getattr(torch, self.frozen_dtype) if self.frozen_dtype else None

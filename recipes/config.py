@@ -95,5 +95,12 @@ def _name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+def parse_recipe_args(cls: type[T], description: str, argv: list[str] | None = None) -> tuple[T, str | None]:
+    """``--config FILE [key=value ...]`` -> (the validated config, the config file)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="YAML config (recipes/configs/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
+    args = ap.parse_args(argv)
+    return load_config(cls, args.config, args.overrides), args.config

@@ -12,7 +12,6 @@ checkpoints (student + optimizer) and ``train.resume`` as in lora_finetune.py.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from config import load_config  # noqa: E402
+from config import parse_recipe_args  # noqa: E402
 from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
 from lora_finetune import DataConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from runtime import init_runtime, resume_step, train_loop, write_config  # noqa: E402
+from runtime import init_runtime, resume_step, run_recipe, train_loop  # noqa: E402
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
 from fsdp_frozen.checkpoint import load_checkpoint  # noqa: E402
@@ -115,17 +114,8 @@ class DistillRecipe:
         return losses
 
 def main(argv: list[str] | None = None) -> list[float]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (recipes/configs/distill.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
-    args = ap.parse_args(argv)
-    cfg = load_config(DistillConfig, args.config, args.overrides)
-    recipe = DistillRecipe(cfg)
-    write_config(recipe)
-    losses = recipe.train()
-    dist.barrier()
-    dist.destroy_process_group()
-    return losses
+    cfg, _ = parse_recipe_args(DistillConfig, __doc__, argv)
+    return run_recipe(DistillRecipe(cfg))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from the latest one exactly where it stopped. Unknown config keys are errors nam
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from config import load_config  # noqa: E402
+from config import parse_recipe_args  # noqa: E402
 from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
-from runtime import init_runtime, resume_step, train_loop, write_config  # noqa: E402
+from runtime import init_runtime, resume_step, run_recipe, train_loop  # noqa: E402
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
 
@@ -124,18 +123,9 @@ class LoRAFinetuneRecipe:
         return losses
 
 def main(argv: list[str] | None = None) -> list[float]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML config (recipes/configs/*.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=20")
-    args = ap.parse_args(argv)
-    cfg = load_config(RecipeConfig, args.config, args.overrides)
-    policy = FreezePolicy.from_dict(cfg.freeze, source=f"{args.config or 'defaults'}: freeze")
-    recipe = LoRAFinetuneRecipe(cfg, policy)
-    write_config(recipe)
-    losses = recipe.train()
-    dist.barrier()
-    dist.destroy_process_group()
-    return losses
+    cfg, path = parse_recipe_args(RecipeConfig, __doc__, argv)
+    policy = FreezePolicy.from_dict(cfg.freeze, source=f"{path or 'defaults'}: freeze")
+    return run_recipe(LoRAFinetuneRecipe(cfg, policy))
 
 
 if __name__ == "__main__":

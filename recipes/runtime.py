@@ -148,3 +148,12 @@ def write_config(recipe: Any) -> None:
     if recipe.rank == 0:
         recipe.out.mkdir(parents=True, exist_ok=True)
         (recipe.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe.cfg), sort_keys=False))
+
+
+def run_recipe(recipe: Any) -> list[float]:
+    """Write the resolved config, train, and tear the process group down; the per-step losses."""
+    write_config(recipe)
+    losses = recipe.train()
+    dist.barrier()
+    dist.destroy_process_group()
+    return losses

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from .. import _torch_compat as compat
+from .io import _barrier, _rank, replace_dir, temp_dir_for
 from .keys import TRAINABLE, model_kinds
 
 PARTS = ("all", "trainable")
@@ -47,18 +46,12 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, *, part: str =
         k: v for k, v in get_model_state_dict(model).items()
         if isinstance(v, torch.Tensor) and (part == "all" or kinds.get(k) == TRAINABLE)
     }
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    box = [f"{path}.tmp-{uuid.uuid4().hex[:8]}"]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    tmp = box[0]
+    tmp = temp_dir_for(path)
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True, enable_consolidation=True))
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        shutil.rmtree(os.path.join(tmp, "sharded"), ignore_errors=True)
-        os.rename(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
+    if _rank() == 0:
+        shutil.rmtree(os.path.join(tmp, "sharded"), ignore_errors=True)  # DCP's per-rank files, consolidated
+        replace_dir(tmp, path)
+    _barrier()
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     return os.path.join(path, files[0])

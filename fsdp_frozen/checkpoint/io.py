@@ -125,21 +125,27 @@ def save_checkpoint(
             mode = "reference"
             base = {"path": os.path.relpath(known["path"], path), "fingerprint": fingerprint_now}
 
+    tmp = temp_dir_for(path)
+    planner = FrozenSavePlanner(model, frozen=mode, base=base, checksums_by_fqn=sums)
+    dcp.save(state, checkpoint_id=tmp, planner=planner)
+    _barrier()
+    if _rank() == 0:
+        replace_dir(tmp, path)
+    _barrier()
+    if mode == "include":
+        setattr(model, _BASE_ATTR, {"path": path, "fingerprint": fingerprint_now})
+    return path
+
+
+def temp_dir_for(path: str) -> str:
+    """The temporary directory every rank writes `path` into (collective): rank 0 removes leftovers of
+    interrupted writes to `path`, picks a fresh name and broadcasts it."""
     tmp = None
     if _rank() == 0:
         for stale in glob.glob(glob.escape(path) + _TMP_INFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = f"{path}{_TMP_INFIX}{uuid.uuid4().hex[:8]}"
-    tmp = _broadcast(tmp)
-    planner = FrozenSavePlanner(model, frozen=mode, base=base, checksums_by_fqn=sums)
-    dcp.save(state, checkpoint_id=tmp, planner=planner)
-    _barrier()
-    if _rank() == 0:
-        _replace_dir(tmp, path)
-    _barrier()
-    if mode == "include":
-        setattr(model, _BASE_ATTR, {"path": path, "fingerprint": fingerprint_now})
-    return path
+    return _broadcast(tmp)
 
 
 def _base_usable(base_path: str, fingerprint_now: str) -> bool:
@@ -154,7 +160,7 @@ def _base_usable(base_path: str, fingerprint_now: str) -> bool:
     )
 
 
-def _replace_dir(tmp: str, path: str) -> None:
+def replace_dir(tmp: str, path: str) -> None:
     """Rename `tmp` to `path`; an existing `path` is moved aside first and removed last."""
     _fsync_dir(tmp)
     old = None

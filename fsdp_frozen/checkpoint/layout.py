@@ -15,7 +15,7 @@ import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from ..errors import CheckpointLayoutError
-from .keys import BUFFERS, EXTRA, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, optimizer_param, split_key
+from .keys import BUFFERS, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, optimizer_param, split_key
 
 FORMAT = "fsdp_frozen.checkpoint"
 FORMAT_VERSION = 1
@@ -237,7 +237,6 @@ def compare(
 
 
 __all__ = [
-    "EXTRA",
     "LayoutMatch",
     "Spec",
     "compare",

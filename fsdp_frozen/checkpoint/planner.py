@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from .. import __version__
 from ..errors import CheckpointLayoutError
 from .checksum import checksums, fingerprint
-from .keys import BUFFERS, EXTRA, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, checkpoint_key, model_kinds, split_key
+from .keys import BUFFERS, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, checkpoint_key, model_kinds, split_key
 from .layout import FORMAT, FORMAT_VERSION, compare, metadata_specs, quantization_of, tensor_spec, write_manifest
 
 FROZEN_MODES = ("include", "reference", "skip")
@@ -206,4 +206,4 @@ class FrozenLoadPlanner(DefaultLoadPlanner):
         self.mappings = {key_map[t]: self.mappings[k] for t, k in template.items() if t in key_map}
 
 
-__all__ = ["EXTRA", "FrozenLoadPlanner", "FrozenSavePlanner", "model_checksums"]
+__all__ = ["FrozenLoadPlanner", "FrozenSavePlanner", "model_checksums"]
