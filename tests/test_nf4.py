@@ -16,11 +16,11 @@ from .models import make_model
 BLOCKS = {"nf4_block_size": 16, "nf4_scaler_block_size": 4}  # the toy's 16x16 weights split over 4 ranks
 
 
-def dequantized_model(fqns: frozenset[str], seed: int = 0):
+def dequantized_model(fqns: frozenset[str], seed: int = 0, **kwargs):
     """The reference: the weights `fqns` replaced by torchao's quantize-dequantize of themselves."""
     from torchao.quantization import to_nf4
 
-    model = make_model(seed)
+    model = make_model(seed, **kwargs)
     for fqn in fqns:
         w = model.get_parameter(fqn)
         w.data = to_nf4(w.detach(), BLOCKS["nf4_block_size"], BLOCKS["nf4_scaler_block_size"]).get_original_weight()
@@ -127,29 +127,42 @@ def _nf4_checkpoint(rank: int, world: int, tmp: str, src_world: int | None) -> d
         model = shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), policy)
         train(model, 2, rank)
         save_checkpoint(path, model, model._test_optimizer)
-        return {"losses": train(model, 2, rank, opt=model._test_optimizer, start=2)}
-    # NF4 eligibility depends on the shard size; without the fully frozen block's small LoRA weights
-    # it is the same at 2 and 1 ranks.
+        saved = full_trainable(model)
+        return {"trainable": saved, "losses": train(model, 2, rank, opt=model._test_optimizer, start=2)}
+    # Frozen weights do not train: what the load must give is seed-0 weights sharded into NF4 here.
+    want = shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), policy)
+    quantized = sharded_state(want).plan.quantized
     model = shard_with_freezing(make_model(1, frozen_block=False), mesh_1d(world), policy)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    if world != src_world:  # NF4 cannot be resharded (torchao): refused before any read
+    load_checkpoint(path, model, opt)  # NF4 saved at another shard count: resharded, bitwise
+    out = {"frozen_differs": _differs(model, want, frozen_only=True), "trainable": full_trainable(model),
+           "quantized": sorted(quantized)}
+    if world == src_world:
+        out["losses"] = train(model, 2, rank, opt=opt, start=2)
+    # Quantized storage that differs from the model's: refused before any read, naming the parameter;
+    # with cast=True converted from the dequantized weights (the reference: a model built from them).
+    bf16 = FreezePolicy(units=("layers.*",), frozen_dtype="bfloat16", param_dtype="bfloat16")
+    blocks = FreezePolicy(units=("layers.*",), frozen_dtype="nf4", nf4_block_size=32, nf4_scaler_block_size=2)
+    for name, other in (("bf16", bf16), ("blocks", blocks)):
+        target = shard_with_freezing(make_model(1, frozen_block=False), mesh_1d(world), other)
         with pytest.raises(CheckpointLayoutError) as e:
-            load_checkpoint(path, model, opt)
-        return {"reshard": str(e.value)}
-    load_checkpoint(path, model, opt)
-    out = {"losses": train(model, 2, rank, opt=opt, start=2)}
-    # Quantized storage that differs from the model's: refused before any read, naming the parameter.
-    for name, other in (("bf16", FreezePolicy(units=("layers.*",), frozen_dtype="bfloat16", param_dtype="bfloat16")),
-                        ("blocks", FreezePolicy(units=("layers.*",), frozen_dtype="nf4", nf4_block_size=32,
-                                                nf4_scaler_block_size=2))):
-        with pytest.raises(CheckpointLayoutError) as e:
-            load_checkpoint(path, shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), other))
+            load_checkpoint(path, target)
         out[name] = str(e.value)
+        load_checkpoint(path, target, cast=True)
+        reference = shard_with_freezing(dequantized_model(quantized, frozen_block=False), mesh_1d(world), other)
+        out[name + "_differs"] = _differs(target, reference, frozen_only=True)
     return out
 
 
-@pytest.mark.parametrize("load_world", [2, 1])
-def test_nf4_checkpoint_is_packed_and_checked(tmp_path, load_world):
+def _differs(model, reference, frozen_only: bool = False) -> list[str]:
+    got, ref = _packed(model), _packed(reference)
+    frozen = {n for n, p in reference.named_parameters() if not p.requires_grad}
+    return [n for n in ref if (n in frozen or not frozen_only)
+            and (len(got[n]) != len(ref[n]) or not all(map(torch.equal, got[n], ref[n])))]
+
+
+@pytest.mark.parametrize("load_world", [2, 1, 4])
+def test_nf4_checkpoint_is_packed_resharded_and_converted(tmp_path, load_world):
     import json
     import os
 
@@ -171,12 +184,118 @@ def test_nf4_checkpoint_is_packed_and_checked(tmp_path, load_world):
     assert type(stored).__name__ == "NF4Tensor" and stored.quantized_data.dtype == torch.uint8
     assert stored.quantized_data.numel() == 16 * 16 // 2 // 2  # 4 bits per element, half the rows
     assert os.path.getsize(tmp_path / "nf4" / info.relative_path) > 0
-    got = run_ranks(_nf4_checkpoint, load_world, str(tmp_path), 2)[0]
-    if load_world != 2:
-        assert "NF4 parameter 'layers.0.attn.base_layer.weight' was saved in 2 shard(s) and would load into 1" \
-            in got["reshard"], got["reshard"]
-        return
-    assert got["losses"] == want["losses"], "training resumed from the NF4 checkpoint differs"
+    outs = run_ranks(_nf4_checkpoint, load_world, str(tmp_path), 2)
+    got = outs[0]
+    assert "layers.0.attn.base_layer.weight" in got["quantized"]
+    for o in outs:  # every rank holds exactly its part
+        assert o["frozen_differs"] == [] and o["bf16_differs"] == [] and o["blocks_differs"] == [], o
+    assert all(torch.equal(got["trainable"][n], v) for n, v in want["trainable"].items())
+    if load_world == 2:
+        assert got["losses"] == want["losses"], "training resumed from the NF4 checkpoint differs"
     assert "'frozen/layers.0.attn.base_layer.weight': stored as nf4(block_size=16, scaler_block_size=4) in the " \
-           "checkpoint, plain bfloat16 in the model" in got["bf16"]
+           "checkpoint, plain bfloat16 in the model (load_checkpoint(..., cast=True) converts it on load)" \
+           in got["bf16"], got["bf16"]
     assert "nf4(block_size=32, scaler_block_size=2) in the model" in got["blocks"]
+
+
+# --------------------------------------------------------------------------------------- quantize on load
+NF4_POLICY = dict(units=("layers.*",), frozen_dtype="nf4", **BLOCKS)
+
+
+def _write_plain_bases(rank: int, world: int, tmp: str) -> None:
+    """A pretrained base (plain dcp.save of an unsplit FSDP2 model) and an fsdp_frozen checkpoint of
+    fp32 frozen storage, both of seed-0 weights."""
+    import os
+
+    import torch.distributed.checkpoint as dcp
+
+    from .common import plain_fsdp
+
+    base = plain_fsdp(make_model(frozen_block=False), mesh_1d(world), ("layers.*",))
+    dcp.save(base.state_dict(), checkpoint_id=os.path.join(tmp, "plain"))
+    fp32 = shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), FreezePolicy(units=("layers.*",)))
+    save_checkpoint(os.path.join(tmp, "fp32"), fp32)
+
+
+def _packed(model) -> dict[str, list[torch.Tensor]]:
+    """Each parameter's local storage: an NF4 shard's packed tensors, or the plain shard."""
+    out = {}
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        names = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean")
+        out[name] = [getattr(local, n) for n in names] if type(local).__name__ == "NF4Tensor" else [local.detach()]
+    return out
+
+
+def _quantize_on_load(rank: int, world: int, tmp: str) -> dict:
+    import os
+
+    import torch.distributed as dist
+
+    from fsdp_frozen.checkpoint import load_checkpoint
+
+    # What sharding seed-0 weights straight into NF4 holds: the reference, bitwise.
+    want = shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), FreezePolicy(**NF4_POLICY))
+    out: dict = {"nf4": sorted(sharded_state(want).plan.quantized)}
+
+    def fresh():  # other weights, same NF4 layout
+        return shard_with_freezing(make_model(7, frozen_block=False), mesh_1d(world), FreezePolicy(**NF4_POLICY))
+
+    # A plain base (no manifest) is quantized on load, read at any world size.
+    model = fresh()
+    load_checkpoint(os.path.join(tmp, "plain"), model)
+    out["plain_differs"] = _differs(model, want)
+    out["losses"] = [train(m, 2, rank) for m in (model, want)]
+    want = shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), FreezePolicy(**NF4_POLICY))
+
+    # An fsdp_frozen checkpoint with plain frozen storage: only when asked (cast=True).
+    model = fresh()
+    before = _packed(model)
+    with pytest.raises(CheckpointLayoutError) as e:
+        load_checkpoint(os.path.join(tmp, "fp32"), model)
+    out["refused"] = str(e.value)
+    out["untouched"] = all(all(map(torch.equal, before[n], v)) for n, v in _packed(model).items())
+    load_checkpoint(os.path.join(tmp, "fp32"), model, cast=True)
+    out["cast_differs"] = _differs(model, want)
+
+    # A flipped byte in a weight read whole for quantizing: refused by its checksum, model unchanged.
+    dist.barrier()
+    if rank == 0:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        path = os.path.join(tmp, "fp32")
+        md = FileSystemReader(path).read_metadata()
+        (index, info), *_ = [(i, s) for i, s in md.storage_data.items() if i.fqn == "frozen/layers.0.attn.base_layer.weight"]
+        file = os.path.join(path, info.relative_path)
+        raw = make_model(frozen_block=False).get_parameter("layers.0.attn.base_layer.weight").detach().numpy().tobytes()
+        data = bytearray(open(file, "rb").read())
+        at = data.find(raw[:64], info.offset, info.offset + info.length)  # the shard's first rows
+        assert at >= 0
+        data[at + 5] ^= 0xFF
+        open(file, "wb").write(bytes(data))
+    dist.barrier()
+    model = fresh()
+    before = _packed(model)
+    with pytest.raises(CheckpointLayoutError) as e:
+        load_checkpoint(os.path.join(tmp, "fp32"), model, cast=True)
+    out["corrupted"] = str(e.value)
+    out["untouched_after_corruption"] = all(all(map(torch.equal, before[n], v)) for n, v in _packed(model).items())
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_plain_checkpoint_quantizes_on_load(tmp_path, world):
+    """Plain fp32 weights saved at world 2 load into an NF4 model at world 1/2/4: bitwise the NF4 storage
+    of sharding those weights directly; training on top gives the same losses."""
+    run_ranks(_write_plain_bases, 2, str(tmp_path))
+    outs = run_ranks(_quantize_on_load, world, str(tmp_path))
+    assert [(o["plain_differs"], o["cast_differs"]) for o in outs] == [([], [])] * world, "NF4 storage differs"
+    out = outs[0]
+    assert "layers.0.attn.base_layer.weight" in out["nf4"]
+    assert out["losses"][0] == out["losses"][1]
+    assert "'frozen/layers.0.attn.base_layer.weight': stored as plain float32 in the checkpoint, " \
+           "nf4(block_size=16, scaler_block_size=4) in the model (load_checkpoint(..., cast=True) quantizes it " \
+           "on load)" in out["refused"], out["refused"]
+    assert out["untouched"]
+    assert "checksum mismatch: data of 'layers.0.attn.base_layer.weight'" in out["corrupted"], out["corrupted"]
+    assert out["untouched_after_corruption"]

@@ -137,8 +137,17 @@ def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
             values[2 * i + 1] = _wrap(weighted)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values)
-    return {name: f"{int(values[2 * i]) & (2**64 - 1):016x}{int(values[2 * i + 1]) & (2**64 - 1):016x}"
-            for i, name in enumerate(names)}
+    return {name: _hex(int(values[2 * i]), int(values[2 * i + 1])) for i, name in enumerate(names)}
+
+
+def local_checksum(t: torch.Tensor) -> str:
+    """The checksum of a whole tensor held by this rank (no collective); equals `checksums`'s."""
+    plain, weighted = _nf4_sums(t, t) if is_nf4(t) else _sums(t, 0)
+    return _hex(plain, weighted)
+
+
+def _hex(plain: int, weighted: int) -> str:
+    return f"{plain & _MASK:016x}{weighted & _MASK:016x}"
 
 
 def _wrap(x: int) -> int:

@@ -35,6 +35,7 @@ from .checksum import checksums
 from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds, split_key
 from .layout import Spec, compare, metadata_specs, quantization_label, read_manifest, tensor_spec
 from .planner import FrozenLoadPlanner, FrozenSavePlanner, entry, frozen_fingerprint
+from .convert_on_load import load_converted
 
 _BASE_ATTR = "_fsdp_frozen_checkpoint_base"
 _TMP_INFIX = ".tmp-"
@@ -229,27 +230,23 @@ def _with_quantization(metadata: Metadata, manifest: dict[str, Any], keep: Any) 
     return out
 
 
-def _nf4_reshard_differences(
+def _nf4_resharded(
     sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]], template: dict[str, tuple[str, Any]],
     key_map: dict[str, str],
 ) -> list[str]:
-    """NF4 weights load only into the sharding they were saved with: torchao's NF4Tensor cannot be
-    sliced at other boundaries (aten.slice), which DCP's resharding needs. Decided from metadata
-    alone, identically on every rank."""
+    """Template keys of NF4 weights saved in another number of shards. DCP cannot reshard them
+    (torchao's NF4Tensor cannot be sliced at DCP's boundaries, aten.slice), so they are read whole
+    and chunked again (`convert_on_load`). Decided from metadata alone, identically on every rank."""
     out = []
     for t, s in key_map.items():
         value = template[t][1]
         local = value.to_local() if hasattr(value, "to_local") else value
         if not is_nf4(local):
             continue
-        md = sources[_source_of(s, sources)][1].state_dict_metadata[s]
-        saved = sorted(tuple(c.offsets) for c in md.chunks)
+        saved = len(sources[_source_of(s, sources)][1].state_dict_metadata[s].chunks)
         shards = value.device_mesh.size(value.device_mesh.ndim - 1) if hasattr(value, "device_mesh") else 1
-        if len(saved) != shards:
-            out.append(
-                f"NF4 parameter {split_key(s)[1]!r} was saved in {len(saved)} shard(s) and would load into "
-                f"{shards}: torchao's NF4Tensor cannot be resharded by DCP; load it at the saving shard size"
-            )
+        if saved != shards:
+            out.append(t)
     return out
 
 
@@ -332,6 +329,11 @@ def load_checkpoint(
             optimizer state; one trainable at save and frozen now loses its optimizer state, with a
             warning naming it. Without it, a changed status is a difference.
         cast: convert dtypes on load; without it a dtype difference is an error, never a silent cast.
+            It also converts quantized storage (see `convert_on_load`): a weight stored plain in the
+            checkpoint and NF4 in the model is quantized with torchao at the model's block sizes (from
+            a plain DCP checkpoint, i.e. a pretrained base without manifest, this happens without
+            `cast`); an NF4 weight is dequantized into a plain model, or re-quantized at other block
+            sizes. NF4 weights saved at another shard count are resharded bitwise, without `cast`.
         strict: for a plain DCP checkpoint (no manifest, e.g. a pretrained base saved with
             ``dcp.save(model.state_dict())``), ``strict=False`` leaves parameters it lacks (e.g. LoRA
             adapters) as they are. Checkpoints written by fsdp_frozen are always loaded strictly.
@@ -399,8 +401,9 @@ def _load(
         cast=cast,
         allow_freezing_change=allow_freezing_change,
         frozen_not_stored=frozen_not_stored,
+        quantize=cast or manifest is None,
     )
-    match.differences += _nf4_reshard_differences(sources, template, match.key_map)
+    match.convert += _nf4_resharded(sources, template, {t: s for t, s in match.key_map.items() if t not in match.convert})
     if manifest is None:
         if optim_sd is not None:
             match.differences.insert(0, "a plain DCP checkpoint (no fsdp_frozen manifest) holds no optimizer "
@@ -412,15 +415,29 @@ def _load(
     for name in match.dropped:
         warnings.warn(f"optimizer state of parameter {name!r} not loaded: trainable at save, frozen now", stacklevel=2)
 
-    # Read: one DCP load per source directory, each given only the keys it holds.
-    for source, (src_path, src_md, _) in sources.items():
+    # Read: one DCP load per source directory, each given only the keys it holds; weights converted on
+    # load are read whole, in batches, then converted into the staged shards.
+    for source, (src_path, src_md, src_manifest) in sources.items():
         wanted = {t: s for t, s in match.key_map.items() if _source_of(s, sources) == source}
         if not wanted:
             continue
         _check_files(src_path, src_md, set(wanted.values()))
-        planner = FrozenLoadPlanner(model, cast=cast, key_map=wanted)
+        whole = {t: s for t, s in wanted.items() if t in match.convert}
         try:
-            dcp.load(staged, checkpoint_id=src_path, planner=planner)
+            if len(whole) < len(wanted):
+                planner = FrozenLoadPlanner(model, cast=cast, key_map={t: s for t, s in wanted.items() if t not in whole})
+                dcp.load(staged, checkpoint_id=src_path, planner=planner)
+            if whole:
+                params = {split_key(s)[1]: src_manifest["params"][split_key(s)[1]] for s in whole.values()} \
+                    if src_manifest else {}
+                nf4 = {s: (q["block_size"], q["scaler_block_size"]) for s in whole.values()
+                       if (q := params.get(split_key(s)[1], {}).get("quantization"))}
+                load_converted(
+                    src_path, src_md, {s: (split_key(t)[1], template[t][1]) for t, s in whole.items()}, nf4,
+                    {s: params[split_key(s)[1]].get("checksum", "") for s in whole.values() if params},
+                )
+        except CheckpointLayoutError:
+            raise
         except Exception as e:  # noqa: BLE001 - DCP wraps per-rank failures; name the files involved
             files = sorted({f for fs in _files_of(src_md, set(wanted.values())).values() for f in fs})
             raise CheckpointLayoutError(
@@ -453,7 +470,7 @@ def _verify_checksums(
     expected: dict[str, tuple[str, str]] = {}
     for t, s in match.key_map.items():
         kind, name = split_key(s)
-        if kind not in (FROZEN, TRAINABLE, BUFFERS) or t in match.cast:
+        if kind not in (FROZEN, TRAINABLE, BUFFERS) or t in match.cast or t in match.convert:
             continue
         source = _source_of(s, sources)
         src_path, src_md, src_manifest = sources[source]

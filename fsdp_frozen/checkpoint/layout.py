@@ -128,6 +128,7 @@ class LayoutMatch:
     zero_init: list[str] = field(default_factory=list)  #: template optimizer keys left at zero
     dropped: list[str] = field(default_factory=list)  #: params whose saved optimizer state is not loaded
     cast: list[str] = field(default_factory=list)  #: template keys whose dtype is converted on load
+    convert: list[str] = field(default_factory=list)  #: template keys read whole and converted (convert_on_load)
     differences: list[str] = field(default_factory=list)
 
     def raise_if_different(self, what: str) -> None:
@@ -146,11 +147,15 @@ def compare(
     cast: bool = False,
     allow_freezing_change: bool = False,
     frozen_not_stored: bool = False,
+    quantize: bool = False,
 ) -> LayoutMatch:
     """Match template keys (see `keys.py`) with saved keys and list every difference.
 
     ``frozen_not_stored``: the checkpoint holds no frozen parameters by design (saved with
     ``frozen="skip"``): frozen template entries are then not loaded rather than missing.
+    ``quantize``: a parameter stored plain in the checkpoint and quantized in the model is quantized
+    on load (listed in ``convert``) rather than a difference; with ``cast`` any quantization difference
+    is converted (dequantized, re-quantized).
     """
     match = LayoutMatch()
     diffs = match.differences
@@ -200,11 +205,17 @@ def compare(
             continue
         have, want = saved[src], spec
         if have.quantization != "?" and have.quantization != want.quantization:
-            diffs.append(
-                f"{key!r}: stored as {have.quantization or 'plain ' + str(have.dtype)} in the checkpoint, "
-                f"{want.quantization or 'plain ' + str(want.dtype)} in the model (converting quantized "
-                f"storage on load is not supported yet)"
-            )
+            stored = f"{key!r}: stored as {have.quantization or 'plain ' + str(have.dtype)} in the checkpoint, " \
+                     f"{want.quantization or 'plain ' + str(want.dtype)} in the model"
+            if have.shape != want.shape:
+                diffs.append(f"{stored}, shape {list(have.shape or ())} in the checkpoint, {list(want.shape or ())} "
+                             f"in the model")
+            elif cast or (quantize and have.quantization is None):
+                match.convert.append(key)
+                match.key_map[key] = src
+            else:
+                verb = "quantizes" if have.quantization is None else "converts"
+                diffs.append(f"{stored} (load_checkpoint(..., cast=True) {verb} it on load)")
         elif have.shape != want.shape:
             diffs.append(f"{key!r}: shape {list(have.shape or ())} in the checkpoint, {list(want.shape or ())} in the model")
         elif have.dtype != want.dtype:
