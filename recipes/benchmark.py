@@ -7,7 +7,8 @@ linear) once per variant: plain FSDP2 (one unit per block) and shard_with_freezi
 policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen storage, all computing in bf16
 (reduce in fp32). Times the variants round-robin (one step of each per round) so that machine noise
 hits all of them alike, counts collective bytes per step, persistent bytes per rank, peak memory
-(FSDPMemTracker where it works; torch.cuda.max_memory_allocated on CUDA) and tokens/s. Then times a
+(fsdp_frozen.peak_memory.PeakTensorMemory for every variant, cross-checked against torch's FSDPMemTracker
+on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated on CUDA) and tokens/s. Then times a
 trainable-only checkpoint save against full dcp.saves. Prints markdown tables on rank 0, writes
 OUT/benchmark.json and, with matplotlib (the `plot` extra), OUT/benchmark.png. Ratios are against
 plain FSDP2 in the same run.
@@ -42,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
 from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
 from fsdp_frozen.comm_counter import CommCounter, frozen_group_names  # noqa: E402
+from fsdp_frozen.peak_memory import PeakTensorMemory, state_tensors  # noqa: E402
 from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
@@ -87,7 +89,16 @@ def kept_shard_bytes(model: nn.Module) -> int:
     return sum(r.sharded_bytes for r in describe(model) if r.kind == "frozen" and r.reshard == "never")
 
 
-def peak_bytes(model: nn.Module, opt, step_fn) -> int | None:
+def peak_bytes(model: nn.Module, opt, step_fn) -> int:
+    """Peak tensor bytes alive on this rank during one step (`PeakTensorMemory`: same method for
+    plain FSDP2 and split models, CPU or CUDA)."""
+    with PeakTensorMemory(state_tensors(model, opt)) as tracker:
+        step_fn()
+    return tracker.peak
+
+
+def fsdp_mem_tracker_peak(model: nn.Module, opt, step_fn) -> int | None:
+    """torch's FSDPMemTracker, where it works (plain FSDP2: one param group per module): a cross-check."""
     try:
         from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
@@ -96,7 +107,7 @@ def peak_bytes(model: nn.Module, opt, step_fn) -> int | None:
             step_fn()
         snap = tracker.get_tracker_snapshot("peak")
         return max(v.get("Total", 0) for v in snap.values())
-    except Exception:  # noqa: BLE001 - FSDPMemTracker supports one param group per module only
+    except Exception:  # noqa: BLE001 - refuses several param groups per module
         return None
 
 
@@ -170,6 +181,9 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(POLICIES), help="frozen policies to run (after_forward always)")
     ap.add_argument("--frozen-dtypes", default=",".join(DTYPES), help="frozen storage dtypes to run (bf16 always)")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    ap.add_argument("--checkpoint-only", action="store_true",
+                    help="only the checkpoint saves (plain FSDP2 and after_forward/bf16; no training steps): "
+                         "for model sizes where CPU steps are too slow")
     args = ap.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -189,8 +203,21 @@ def main() -> None:
     if set(dtypes) - set(DTYPES) or "bf16" not in dtypes:
         ap.error(f"--frozen-dtypes: a comma list of {list(DTYPES)} including bf16, got {args.frozen_dtypes!r}")
     variants = ["plain"] + [variant_name(p, d) for d in DTYPES if d in dtypes for p in POLICIES if p in chosen]
+    if args.checkpoint_only:
+        variants = ["plain", "after_forward"]
     models = {v: build(v, cfg, mesh, device) for v in variants}
     opts = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
+    if args.checkpoint_only:
+        for v in variants:  # AdamW state as after a step (DCP initialises it: zero grads, lr 0)
+            get_optimizer_state_dict(models[v], opts[v])
+        ckpt = checkpoint_bench(models["after_forward"], opts["after_forward"], models["plain"], opts["plain"],
+                                Path(args.out) / "ckpt", args.save_repeats)
+        if rank == 0:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "checkpoint.json").write_text(json.dumps({"config": vars(cfg), "checkpoint": ckpt}, indent=2))
+            print(render_checkpoint(ckpt, args.save_repeats))
+        dist.destroy_process_group()
+        return
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(4)]
 
@@ -224,9 +251,11 @@ def main() -> None:
         fpgs = frozen_group_names(models[v]) if v != "plain" else set()  # plain: derived below
         frozen_b, total_b = persistent_bytes(models[v])
         kept = kept_shard_bytes(models[v]) if v != "plain" else 0
+        cuda_max = None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             step(v, 0)
+            cuda_max = torch.cuda.max_memory_allocated()
         results[v] = {
             "step_time_s": statistics.median(times[v]),
             "tokens_per_s": args.batch * args.seq * world / statistics.median(times[v]),
@@ -236,7 +265,9 @@ def main() -> None:
             "frozen_persistent_bytes": frozen_b + kept,
             "total_persistent_bytes": total_b + kept,
             "peak_bytes": peak_bytes(models[v], opts[v], lambda v=v: step(v, 0)),
-            "cuda_max_memory_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+            "fsdp_mem_tracker_peak_bytes": fsdp_mem_tracker_peak(models[v], opts[v], lambda v=v: step(v, 0))
+            if v == "plain" else None,
+            "cuda_max_memory_allocated": cuda_max,
         }
     plain = results["plain"]
     trainable_ag = results["after_forward"]["all_gather_bytes"] - results["after_forward"]["frozen_all_gather_bytes"]
@@ -260,6 +291,10 @@ def main() -> None:
         )
         print(f"describe() of the after_forward model, rank 0:\n{layout}\n")
         print(render(results, meta))
+        cross = results["plain"]["fsdp_mem_tracker_peak_bytes"]
+        if cross:
+            print(f"\nPeak memory cross-check on plain FSDP2: PeakTensorMemory {results['plain']['peak_bytes'] / 2**20:.2f} "
+                  f"MiB, torch's FSDPMemTracker {cross / 2**20:.2f} MiB.")
         print(render_nf4(results))
         print(render_checkpoint(ckpt, args.save_repeats))
         if not args.no_plot:
@@ -270,22 +305,24 @@ def main() -> None:
 
 def render(results: dict, meta: dict) -> str:
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:.2f}"  # noqa: E731
+    cuda = meta["device"] == "cuda"
     lines = [
         f"world {meta['world_size']} ({meta['device']}), torch {meta['torch']}, {meta['config']['n_layers']} blocks, "
         f"dim {meta['config']['dim']}, LoRA r{meta['config']['lora_rank']}, bf16 compute, batch {meta['batch']}x{meta['seq']}, "
         f"median of {meta['steps']} steps",
         "",
         "| variant | step ms | vs plain | tok/s | AG MiB/step | frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
-        "| frozen MiB/rank | frozen vs plain | total MiB/rank | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| frozen MiB/rank | frozen vs plain | total MiB/rank | peak MiB |" + (" CUDA max alloc MiB |" if cuda else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
     for v, r in results.items():
+        cuda_col = f" {mib(r['cuda_max_memory_allocated'])} |" if cuda else ""
         lines.append(
             f"| {'plain FSDP2' if v == 'plain' else v} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_ratio']:.2f}x "
             f"| {r['tokens_per_s']:,.0f} "
             f"| {mib(r['all_gather_bytes'])} | {mib(r['frozen_all_gather_bytes'])} | {r['frozen_all_gather_ratio']:.2f}x "
             f"| {mib(r['reduce_scatter_bytes'])} | {mib(r['frozen_persistent_bytes'])} | {r['frozen_persistent_ratio']:.2f}x "
-            f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'] or r['cuda_max_memory_allocated'])} |"
+            f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'])} |{cuda_col}"
         )
     return "\n".join(lines)
 
@@ -304,7 +341,7 @@ def render_nf4(results: dict) -> str:
 
 
 def plot(results: dict, meta: dict, path: Path) -> str:
-    """A PNG with step time, frozen all-gather bytes and frozen persistent bytes per variant."""
+    """A PNG with step time, frozen all-gather bytes, frozen persistent bytes and peak bytes per variant."""
     try:
         import matplotlib
 
@@ -317,6 +354,7 @@ def plot(results: dict, meta: dict, path: Path) -> str:
         ("step time vs plain FSDP2", [r["step_time_ratio"] for r in results.values()], "x"),
         ("frozen all-gather MiB / step", [r["frozen_all_gather_bytes"] / 2**20 for r in results.values()], "MiB"),
         ("frozen parameter MiB / rank", [r["frozen_persistent_bytes"] / 2**20 for r in results.values()], "MiB"),
+        ("peak tensor MiB / rank (one step)", [r["peak_bytes"] / 2**20 for r in results.values()], "MiB"),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 0.45 * len(names) + 1.8))
     colors = ["#888888"] + ["#3b7dd8"] * (len(names) - 1)

@@ -21,8 +21,12 @@ TIMEOUT = 300
 
 
 def torchrun(script: str, config: str, *overrides: str, world: int = 2) -> subprocess.CompletedProcess:
+    return launch(script, "--config", str(ROOT / "recipes" / "configs" / config), *overrides, world=world)
+
+
+def launch(script: str, *args: str, world: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           str(ROOT / "recipes" / script), "--config", str(ROOT / "recipes" / "configs" / config), *overrides]
+           str(ROOT / "recipes" / script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Own process group, so a hung run is killed with all its ranks, not just the launcher.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
@@ -36,8 +40,8 @@ def torchrun(script: str, config: str, *overrides: str, world: int = 2) -> subpr
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def run_ok(*args, **kwargs) -> subprocess.CompletedProcess:
-    out = torchrun(*args, **kwargs)
+def run_ok(*args, runner=torchrun, **kwargs) -> subprocess.CompletedProcess:
+    out = runner(*args, **kwargs)
     assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
     return out
 
@@ -136,3 +140,25 @@ def test_hf_peft_lora_and_adapter_export(tmp_path):
         want, got = trained(input_ids=tokens).logits, reloaded(input_ids=tokens).logits
     assert not torch.equal(want, build_hf_lora(cfg, 256)(input_ids=tokens).logits), "adapter did not train"
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
+    """The benchmark end to end on a tiny model: every variant measured, counts consistent with the
+    policies, peak memory for every variant and close to torch's FSDPMemTracker on plain FSDP2."""
+    out = run_ok("benchmark.py", "--dim", "256", "--layers", "2", "--steps", "1", "--warmup", "0",
+                 "--save-repeats", "1", "--no-plot", "--frozen-dtypes", "bf16,nf4", "--out", str(tmp_path),
+                 runner=launch)
+    assert "| plain FSDP2 |" in out.stdout and "Peak memory cross-check" in out.stdout, out.stdout[-3000:]
+    data = json.loads((tmp_path / "benchmark.json").read_text())
+    r = data["results"]
+    assert set(r) == {"plain", "after_forward", "after_backward", "never", "after_forward (nf4 frozen)",
+                      "after_backward (nf4 frozen)", "never (nf4 frozen)"}
+    for name, v in r.items():
+        assert v["total_persistent_bytes"] < v["peak_bytes"], name
+    assert r["never"]["frozen_all_gather_bytes"] == 0 and r["after_forward"]["frozen_all_gather_bytes"] > 0
+    assert r["after_backward"]["frozen_all_gather_bytes"] < r["after_forward"]["frozen_all_gather_bytes"]
+    assert r["after_forward (nf4 frozen)"]["frozen_persistent_bytes"] < r["after_forward"]["frozen_persistent_bytes"]
+    cross = r["plain"]["fsdp_mem_tracker_peak_bytes"]
+    assert cross and 0.5 < r["plain"]["peak_bytes"] / cross < 2, (r["plain"]["peak_bytes"], cross)
+    ck = data["checkpoint"]
+    assert ck["trainable_save_bytes"] < ck["full_save_bytes"] < ck["plain_full_save_bytes"]

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from .._torch_compat import local_tensor
 from ..storage import is_nf4
 
 _PERIOD = 65521  # word weights cycle through 1..65521 (a prime)
@@ -34,7 +35,7 @@ def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     if not isinstance(t, DTensor):
         counts = not dist.is_initialized() or dist.get_rank() == 0
         return t, 0, counts
-    local = t.to_local()
+    local = local_tensor(t)
     coord = t.device_mesh.get_coordinate()
     # A shard replicated over a mesh dim is counted once: by the ranks at coordinate 0 of that dim.
     counts = coord is not None and local.numel() > 0 and all(

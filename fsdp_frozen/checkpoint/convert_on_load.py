@@ -29,6 +29,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
+from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
 from ..storage import clone_nf4, is_nf4
 from .checksum import local_checksum
@@ -154,7 +155,7 @@ def _fill(target: torch.Tensor, whole: torch.Tensor) -> None:
     """Copy this rank's part of `whole`, converted to the target's storage, into `target`."""
     from torchao.quantization import to_nf4
 
-    local = target.to_local() if hasattr(target, "to_local") else target
+    local = local_tensor(target)
     if is_nf4(local):
         same = is_nf4(whole) and (whole.block_size, whole.scaler_block_size) == (local.block_size, local.scaler_block_size)
         if not same:

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
 from ..storage import clone_nf4, is_nf4
 from .checksum import checksums
@@ -240,7 +241,7 @@ def _nf4_resharded(
     out = []
     for t, s in key_map.items():
         value = template[t][1]
-        local = value.to_local() if hasattr(value, "to_local") else value
+        local = local_tensor(value)
         if not is_nf4(local):
             continue
         saved = len(sources[_source_of(s, sources)][1].state_dict_metadata[s].chunks)
@@ -279,7 +280,7 @@ def _staging(model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, extra_sp
     def like(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return copy.deepcopy(v)
-        if is_nf4(v.to_local() if hasattr(v, "to_local") else v):
+        if is_nf4(local_tensor(v)):
             return clone_nf4(v)  # NF4Tensor has no zeros_like; a packed copy is small
         return torch.zeros_like(v)
 

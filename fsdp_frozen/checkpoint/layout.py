@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
+from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
 from .keys import BUFFERS, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, optimizer_param, split_key
 
@@ -36,7 +37,7 @@ def quantization_of(value: Any) -> dict[str, Any] | None:
     """The manifest's quantization record of a (possibly sharded) tensor: None for plain storage."""
     from ..storage import is_nf4
 
-    local = value.to_local() if hasattr(value, "to_local") else value
+    local = local_tensor(value) if isinstance(value, torch.Tensor) else value
     if is_nf4(local):
         return {"format": "nf4", "block_size": local.block_size, "scaler_block_size": local.scaler_block_size}
     return None

@@ -1,0 +1,89 @@
+"""`PeakTensorMemory`: the peak bytes of tensor storage alive on this rank during a region, any device.
+
+Why not torch's own tools (torch 2.13): ``FSDPMemTracker`` supports one param group per FSDP module
+and refuses models sharded by `shard_with_freezing` (several groups per module); ``MemTracker`` fails
+on frozen parameters; on CPU there are no allocator statistics (``torch.cuda.max_memory_allocated``
+is the reference on CUDA). This counts storages rather than allocator blocks, the same way for plain
+FSDP2 and for split models, so benchmark variants compare like with like.
+
+What it counts: every storage an op reads or writes while the mode is active (seen through a
+``TorchDispatchMode``; wrapper subclasses such as DTensor and torchao's NF4Tensor count their inner
+tensors), plus the `baseline` tensors given at entry (model and optimizer state that a step may not
+touch), at each storage's *current* size after every op, until the storage is freed. The current
+size matters: FSDP2 frees and re-allocates unsharded parameters by resizing their storage in place,
+outside the dispatcher. Not counted: storages that no op touches and that are not in the baseline,
+memory an op allocates and frees internally, allocator caching and fragmentation.
+
+Cost: after every op, a sum over the live storages it knows (use it for one measured step).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_leaves
+
+from . import _torch_compat as compat
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """``with PeakTensorMemory(baseline) as m: step()``; then ``m.peak`` (bytes) and ``m.current``.
+
+    Args:
+        baseline: tensors alive before the region that count even if no op touches them (see
+            `state_tensors`).
+    """
+
+    def __init__(self, baseline: Iterable[torch.Tensor] = ()) -> None:
+        super().__init__()
+        self._live: dict[int, weakref.ref] = {}
+        self.peak = 0
+        self.current = 0
+        for t in baseline:
+            self._track(t)
+        self._sample()
+
+    def _track(self, t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    self._track(inner)
+            return
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # pragma: no cover - sparse and other storage-less tensors
+            return
+        key = id(storage)
+        if key not in self._live:
+            self._live[key] = weakref.ref(storage, lambda _, k=key: self._live.pop(k, None))
+
+    def _sample(self) -> None:
+        self.current = sum(s.nbytes() for ref in list(self._live.values()) if (s := ref()) is not None)
+        self.peak = max(self.peak, self.current)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        self._sample()
+        return out
+
+
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> list[torch.Tensor]:
+    """A step's baseline: the model's parameters and buffers, FSDP's sharded parameters (hidden
+    behind groups kept gathered), and the optimizer's state tensors."""
+    out = [*model.parameters(), *model.buffers()]
+    out += [compat.sharded_param(p) for _, _, p in compat.iter_all_fsdp_params(model)]
+    if optimizer is not None:
+        out += [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+__all__ = ["PeakTensorMemory", "state_tensors"]

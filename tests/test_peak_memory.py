@@ -1,0 +1,73 @@
+"""PeakTensorMemory: exact counts on known allocations, in-place storage resizes, FSDP2 models."""
+
+from __future__ import annotations
+
+import torch
+
+from fsdp_frozen import FreezePolicy, shard_with_freezing
+from fsdp_frozen.peak_memory import PeakTensorMemory, state_tensors
+
+from .common import mesh_1d, plain_fsdp, train
+from .dist_harness import run_ranks
+from .models import make_model
+
+
+def test_counts_live_storages_exactly():
+    with PeakTensorMemory() as m:
+        a = torch.empty(1000)  # 4000 bytes
+        b = torch.empty(2000)  # 8000 bytes, both alive
+        del a, b
+        c = torch.empty(500)  # after the frees: 2000 bytes
+        assert m.current == 2000
+        view = c.view(5, 100)  # a view shares the storage: not counted twice
+        view.add_(1)
+        assert m.current == 2000
+    assert m.peak == 12000
+
+
+def test_baseline_and_in_place_resize_are_counted():
+    held = torch.empty(100)  # 400 bytes before the region, never touched in it
+    buf = torch.empty(10)
+    with PeakTensorMemory(baseline=[held]) as m:
+        assert m.current == 400
+        buf.add_(0)  # touched: tracked (40 bytes)
+        buf.untyped_storage().resize_(4000)  # FSDP2-style re-allocation, outside the dispatcher
+        one = torch.empty(1)  # any later op samples the new size
+        assert m.current == 400 + 4000 + 4
+        buf.untyped_storage().resize_(0)  # FSDP2-style free
+        two = torch.empty(1)
+        assert m.current == 400 + 0 + 4 + 4
+        del one, two
+    assert m.peak == 4404
+
+
+def _fsdp_peaks(rank: int, world: int) -> dict:
+    units = ("layers.*",)
+    out = {}
+    models = {
+        "plain": plain_fsdp(make_model(), mesh_1d(world), units),
+        "after_forward": shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=units)),
+        "never": shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=units, frozen_reshard="never")),
+    }
+    for name, model in models.items():
+        train(model, 2, rank)  # warm: optimizer state exists, "never" groups are gathered
+        opt = model._test_optimizer
+        baseline = state_tensors(model, opt)
+        with PeakTensorMemory(baseline) as m:
+            before = m.current
+            train(model, 1, rank, opt=opt, start=2)
+        out[name] = {"before": before, "peak": m.peak}
+    # One block's unsharded frozen weights (fp32): what after_forward gathers transiently per unit.
+    block = make_model().layers[0]
+    out["block_frozen_bytes"] = sum(p.numel() * 4 for p in block.parameters() if not p.requires_grad)
+    return out
+
+
+def test_fsdp_peaks_see_gathered_weights():
+    out = run_ranks(_fsdp_peaks, 2)[0]
+    block = out["block_frozen_bytes"]
+    for name in ("plain", "after_forward", "never"):
+        # A step gathers at least one block's full frozen weights above the persistent state.
+        assert out[name]["peak"] >= out[name]["before"] + block, (name, out)
+    # "never" keeps every block gathered: its persistent state is larger by about the other blocks.
+    assert out["never"]["before"] >= out["after_forward"]["before"] + block, out
