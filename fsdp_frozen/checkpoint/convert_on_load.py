@@ -73,7 +73,9 @@ def _batches(metadata: Metadata, keys: list[str], saved_nf4: dict[str, Any]) -> 
     size = 0
     for key in keys:
         md = metadata.state_dict_metadata[key]
-        nbytes = md.size.numel() * md.properties.dtype.itemsize // (7 if key in saved_nf4 else 1)
+        nbytes = md.size.numel() * md.properties.dtype.itemsize
+        if key in saved_nf4:  # packed: ~0.53 bytes per element, about 1/7 of fp32
+            nbytes //= 7
         if out[-1] and size + nbytes > BATCH_BYTES:
             out.append([])
             size = 0

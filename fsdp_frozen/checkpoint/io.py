@@ -33,10 +33,10 @@ from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
 from ..storage import clone_nf4, is_nf4
 from .checksum import checksums
+from .convert_on_load import load_converted
 from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds, split_key
 from .layout import Spec, compare, metadata_specs, quantization_label, read_manifest, tensor_spec
 from .planner import FrozenLoadPlanner, FrozenSavePlanner, entry, frozen_fingerprint
-from .convert_on_load import load_converted
 
 _BASE_ATTR = "_fsdp_frozen_checkpoint_base"
 _TMP_INFIX = ".tmp-"
