@@ -18,6 +18,8 @@ import torch.nn as nn
 NF4 = "nf4"
 #: Inner tensors of an NF4Tensor that carry its data (torchao 0.18 names).
 _NF4_INNER = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+#: The packed ones, which FSDP (torchao's split) cuts into equal dim-0 chunks; the rest are replicated.
+NF4_PACKED = _NF4_INNER[:3]
 
 
 def cast_frozen(model: nn.Module, fqns: Iterable[str], dtype: torch.dtype) -> None:
@@ -83,7 +85,7 @@ def is_nf4(t: torch.Tensor) -> bool:
 def storage_nbytes(t: torch.Tensor) -> int:
     """Bytes of a tensor's storage; for an NF4Tensor, of its packed inner tensors."""
     if is_nf4(t):
-        return sum(getattr(t, name).untyped_storage().nbytes() for name in _NF4_INNER[:3])
+        return sum(getattr(t, name).untyped_storage().nbytes() for name in NF4_PACKED)
     return t.untyped_storage().nbytes()
 
 

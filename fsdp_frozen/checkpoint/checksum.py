@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from .._torch_compat import local_tensor
-from ..storage import is_nf4
+from ..storage import NF4_PACKED, is_nf4
 
 _PERIOD = 65521  # word weights cycle through 1..65521 (a prime)
 _WEIGHTS = torch.arange(1, _PERIOD + 1, dtype=torch.int64)
@@ -84,7 +84,7 @@ def _nf4_sums(local: torch.Tensor, whole: torch.Tensor) -> tuple[int, int]:
     first = whole.__create_chunk_list__()[0].offsets[0] if isinstance(whole, DTensor) else 0
     plain = weighted = 0
     base = 0
-    for attr in ("quantized_data", "quantized_scalers", "quantization_factor"):
+    for attr in NF4_PACKED:
         inner = getattr(local, attr)
         total = inner.numel() * rows // max(local.shape[0], 1) * inner.element_size()
         p, w = _sums(inner, base + first * total // rows)

@@ -31,13 +31,11 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 
 from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
-from ..storage import clone_nf4, is_nf4
+from ..storage import NF4_PACKED, clone_nf4, is_nf4
 from .checksum import local_checksum
 
 #: Whole saved weights read per DCP load when converting on load (bytes as saved).
 BATCH_BYTES = 1 << 30
-#: Packed tensors of an NF4Tensor that FSDP splits into dim-0 chunks (the rest are replicated).
-_NF4_SPLIT = ("quantized_data", "quantized_scalers", "quantization_factor")
 
 
 def load_converted(
@@ -145,7 +143,7 @@ def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
     """The NF4Tensor whose equal dim-0 chunks are `parts` (torchao's split, inverted)."""
     first = parts[0]
     names, ctx = first.__tensor_flatten__()
-    inner = {n: (torch.cat([getattr(p, n) for p in parts]) if n in _NF4_SPLIT else getattr(first, n)) for n in names}
+    inner = {n: (torch.cat([getattr(p, n) for p in parts]) if n in NF4_PACKED else getattr(first, n)) for n in names}
     size = torch.Size([sum(p.shape[0] for p in parts), *first.shape[1:]])
     stride = torch.empty(size, device="meta").stride()
     meta = ctx["tensor_meta"]
