@@ -6,16 +6,20 @@ Checked on torch 2.13.0 (CPU, gloo). The names used from 2.6-2.12 were read from
 (2.4+).
 Several param groups per FSDP state (``state._fsdp_param_groups`` and ``ShardPlacementResult``) exist
 from 2.13 on; older versions fall back to one group per module (see `apply.py`).
+DCP save-plan caching (``DefaultSavePlanner(enable_plan_caching=...)`` and its ``_cached_plans_key``)
+is used where the signature has it (checked on 2.13; absent from 2.6).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -43,6 +47,9 @@ IGNORED_PARAMS_SUPPORTED = TORCH_VERSION >= (2, 7)
 
 #: DCP's `HuggingFaceStorageWriter` with consolidation (safetensors export); public from 2.8 on.
 HF_STORAGE_WRITER_SUPPORTED = TORCH_VERSION >= (2, 8)
+
+#: DCP save-plan caching: repeated saves of one layout skip DCP's global planning.
+SAVE_PLAN_CACHING_SUPPORTED = "enable_plan_caching" in inspect.signature(DefaultSavePlanner.__init__).parameters
 
 
 def split_groups_supported() -> bool:
@@ -158,3 +165,12 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     shards per save, so it reads the private ``_local_tensor`` (the same object; 2.4-2.13).
     """
     return t._local_tensor if isinstance(t, DTensor) else t  # type: ignore[attr-defined]
+
+
+def set_save_plan_cache_key(planner: DefaultSavePlanner, key: str) -> None:
+    """Key under which DCP caches `planner`'s plans (class-level dicts; the class name by default).
+
+    DCP compares a cached plan with a new one by keys, shapes and chunks but not dtypes, so callers
+    put everything else a plan depends on into the key.
+    """
+    planner._cached_plans_key = key  # type: ignore[attr-defined]

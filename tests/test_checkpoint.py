@@ -351,6 +351,56 @@ def test_planners_with_plain_dcp(tmp_path):
     assert read_manifest(tmp_path / "dcp")["frozen_state"] == "included"
 
 
+def _plan_cache(rank: int, world: int, tmp: str) -> list[int]:
+    """Global plans DCP builds per save_checkpoint (rank 0): 0 when the cached plan is reused."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    built = []
+    original = DefaultSavePlanner._create_global_plan
+
+    def counting(self, all_plans):
+        built[-1] += 1
+        return original(self, all_plans)
+
+    DefaultSavePlanner._create_global_plan = counting
+    model = build(world, frozen_dtype="bfloat16")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, 1, rank, opt=opt)
+    x32, x16 = torch.arange(3.0), torch.arange(3.0).to(torch.bfloat16)
+    saves = [("base", None), ("r1", None), ("r2", None), ("x32", x32), ("x16", x16), ("x16b", x16)]
+    for name, x in saves:
+        built.append(0)
+        save_checkpoint(os.path.join(tmp, name), model, opt, extra=None if x is None else {"x": x})
+    fresh = build(world, seed=1, frozen_dtype="bfloat16")
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    for name, x in saves:
+        extra = load_checkpoint(os.path.join(tmp, name), fresh, fresh_opt)
+        if x is not None:  # a cached plan made for float32 must not describe the bfloat16 save
+            dtype = FileSystemReader(os.path.join(tmp, name)).read_metadata().state_dict_metadata["extra/x"]
+            assert dtype.properties.dtype == x.dtype and extra["x"].dtype == x.dtype, (name, dtype, extra)
+        assert_same(full_state(model), full_state(fresh), name)
+        assert_same(full_optim(model, opt), full_optim(fresh, fresh_opt), name)
+    return built
+
+
+def test_save_plans_are_cached_per_layout(tmp_path):
+    built = run_ranks(_plan_cache, 2, str(tmp_path))[0]
+    # base (frozen included), r1 (a reference: new layout), r2 (same: cached), x32 (new), x16 (same shapes,
+    # another dtype: new), x16b (cached)
+    assert built == [1, 1, 0, 1, 1, 0], built
+
+
+def test_save_plan_caching_gate(monkeypatch):
+    from fsdp_frozen import _torch_compat as compat
+
+    model = torch.nn.Linear(2, 2)
+    assert FrozenSavePlanner(model).plan_caching is compat.SAVE_PLAN_CACHING_SUPPORTED
+    assert FrozenSavePlanner(model, enable_plan_caching=False).plan_caching is False
+    monkeypatch.setattr(compat, "SAVE_PLAN_CACHING_SUPPORTED", False)  # torch < 2.7: not passed to DCP
+    planner = FrozenSavePlanner(model)
+    assert planner.plan_caching is False and not getattr(planner, "_enable_plan_caching", False)
+
+
 # ------------------------------------------------------------------------------- resharding and resume
 RESHARD_POLICIES = {
     "after_forward": {},

@@ -67,8 +67,8 @@ def _sums(data: torch.Tensor, start: int) -> tuple[int, int]:
     if mid:
         words = raw[head : head + mid]
         words = (words if words.storage_offset() % 8 == 0 else words.clone()).view(torch.int64)
-        plain += int(words.sum())
-        weighted += _weighted_words(words, (start + head) // 8)
+        p, w = _word_sums(words, (start + head) // 8)
+        plain, weighted = plain + p, weighted + w
     p, w = _byte_terms(raw[head + mid :], start + head + mid)
     return (plain + p) & _MASK, (weighted + w) & _MASK
 
@@ -106,20 +106,29 @@ def _byte_terms(raw: torch.Tensor, start: int) -> tuple[int, int]:
     return plain, weighted
 
 
-def _weighted_words(words: torch.Tensor, first: int) -> int:
-    """sum(words[i] * ((first + i) % P + 1)): words P apart share a weight, so sum columns first."""
+def _word_sums(words: torch.Tensor, first: int) -> tuple[int, int]:
+    """(sum(words), sum(words[i] * ((first + i) % P + 1))) in one read of `words`.
+
+    Words P apart share a weight, so the bulk is summed by column first (one pass); the plain sum is
+    then the sum of those column sums.
+    """
     n = words.numel()
     head = min((-first) % _PERIOD, n)
-    total = 0
+    plain = weighted = 0
     if head:
-        total += int((words[:head] * _WEIGHTS[first % _PERIOD : first % _PERIOD + head]).sum())
+        part = words[:head]
+        plain += int(part.sum())
+        weighted += int((part * _WEIGHTS[first % _PERIOD : first % _PERIOD + head]).sum())
     blocks = (n - head) // _PERIOD
     if blocks:
-        total += int((words[head : head + blocks * _PERIOD].view(blocks, _PERIOD).sum(0) * _WEIGHTS).sum())
+        columns = words[head : head + blocks * _PERIOD].view(blocks, _PERIOD).sum(0)
+        plain += int(columns.sum())
+        weighted += int((columns * _WEIGHTS).sum())
     tail = words[head + blocks * _PERIOD :]
     if tail.numel():
-        total += int((tail * _WEIGHTS[: tail.numel()]).sum())
-    return total
+        plain += int(tail.sum())
+        weighted += int((tail * _WEIGHTS[: tail.numel()]).sum())
+    return plain, weighted
 
 
 def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:

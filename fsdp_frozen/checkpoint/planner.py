@@ -6,6 +6,7 @@ a save should not write, check layouts, and write the JSON manifest; DCP does al
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from typing import Any
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from .. import __version__
+from .. import _torch_compat as compat
 from ..errors import CheckpointLayoutError
 from .checksum import checksums, fingerprint
 from .keys import BUFFERS, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, checkpoint_key, model_kinds, split_key
@@ -65,6 +67,12 @@ class FrozenSavePlanner(DefaultSavePlanner):
         frozen: ``"include"`` writes the frozen parameters; ``"skip"`` does not; ``"reference"`` does
             not and records ``base`` (used by `save_checkpoint(frozen="auto")`).
         base: ``{"path": ..., "fingerprint": ...}`` of the checkpoint holding the frozen state.
+        enable_plan_caching: DCP's save-plan caching (default True where DCP has it, torch 2.7+; the
+            other keyword arguments go to ``DefaultSavePlanner`` too). Repeated saves of the same
+            layout then skip DCP's global planning and send empty plans (~100 ms of a 450 ms trainable-
+            only save at width 4096 on 2 CPU ranks). Plans are cached per layout written: every key's
+            shape, dtype and quantization and the frozen mode, so a changed dtype is never saved under
+            a stale plan (DCP's own plan comparison ignores dtypes).
     """
 
     def __init__(
@@ -76,6 +84,9 @@ class FrozenSavePlanner(DefaultSavePlanner):
         checksums_by_fqn: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
+        if compat.SAVE_PLAN_CACHING_SUPPORTED:
+            kwargs.setdefault("enable_plan_caching", True)
+        self.plan_caching = bool(kwargs.get("enable_plan_caching", False))
         super().__init__(**kwargs)
         if frozen not in FROZEN_MODES:
             raise CheckpointLayoutError(f"frozen must be one of {FROZEN_MODES}, got {frozen!r}")
@@ -102,6 +113,8 @@ class FrozenSavePlanner(DefaultSavePlanner):
                 continue
             renamed[key], mappings[key] = value, self.mappings[flat_key]
         self.state_dict, self.mappings = renamed, mappings
+        if self.plan_caching:
+            compat.set_save_plan_cache_key(self, self._layout_key(renamed))
         if is_coordinator:
             if storage_meta is None or storage_meta.checkpoint_id is None:
                 raise CheckpointLayoutError(
@@ -110,6 +123,13 @@ class FrozenSavePlanner(DefaultSavePlanner):
                 )
             self.checkpoint_dir = os.fspath(storage_meta.checkpoint_id)
             self.manifest = self._manifest(entries)
+
+    def _layout_key(self, written: dict[str, Any]) -> str:
+        """DCP plan-cache key: this class, the frozen mode and every written key's spec."""
+        h = hashlib.sha256(self.frozen_mode.encode())
+        for key in sorted(written):
+            h.update(f"|{key}:{tensor_spec(written[key])}".encode())
+        return f"{type(self).__name__}:{h.hexdigest()[:24]}"
 
     def _manifest(self, entries: dict[str, Any]) -> dict[str, Any]:
         stored = {"include": "here", "reference": "base", "skip": "no"}[self.frozen_mode]
