@@ -6,7 +6,8 @@ Builds the Llama-style LoRA model (recipes/llama.py: >= 4 blocks, width >= 512, 
 linear) once per variant: plain FSDP2 (one unit per block) and shard_with_freezing under every frozen
 policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen storage, all computing in bf16
 (reduce in fp32). Times the variants round-robin (one step of each per round) so that machine noise
-hits all of them alike, counts collective bytes per step, persistent bytes per rank, peak memory
+hits all of them alike, alongside a compute floor (the same model in bf16 on each rank without FSDP: no
+communication, no hooks; what no sharding can beat), counts collective bytes per step, persistent bytes per rank, peak memory
 (fsdp_frozen.peak_memory.PeakTensorMemory for every variant, cross-checked against torch's FSDPMemTracker
 on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated on CUDA) and tokens/s. Then times a
 trainable-only checkpoint save against full dcp.saves. Prints markdown tables on rank 0, writes
@@ -48,6 +49,7 @@ from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "nf4": "nf4"}  #: frozen storage; compute is bf16 in every variant
+FLOOR = "compute floor"  #: timed only: the model in bf16 on each rank, no FSDP
 
 
 def variant_name(policy: str, dtype: str) -> str:
@@ -71,6 +73,13 @@ def build(variant: str, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Modu
         param_dtype="bfloat16", reduce_dtype="float32",
     )
     return shard_with_freezing(model, mesh, policy)
+
+
+def build_compute_floor(cfg: LlamaConfig, device: torch.device) -> nn.Module:
+    """The same model, all in bf16, unsharded on each rank: the per-rank compute alone (a step-time floor)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaLoRA(cfg).to(torch.bfloat16)
 
 
 def persistent_bytes(model: nn.Module) -> tuple[int, int]:
@@ -218,6 +227,8 @@ def main() -> None:
             print(render_checkpoint(ckpt, args.save_repeats))
         dist.destroy_process_group()
         return
+    models[FLOOR] = build_compute_floor(cfg, device)
+    opts[FLOOR] = torch.optim.AdamW([p for p in models[FLOOR].parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(4)]
 
@@ -230,9 +241,9 @@ def main() -> None:
         opts[v].zero_grad(set_to_none=True)
         return loss.item()
 
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in [*variants, FLOOR]}
     for i in range(args.warmup + args.steps):
-        for v in variants:
+        for v in times:
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -284,7 +295,9 @@ def main() -> None:
     )
     if rank == 0:
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
-                "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup}
+                "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
+                "compute_floor_step_time_s": statistics.median(times[FLOOR]),
+                "compute_floor_ratio": statistics.median(times[FLOOR]) / plain["step_time_s"]}
         out.mkdir(parents=True, exist_ok=True)
         (out / "benchmark.json").write_text(
             json.dumps({"meta": meta, "results": results, "checkpoint": ckpt}, indent=2)
@@ -324,6 +337,9 @@ def render(results: dict, meta: dict) -> str:
             f"| {mib(r['reduce_scatter_bytes'])} | {mib(r['frozen_persistent_bytes'])} | {r['frozen_persistent_ratio']:.2f}x "
             f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'])} |{cuda_col}"
         )
+    lines.append(f"\nCompute floor (the same model in bf16 on each rank, no FSDP, no communication, timed in the "
+                 f"same rounds): {meta['compute_floor_step_time_s'] * 1e3:.1f} ms = {meta['compute_floor_ratio']:.2f}x "
+                 f"plain FSDP2.")
     return "\n".join(lines)
 
 

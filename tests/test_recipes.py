@@ -150,6 +150,7 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
                  runner=launch)
     assert "| plain FSDP2 |" in out.stdout and "Peak memory cross-check" in out.stdout, out.stdout[-3000:]
     data = json.loads((tmp_path / "benchmark.json").read_text())
+    assert "Compute floor (" in out.stdout and data["meta"]["compute_floor_step_time_s"] > 0, out.stdout[-3000:]
     r = data["results"]
     assert set(r) == {"plain", "after_forward", "after_backward", "never", "after_forward (nf4 frozen)",
                       "after_backward (nf4 frozen)", "never (nf4 frozen)"}
