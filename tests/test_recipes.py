@@ -163,3 +163,15 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
     assert cross and 0.5 < r["plain"]["peak_bytes"] / cross < 2, (r["plain"]["peak_bytes"], cross)
     ck = data["checkpoint"]
     assert ck["trainable_save_bytes"] < ck["full_save_bytes"] < ck["plain_full_save_bytes"]
+
+
+def test_benchmark_checkpoint_only(tmp_path):
+    """--checkpoint-only: the saves alone (no training steps), their JSON and table."""
+    out = run_ok("benchmark.py", "--checkpoint-only", "--dim", "128", "--layers", "1", "--save-repeats", "1",
+                 "--out", str(tmp_path), runner=launch)
+    assert "| save_checkpoint, frozen='auto' (reference) |" in out.stdout, out.stdout[-3000:]
+    assert "| plain FSDP2 |" not in out.stdout and not (tmp_path / "benchmark.json").exists()
+    ck = json.loads((tmp_path / "checkpoint.json").read_text())["checkpoint"]
+    assert ck["trainable_save_bytes"] < ck["full_save_bytes"] < ck["plain_full_save_bytes"]
+    assert ck["trainable_save_bytes"] > ck["trainable_and_optimizer_bytes"] > 0
+    assert not (tmp_path / "ckpt").exists(), "the benchmark's checkpoints are removed"
