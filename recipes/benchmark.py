@@ -6,13 +6,13 @@ Builds the Llama-style LoRA model (recipes/llama.py: >= 4 blocks, width >= 512, 
 linear) once per variant: plain FSDP2 (one unit per block) and shard_with_freezing under every frozen
 policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen storage, all computing in bf16
 (reduce in fp32). Times the variants round-robin (one step of each per round) so that machine noise
-hits all of them alike, alongside a compute floor (the same model in bf16 on each rank without FSDP: no
-communication, no hooks; what no sharding can beat), counts collective bytes per step, persistent bytes per rank, peak memory
-(fsdp_frozen.peak_memory.PeakTensorMemory for every variant, cross-checked against torch's FSDPMemTracker
-on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated on CUDA) and tokens/s. Then times a
-trainable-only checkpoint save against full dcp.saves. Prints markdown tables on rank 0, writes
-OUT/benchmark.json and, with matplotlib (the `plot` extra), OUT/benchmark.png. Ratios are against
-plain FSDP2 in the same run.
+hits all of them alike, alongside a compute floor (the same model in bf16 on each rank without FSDP:
+no communication, no hooks; what no sharding can beat). Counts collective bytes per step, persistent
+bytes per rank, peak memory (fsdp_frozen.peak_memory.PeakTensorMemory for every variant, cross-checked
+against torch's FSDPMemTracker on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated
+on CUDA) and tokens/s. Then times a trainable-only checkpoint save against full dcp.saves. Prints
+markdown tables on rank 0, writes OUT/benchmark.json and, with matplotlib (the `plot` extra),
+OUT/benchmark.png. Ratios are against plain FSDP2 in the same run.
 """
 
 from __future__ import annotations
