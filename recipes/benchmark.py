@@ -294,10 +294,10 @@ def main() -> None:
         models["after_forward"], opts["after_forward"], models["plain"], opts["plain"], out / "ckpt", args.save_repeats
     )
     if rank == 0:
+        floor_s = statistics.median(times[FLOOR])
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                "compute_floor_step_time_s": statistics.median(times[FLOOR]),
-                "compute_floor_ratio": statistics.median(times[FLOOR]) / plain["step_time_s"]}
+                "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / plain["step_time_s"]}
         out.mkdir(parents=True, exist_ok=True)
         (out / "benchmark.json").write_text(
             json.dumps({"meta": meta, "results": results, "checkpoint": ckpt}, indent=2)

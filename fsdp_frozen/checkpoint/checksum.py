@@ -109,25 +109,19 @@ def _byte_terms(raw: torch.Tensor, start: int) -> tuple[int, int]:
 def _word_sums(words: torch.Tensor, first: int) -> tuple[int, int]:
     """(sum(words), sum(words[i] * ((first + i) % P + 1))) in one read of `words`.
 
-    Words P apart share a weight, so the bulk is summed by column first (one pass); the plain sum is
-    then the sum of those column sums.
+    Words P apart share a weight, so the whole periods in the middle are first summed by column (the
+    one pass over the bulk); the head up to the next period boundary and the tail are summed as they are.
     """
     n = words.numel()
     head = min((-first) % _PERIOD, n)
-    plain = weighted = 0
-    if head:
-        part = words[:head]
-        plain += int(part.sum())
-        weighted += int((part * _WEIGHTS[first % _PERIOD : first % _PERIOD + head]).sum())
     blocks = (n - head) // _PERIOD
-    if blocks:
-        columns = words[head : head + blocks * _PERIOD].view(blocks, _PERIOD).sum(0)
-        plain += int(columns.sum())
-        weighted += int((columns * _WEIGHTS).sum())
-    tail = words[head + blocks * _PERIOD :]
-    if tail.numel():
-        plain += int(tail.sum())
-        weighted += int((tail * _WEIGHTS[: tail.numel()]).sum())
+    body = words[head : head + blocks * _PERIOD].view(blocks, _PERIOD).sum(0) if blocks else words[:0]
+    segments = ((words[:head], first % _PERIOD), (body, 0), (words[head + blocks * _PERIOD :], 0))
+    plain = weighted = 0
+    for part, weight0 in segments:  # (words, index of the first one's weight)
+        if part.numel():
+            plain += int(part.sum())
+            weighted += int((part * _WEIGHTS[weight0 : weight0 + part.numel()]).sum())
     return plain, weighted
 
 
