@@ -143,6 +143,30 @@ def configure_group(group: Any, post_forward_mesh: Any, reshard_after_backward: 
             fp._init_sharded_post_forward_param_metadata(torch.empty(fp._orig_size, device="meta"))
 
 
+def reshard_settings(group: Any) -> tuple[Any, bool, tuple[Any, ...]]:
+    """A param group's reshard behaviour: (post-forward mesh info, reshard after backward, the
+    per-parameter post-forward mesh infos). Attributes of FSDPParamGroup / FSDPParam, 2.4-2.13."""
+    return (group.post_forward_mesh_info, group.reshard_after_backward,
+            tuple(fp.post_forward_mesh_info for fp in group.fsdp_params))
+
+
+def set_reshard_settings(group: Any, settings: tuple[Any, bool, tuple[Any, ...]]) -> None:
+    """Put back settings read by `reshard_settings` (the per-parameter shard metadata is unchanged)."""
+    group.post_forward_mesh_info, group.reshard_after_backward, per_param = settings
+    for fp, info in zip(group.fsdp_params, per_param):
+        fp.post_forward_mesh_info = info
+
+
+def reshard_after_forward_of(group: Any) -> bool | int:
+    """What a param group does after forward: True (reshard), False (keep) or N (reshard to N ranks)."""
+    info = group.post_forward_mesh_info
+    if info is None:
+        return False
+    if info is group.mesh_info:
+        return True
+    return info.shard_mesh_size
+
+
 def iter_all_fsdp_params(root: nn.Module) -> Iterator[tuple[nn.Module, Any, Any]]:
     """(module, group, fsdp_param) for every FSDP module under `root`, each state once."""
     seen: set[int] = set()
@@ -174,3 +198,29 @@ def set_save_plan_cache_key(planner: DefaultSavePlanner, key: str) -> None:
     put everything else a plan depends on into the key.
     """
     planner._cached_plans_key = key  # type: ignore[attr-defined]
+
+
+#: Wrapper prefixes DCP's state dict strips (activation checkpointing; torch.compile's replacement
+#: module), used only where DCP's own name resolution is missing.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+try:  # torch.distributed.checkpoint.state_dict._get_fqns: 2.2-2.13 (checked on 2.6 and 2.13 sources)
+    from torch.distributed.checkpoint.state_dict import _get_fqns as _dcp_get_fqns
+except ImportError:  # pragma: no cover - a torch that renamed it
+    _dcp_get_fqns = None
+
+
+def canonical_fqn(model: nn.Module, name: str) -> str:
+    """The name DCP's ``get_model_state_dict`` gives the parameter, buffer or module at `name`.
+
+    Wrapper segments are dropped: ``_checkpoint_wrapped_module`` (``checkpoint_wrapper``), ``_orig_mod``
+    (``torch.compile(module)``), DDP's ``module``. DCP's private ``_get_fqns`` does the walk, so the
+    result is exactly DCP's key; a torch without it falls back to stripping `WRAPPER_PREFIXES`.
+    """
+    if _dcp_get_fqns is not None:
+        fqns = _dcp_get_fqns(model, name)
+        if len(fqns) == 1:
+            name = next(iter(fqns))
+    # DCP strips "_checkpoint_wrapped_module." only with its dot: a module path ending in it keeps it.
+    wrappers = {prefix.rstrip(".") for prefix in WRAPPER_PREFIXES}
+    return ".".join(s for s in name.split(".") if s not in wrappers)

@@ -26,7 +26,16 @@ class ShardedModelState:
 
     policy: FreezePolicy
     plan: ShardingPlan
-    fsdp_params: dict[str, Any]  #: parameter FQN -> FSDP's per-parameter record
+    mesh: DeviceMesh  #: the mesh the model was sharded on (its device type is where shards live)
+    fsdp_params: dict[str, Any]  #: canonical parameter FQN -> FSDP's per-parameter record
+    param_groups: dict[tuple[str, str], Any]  #: (unit, kind) -> the FSDPParamGroup built for that plan group
+    frozen_settings: list[tuple[Any, Any]]  #: (frozen FSDPParamGroup, its reshard settings as applied)
+
+    def restore_frozen_policy(self) -> None:
+        """Undo whatever FSDP's public setters did to the frozen groups (see [Note: setters])."""
+        for group, settings in self.frozen_settings:
+            if compat.reshard_settings(group) != settings:
+                compat.set_reshard_settings(group, settings)
 
 
 def sharded_state(model: nn.Module) -> ShardedModelState:
@@ -92,22 +101,60 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
             stacklevel=2,
         )
 
-    for name, param in model.named_parameters():
-        param.requires_grad_(name not in plan.frozen)
+    for path, param in model.named_parameters():
+        param.requires_grad_(plan.names.canonical(path) not in plan.frozen)
     if plan.quantized:
-        quantize_nf4(model, sorted(plan.quantized), policy.nf4_block_size, policy.nf4_scaler_block_size)
+        quantize_nf4(model, [plan.path(f) for f in sorted(plan.quantized)], policy.nf4_block_size,
+                     policy.nf4_scaler_block_size)
     if policy.torch_frozen_dtype is not None:
-        cast_frozen(model, sorted(plan.frozen - plan.quantized), policy.torch_frozen_dtype)
+        cast_frozen(model, [plan.path(f) for f in sorted(plan.frozen - plan.quantized)], policy.torch_frozen_dtype)
 
     mp_policy = MixedPrecisionPolicy(param_dtype=policy.torch_param_dtype, reduce_dtype=policy.torch_reduce_dtype)
     apply = _apply_split if plan.split else _apply_structural
     apply(model, mesh, plan, mp_policy)
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    fsdp_params = {names[id(compat.sharded_param(fp))]: fp for _, _, fp in compat.iter_all_fsdp_params(model)}
-    setattr(model, _STATE_ATTR, ShardedModelState(policy=policy, plan=plan, fsdp_params=fsdp_params))
-    model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen), prepend=True)
+    names = {id(p): plan.names.canonical(n) for n, p in model.named_parameters()}
+    fsdp_params, group_of = {}, {}
+    for _, group, fp in compat.iter_all_fsdp_params(model):
+        fqn = names[id(compat.sharded_param(fp))]
+        fsdp_params[fqn], group_of[fqn] = fp, group
+    param_groups = {(g.unit, g.kind): group_of[p] for g in plan.groups for p in g.params[:1] if p in group_of}
+    frozen_settings = [(group, compat.reshard_settings(group))
+                       for (_, kind), group in param_groups.items() if kind == FROZEN]
+    state = ShardedModelState(policy=policy, plan=plan, mesh=mesh, fsdp_params=fsdp_params, param_groups=param_groups,
+                              frozen_settings=frozen_settings)
+    setattr(model, _STATE_ATTR, state)
+    _guard_setters(model, state)
+    model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True)
     return model
+
+
+#: FSDP setters that rewrite the reshard behaviour of every param group of the modules they reach.
+_RESHARD_SETTERS = ("set_reshard_after_forward", "set_reshard_after_backward")
+
+
+def _guard_setters(model: nn.Module, state: ShardedModelState) -> None:
+    """[Note: setters] FSDP's public ``set_reshard_after_forward`` / ``set_reshard_after_backward``
+    set every param group of a module (recursively by default), so on their own they would give a
+    ``"never"`` frozen group two all-gathers per step while the plan (and `describe`) say 0. Here they
+    change the trainable groups only: each FSDP module under `model` gets the setters as instance
+    attributes that call FSDP's and then restore the frozen groups' settings as applied. A call that
+    bypasses the instance (``FSDPModule.set_reshard_after_forward(m, ...)``) is undone at the next
+    forward by the root's pre-hook. Other setters (prefetching, gradient sync, ...) are left alone:
+    they either do not touch frozen groups or mean the same for them.
+    """
+    for module in model.modules():
+        if not compat.has_fsdp_state(module):
+            continue
+        for name in _RESHARD_SETTERS:
+            original = getattr(module, name)
+
+            def guarded(*args: Any, _original: Any = original, **kwargs: Any) -> None:
+                _original(*args, **kwargs)
+                state.restore_frozen_policy()
+
+            guarded.__doc__ = f"{original.__doc__ or ''}\n\nfsdp_frozen: frozen param groups keep their policy."
+            object.__setattr__(module, name, guarded)
 
 
 def _trainable_reshard(plan: ShardingPlan, unit: str) -> bool | int:
@@ -126,7 +173,7 @@ def _unmanaged_nf4(plan: ShardingPlan, unit: str) -> list[str]:
 
 def _ignored(model: nn.Module, plan: ShardingPlan, unit: str) -> dict[str, Any]:
     names = [*plan.ignored.get(unit, ()), *_unmanaged_nf4(plan, unit)]
-    ignored = {model.get_parameter(f) for f in names}
+    ignored = {model.get_parameter(plan.path(f)) for f in names}
     return {"ignored_params": ignored} if ignored else {}
 
 
@@ -138,11 +185,12 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
     post_forward_cache: dict[Any, Any] = {}
 
     for unit in plan.units:
-        module = model.get_submodule(unit)
+        module = model.get_submodule(plan.path(unit))
         frozen_group = plan.frozen_group(unit)
         unmanaged = set(_unmanaged_nf4(plan, unit))
         frozen_ids = (
-            {id(model.get_parameter(f)) for f in frozen_group.params if f not in unmanaged} if frozen_group else set()
+            {id(model.get_parameter(plan.path(f))) for f in frozen_group.params if f not in unmanaged}
+            if frozen_group else set()
         )
         placement = compat.placement_on(frozen_mesh_info) if frozen_ids else None
         fully_shard(
@@ -173,7 +221,7 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
     for unit in plan.units:
         frozen_group = plan.frozen_group(unit)
         if frozen_group is not None:
-            modules = [model.get_submodule(m) for m in frozen_group.modules]
+            modules = [model.get_submodule(plan.path(m)) for m in frozen_group.modules]
             reshard = frozen_group.reshard
             fully_shard(
                 modules,
@@ -184,7 +232,7 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
             if reshard == "never":
                 modules[0].set_reshard_after_backward(False, recurse=False)
         fully_shard(
-            model.get_submodule(unit),
+            model.get_submodule(plan.path(unit)),
             mesh=mesh,
             reshard_after_forward=_trainable_reshard(plan, unit),
             mp_policy=mp_policy,
@@ -192,11 +240,13 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
         )
 
 
-def _freezing_check(fsdp_params: dict[str, Any], frozen: frozenset[str]):
-    """Root forward pre-hook: refuse to run on after a parameter's requires_grad was flipped."""
+def _freezing_check(fsdp_params: dict[str, Any], frozen: frozenset[str], state: ShardedModelState):
+    """Root forward pre-hook: refuse to run on after a parameter's requires_grad was flipped, and put
+    back the frozen groups' reshard settings if an FSDP setter was called around the guard."""
     entries = [(fqn, fp, fqn not in frozen) for fqn, fp in fsdp_params.items()]
 
     def check(module: nn.Module, args: Any) -> None:
+        state.restore_frozen_policy()
         for fqn, fp, want in entries:
             for tensor in (compat.sharded_param(fp), compat.unsharded_param_if_any(fp)):
                 if tensor is not None and tensor.requires_grad != want:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from . import _torch_compat as compat
 from ._globs import glob_match
 from .errors import PolicyError
+from .names import ModelNames, model_names
 from .policy import FreezePolicy
 from .storage import NF4, nf4_ineligible, nf4_nbytes
 
@@ -26,18 +27,20 @@ class GroupPlan:
 
     unit: str  #: unit FQN ("" is the root)
     kind: str  #: "frozen" or "trainable"
-    params: tuple[str, ...]  #: parameter FQNs as the unsharded model names them
+    params: tuple[str, ...]  #: canonical parameter FQNs (DCP's names, wrapper prefixes stripped)
     numel: int
     storage_dtype: str  #: dtype of the shards ("mixed" if the params differ)
     gathered_dtype: str  #: dtype all-gathered and computed with
     reshard: str | int | bool  #: frozen: policy name or int; trainable: FSDP reshard_after_forward
     all_gathers_per_step: int  #: expected in steady state (0 at shard size 1)
     unsharded_bytes: int  #: bytes of the gathered parameters
-    modules: tuple[str, ...] = ()  #: frozen-only submodules (structural fallback, torch < 2.13)
+    modules: tuple[str, ...] = ()  #: canonical FQNs of frozen-only submodules (structural fallback, torch < 2.13)
 
 
 @dataclass(frozen=True)
 class ShardingPlan:
+    """Every decision `shard_with_freezing` takes, in canonical names (see `names.py`)."""
+
     units: tuple[str, ...]  #: bottom-up: deeper units first, root ("") last
     groups: tuple[GroupPlan, ...]
     frozen: frozenset[str]  #: FQNs of frozen parameters after freeze/unfreeze
@@ -47,6 +50,13 @@ class ShardingPlan:
     split: bool = True  #: True: per-parameter groups (2.13+); False: structural fallback
     quantized: frozenset[str] = frozenset()  #: frozen params stored as NF4 (frozen_dtype="nf4")
     not_quantized: dict[str, str] = field(default_factory=dict)  #: frozen params NF4 cannot hold -> why
+    names: ModelNames | None = None  #: canonical names of the model and the module paths behind them
+
+    def path(self, fqn: str) -> str:
+        """The path (``get_submodule`` / ``get_parameter`` name) of a canonical parameter or module FQN."""
+        if self.names is None:
+            return fqn
+        return self.names.params.get(fqn) or self.names.modules.get(fqn, fqn)
 
     def groups_of(self, unit: str) -> list[GroupPlan]:
         return [g for g in self.groups if g.unit == unit]
@@ -63,9 +73,14 @@ def _within(name: str, unit: str) -> bool:
     return unit == "" or name == unit or name.startswith(unit + ".")
 
 
-def resolve_units(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
-    """Unit FQNs matched by `patterns` (FQN globs or class names), deepest first, root last."""
-    named = [(n, m) for n, m in model.named_modules() if n]
+def resolve_units(model: nn.Module, patterns: tuple[str, ...], names: ModelNames | None = None) -> list[str]:
+    """Canonical unit FQNs matched by `patterns` (FQN globs or class names), deepest first, root last.
+
+    A glob is matched against canonical module names; a class name against every module, wrapped
+    ones included, and names the outermost module of that canonical name (see `names.py`).
+    """
+    names = names or model_names(model)
+    named = [(names.canonical(n), m) for n, m in model.named_modules() if n]
     units: set[str] = set()
     for pattern in patterns:
         hits = {n for n, m in named if glob_match(pattern, n) or type(m).__name__ == pattern}
@@ -82,11 +97,13 @@ def _enclosing_unit(module_fqn: str, units: list[str]) -> str:
     return max((u for u in units if _within(module_fqn, u)), key=len)
 
 
-def _resolve_frozen(holders: dict[nn.Parameter, list[str]], policy: FreezePolicy) -> set[str]:
+def _resolve_frozen(holders: dict[nn.Parameter, list[str]], policy: FreezePolicy, paths: dict[str, str]) -> set[str]:
+    """Canonical FQNs of the frozen parameters; patterns match canonical names or module paths."""
     frozen = {names[0] for p, names in holders.items() if not p.requires_grad}
     for key, value in (("freeze", True), ("unfreeze", False)):
         for pattern in getattr(policy, key):
-            hits = [names[0] for names in holders.values() if any(glob_match(pattern, n) for n in names)]
+            hits = [names[0] for names in holders.values()
+                    if any(glob_match(pattern, n) or glob_match(pattern, paths.get(n, n)) for n in names)]
             if not hits:
                 raise PolicyError(f"FreezePolicy.{key} pattern {pattern!r} matches no parameter")
             (frozen.update if value else frozen.difference_update)(hits)
@@ -124,27 +141,29 @@ def _label(names: list[str]) -> str:
     return "mixed"
 
 
-def _frozen_only_modules(model: nn.Module, unit: str, units: list[str], owned: set[str], frozen: set[str]) -> list[str]:
+def _frozen_only_modules(
+    model: nn.Module, unit: str, units: list[str], owned: set[str], frozen: set[str], names: ModelNames
+) -> list[str]:
     """Maximal submodules of `unit` (not crossing nested units) whose own parameters are all frozen."""
     nested = [u for u in units if u != unit and _within(u, unit)]
     result: list[str] = []
-    root = model.get_submodule(unit)
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
-            name = f"{prefix}.{child_name}" if prefix else child_name
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            name = names.canonical(path)
             if name in nested:
                 continue
-            params = [
-                f"{name}.{n}" for n, _ in child.named_parameters()
-                if not any(_within(f"{name}.{n}", u) for u in nested if _within(u, name))
-            ]
+            params = [names.canonical(f"{path}.{n}") for n, _ in child.named_parameters()]
+            params = [p for p in params if not any(_within(p, u) for u in nested if _within(u, name))]
             if params and all(p in owned and p in frozen for p in params):
-                result.append(name)
+                if name not in result:
+                    result.append(name)
             else:
-                visit(name, child)
+                visit(path, child)
 
-    visit(unit, root)
+    unit_path = names.modules.get(unit, unit)
+    visit(unit_path, model.get_submodule(unit_path))
     return result
 
 
@@ -158,27 +177,30 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
     split = compat.split_groups_supported() if split is None else split
     for key in ("frozen_reshard", "trainable_reshard"):
         _check_int_reshard(key, getattr(policy, key), shard_size)
-    units = resolve_units(model, policy.units)
+    names = model_names(model)
+    units = resolve_units(model, policy.units, names)
 
     holders: dict[nn.Parameter, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(param, []).append(name)
-    frozen = _resolve_frozen(holders, policy)
+    for path, param in model.named_parameters(remove_duplicate=False):
+        name = names.canonical(path)
+        if name not in holders.setdefault(param, []):
+            holders[param].append(name)
+    frozen = _resolve_frozen(holders, policy, names.params)
 
     owner: dict[str, str] = {}
     ignored: dict[str, list[str]] = {}
     params: dict[str, nn.Parameter] = {}
-    for param, names in holders.items():
-        fqn = names[0]
+    for param, tied in holders.items():
+        fqn = tied[0]
         if param.dim() == 0:
             raise PolicyError(f"parameter {fqn!r} is a scalar; FSDP shards dim 0, reshape it to shape [1]")
         params[fqn] = param
-        enclosing = {_enclosing_unit(_parent(n), units) for n in names}
+        enclosing = {_enclosing_unit(_parent(n), units) for n in tied}
         outer = min(enclosing, key=len)
         if not all(_within(u, outer) for u in enclosing):
             raise PolicyError(
                 f"tied parameter {fqn!r} is used under units {sorted(enclosing)}, none of which contains "
-                f"the others; make one unit hold every module that uses it (names: {names})"
+                f"the others; make one unit hold every module that uses it (names: {tied})"
             )
         owner[fqn] = outer
         for u in enclosing - {outer}:
@@ -200,7 +222,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
                 f"(ignored_params), which needs torch >= 2.7 (found {torch.__version__})"
             )
         for fqn in sorted(frozen & set(params)):
-            why = nf4_ineligible(model, fqn, params[fqn], shard_size, policy.nf4_block_size,
+            why = nf4_ineligible(model, names.params[fqn], params[fqn], shard_size, policy.nf4_block_size,
                                  policy.nf4_scaler_block_size)
             if why is None and len(holders[params[fqn]]) == 1:
                 quantized.add(fqn)
@@ -212,11 +234,11 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         storage = [frozen_dtype if (kind == FROZEN and frozen_dtype and params[f].is_floating_point())
                    else params[f].dtype for f in fqns]
         gathered = [mp_dtype if (mp_dtype and s.is_floating_point) else s for s in storage]
-        names = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, storage)]
-        gathered_names = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, gathered)]
+        labels = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, storage)]
+        gathered_labels = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, gathered)]
         return GroupPlan(
             unit=unit, kind=kind, params=tuple(fqns), numel=sum(params[f].numel() for f in fqns),
-            storage_dtype=_label(names), gathered_dtype=_label(gathered_names),
+            storage_dtype=_label(labels), gathered_dtype=_label(gathered_labels),
             reshard=reshard, all_gathers_per_step=_gathers(kind, reshard, shard_size),
             unsharded_bytes=sum(nf4_bytes(f) if f in quantized else params[f].numel() * d.itemsize
                                 for f, d in zip(fqns, gathered)),
@@ -233,7 +255,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         trainable_fqns = [f for f in owned if f not in frozen]
         modules: list[str] = []
         if frozen_fqns and not split:
-            modules = _frozen_only_modules(model, unit, units, set(owned), frozen)
+            modules = _frozen_only_modules(model, unit, units, set(owned), frozen, names)
             in_modules = [f for f in frozen_fqns if any(_within(f, m) for m in modules)]
             unsplit += [f for f in frozen_fqns if f not in in_modules]
             trainable_fqns = [f for f in owned if f not in in_modules]
@@ -252,6 +274,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
         ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
         shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
+        names=names,
     )
 
 

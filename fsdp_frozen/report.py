@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from . import _torch_compat as compat
 from .apply import sharded_state
+from .plan import FROZEN
 from .storage import storage_nbytes
 
 
@@ -22,7 +23,7 @@ class GroupRecord:
     numel: int
     storage_dtype: str
     gathered_dtype: str
-    reshard: str  #: frozen policy, or the trainable group's reshard_after_forward
+    reshard: str  #: frozen policy, or the trainable group's reshard_after_forward as FSDP will run it
     sharded_bytes: int  #: bytes of this rank's shards (FSDP's padded storage)
     unsharded_bytes: int  #: bytes of the gathered parameters
     all_gathers_per_step: int  #: expected in steady state
@@ -62,6 +63,24 @@ def _shard_bytes(fsdp_param: Any) -> int:
     return storage_nbytes(compat.sharded_param(fsdp_param).to_local())
 
 
+def _effective(g: Any, group: Any, shard_size: int) -> tuple[str, int]:
+    """(reshard label, all-gathers per step) of a plan group as its FSDP param group will run it.
+
+    Frozen groups are held to the plan (FSDP's setters cannot change them, see `apply`); a trainable
+    group follows FSDP's setters, so it is read from the group itself.
+    """
+    if g.kind == FROZEN or group is None:
+        return str(g.reshard), g.all_gathers_per_step
+    after_forward = compat.reshard_after_forward_of(group)
+    after_backward = compat.reshard_settings(group)[1]
+    if shard_size == 1:
+        gathers = 0
+    else:  # forward gathers unless still gathered from backward; backward re-gathers after a reshard
+        gathers = int(after_backward) + int(after_forward is not False)
+    label = str(after_forward) + ("" if after_backward else ", kept after backward")
+    return label, gathers
+
+
 def describe(model: nn.Module) -> Description:
     """Records of every param group `shard_with_freezing` built on `model` (this rank's bytes).
 
@@ -75,16 +94,17 @@ def describe(model: nn.Module) -> Description:
         dense = {p: plan.not_quantized[p] for p in g.params if p in plan.not_quantized}
         notes = [f"frozen but not split off (torch < 2.13): {unsplit}"] if unsplit else []
         notes += [f"not NF4, kept in {g.gathered_dtype.split('+')[-1]}: " + "; ".join(f"{p} ({why})" for p, why in dense.items())] if dense else []
+        reshard, gathers = _effective(g, state.param_groups.get((g.unit, g.kind)), plan.shard_size)
         records.append(
             GroupRecord(
                 unit=g.unit, kind=g.kind, params=g.params, numel=g.numel,
-                storage_dtype=g.storage_dtype, gathered_dtype=g.gathered_dtype, reshard=str(g.reshard),
+                storage_dtype=g.storage_dtype, gathered_dtype=g.gathered_dtype, reshard=reshard,
                 sharded_bytes=sum(
                     _shard_bytes(state.fsdp_params[p]) if p in state.fsdp_params
-                    else storage_nbytes(model.get_parameter(p))  # not managed by FSDP (NF4 at shard size 1)
+                    else storage_nbytes(model.get_parameter(plan.path(p)))  # not managed by FSDP (NF4 at shard size 1)
                     for p in g.params
                 ),
-                unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=g.all_gathers_per_step,
+                unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=gathers,
                 note=" | ".join(notes),
             )
         )

@@ -22,29 +22,29 @@ _NF4_INNER = ("quantized_data", "quantized_scalers", "quantization_factor", "sca
 NF4_PACKED = _NF4_INNER[:3]
 
 
-def cast_frozen(model: nn.Module, fqns: Iterable[str], dtype: torch.dtype) -> None:
-    """Store the floating-point parameters named `fqns` in `dtype`, in place.
+def cast_frozen(model: nn.Module, paths: Iterable[str], dtype: torch.dtype) -> None:
+    """Store the floating-point parameters at `paths` (``get_parameter`` names) in `dtype`, in place.
 
     The Parameter objects are kept (``param.data`` is replaced), so tied parameters stay tied and
     references the caller holds stay valid. Peak extra memory: one converted parameter at a time.
     """
-    for fqn in fqns:
-        param = model.get_parameter(fqn)
+    for path in paths:
+        param = model.get_parameter(path)
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
 
 
 def nf4_ineligible(
-    model: nn.Module, fqn: str, param: nn.Parameter, shard_size: int, block_size: int, scaler_block_size: int
+    model: nn.Module, path: str, param: nn.Parameter, shard_size: int, block_size: int, scaler_block_size: int
 ) -> str | None:
-    """Why the frozen parameter `fqn` cannot be stored as NF4 at this shard size (None: it can).
+    """Why the frozen parameter at `path` cannot be stored as NF4 at this shard size (None: it can).
 
     torchao quantizes 2-D weights in blocks of `block_size` elements, whose scalers are quantized
     in blocks of `scaler_block_size`; FSDP then splits every inner tensor into `shard_size` equal
     dim-0 chunks (NF4 cannot be padded), so all of them must divide evenly.
     """
-    owner = model.get_submodule(fqn.rpartition(".")[0])
-    if not (isinstance(owner, nn.Linear) and fqn.endswith(".weight")):
+    owner = model.get_submodule(path.rpartition(".")[0])
+    if not (isinstance(owner, nn.Linear) and path.endswith(".weight")):
         return "not the weight of an nn.Linear"
     if not param.is_floating_point() or param.dim() != 2:
         return f"not a 2-D float tensor ({param.dtype}, {tuple(param.shape)})"
@@ -66,12 +66,12 @@ def nf4_nbytes(numel: int, block_size: int, scaler_block_size: int) -> int:
     return numel // 2 + n_blocks + 4 * math.ceil(n_blocks / scaler_block_size)
 
 
-def quantize_nf4(model: nn.Module, fqns: Iterable[str], block_size: int, scaler_block_size: int) -> None:
-    """Replace each named frozen weight by a frozen Parameter holding torchao's NF4Tensor of it."""
+def quantize_nf4(model: nn.Module, paths: Iterable[str], block_size: int, scaler_block_size: int) -> None:
+    """Replace each frozen weight at `paths` by a frozen Parameter holding torchao's NF4Tensor of it."""
     from torchao.quantization import to_nf4
 
-    for fqn in fqns:
-        parent, _, leaf = fqn.rpartition(".")
+    for path in paths:
+        parent, _, leaf = path.rpartition(".")
         module = model.get_submodule(parent)
         weight = getattr(module, leaf)
         quantized = to_nf4(weight.detach().contiguous(), block_size, scaler_block_size)

@@ -379,7 +379,8 @@ def _load(
             if prefixed and not key.startswith("model."):
                 continue  # other top-level entries (optimizer, ...) are not model state
             name = key[6:] if prefixed else key
-            ours = f"{kinds.get(name, BUFFERS)}/{name}"
+            name = kinds.aliases.get(name, name)  # a base saved from a wrapped model (paths as keys)
+            ours = f"{kinds.get(name, BUFFERS)}/{name}"  # not in the model: reported as unexpected below
             saved[ours], raw[ours] = Spec(spec.shape, spec.dtype), key  # a plain base: plain storage
         frozen_not_stored = False
     else:

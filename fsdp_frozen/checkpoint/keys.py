@@ -7,13 +7,15 @@ one checkpoint key:
 state-dict path                            checkpoint key
 =========================================  =====================================
 ``fqn`` or ``model.fqn`` (parameter)       ``frozen/fqn`` or ``trainable/fqn``
-``fqn`` or ``model.fqn`` (buffer, other)   ``buffers/fqn``
+``fqn`` or ``model.fqn`` (buffer)          ``buffers/fqn``
+``model.X``, X not in the model            `CheckpointLayoutError` naming it
 ``optimizer.state.fqn.name``               ``optimizer/fqn/name``
 ``optimizer.param_groups...``              ``optimizer_groups/...``
 anything else (``extra.step``, ...)        ``extra/...``
 =========================================  =====================================
 
-``fqn`` is the parameter's name in the unsharded model (FSDP2 adds no prefixes).
+``fqn`` is the canonical name (`fsdp_frozen.names`): DCP's ``get_model_state_dict`` name, without
+wrapper prefixes (``_checkpoint_wrapped_module.``, ``_orig_mod.``); FSDP2 adds none.
 """
 
 from __future__ import annotations
@@ -22,37 +24,80 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..errors import CheckpointLayoutError
+from ..names import model_names
+
 FROZEN, TRAINABLE, BUFFERS = "frozen", "trainable", "buffers"
 OPTIMIZER, OPTIMIZER_GROUPS, EXTRA = "optimizer", "optimizer_groups", "extra"
 MODEL_KINDS = (FROZEN, TRAINABLE, BUFFERS)
 
 
-def model_kinds(model: nn.Module) -> dict[str, str]:
-    """State-dict FQN -> "frozen" / "trainable" / "buffers" for every parameter and buffer.
+class ModelKinds(dict):
+    """Canonical state-dict FQN -> ``"frozen"`` / ``"trainable"`` / ``"buffers"``.
 
-    The frozen set is the one `shard_with_freezing` built the param groups from; for a model that
-    was not sharded with it, ``requires_grad`` decides. Tied parameters appear under every name.
+    ``aliases`` maps module paths that differ from their canonical name (wrapper prefixes, see
+    `fsdp_frozen.names`) to it, so a state dict keyed either way finds its entries.
+    """
+
+    def __init__(self, kinds: dict[str, str], aliases: dict[str, str]) -> None:
+        super().__init__(kinds)
+        self.aliases = aliases
+
+
+def model_kinds(model: nn.Module) -> ModelKinds:
+    """The kind of every parameter, buffer and module extra state, by canonical FQN.
+
+    The frozen set is the one `shard_with_freezing` built the param groups from (and the names the
+    ones it planned with); for a model that was not sharded with it, ``requires_grad`` decides.
+    Tied parameters appear under every name.
     """
     from ..apply import _STATE_ATTR  # local import: apply imports nothing from here
 
     state = getattr(model, _STATE_ATTR, None)
-    canonical = {id(p): n for n, p in model.named_parameters()}
+    names = state.plan.names if state is not None and state.plan.names is not None else model_names(model)
     kinds: dict[str, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        frozen = canonical[id(p)] in state.plan.frozen if state is not None else not p.requires_grad
-        kinds[name] = FROZEN if frozen else TRAINABLE
-    for name, _ in model.named_buffers(remove_duplicate=False):
-        kinds[name] = BUFFERS
-    return kinds
+    for primary, tied in names.tied.items():
+        if state is not None:
+            frozen = primary in state.plan.frozen
+        else:
+            frozen = not model.get_parameter(names.params[primary]).requires_grad
+        kinds.update({n: FROZEN if frozen else TRAINABLE for n in tied})
+    kinds.update({n: BUFFERS for n in names.buffers})
+    return ModelKinds(kinds, names.aliases)
+
+
+def _model_name(name: str, kinds: dict[str, str]) -> str | None:
+    """The canonical FQN of a state-dict name of the model, or None if the model has no such entry."""
+    name = getattr(kinds, "aliases", {}).get(name, name)
+    return name if name in kinds else None
+
+
+def _unknown(entry: str, name: str, kinds: dict[str, str]) -> CheckpointLayoutError:
+    close = sorted(k for k in kinds if k.rpartition(".")[2] == name.rpartition(".")[2])[:3]
+    return CheckpointLayoutError(
+        f"state-dict entry {entry!r} is neither a parameter nor a buffer of the model (canonical names, "
+        f"wrapper prefixes such as '_checkpoint_wrapped_module.' and '_orig_mod.' stripped)"
+        + (f"; the model has e.g. {close}" if close else "")
+        + "; save the model's own state dict (get_model_state_dict) or put other entries under 'extra'"
+    )
 
 
 def checkpoint_key(path: tuple[Any, ...], kinds: dict[str, str]) -> str:
-    """The checkpoint key of one flattened state-dict path (see the module docstring)."""
+    """The checkpoint key of one flattened state-dict path (see the module docstring).
+
+    A model entry (``model.X``, or a dotted top-level ``X``) that is not a parameter, buffer or
+    extra state of the model raises `CheckpointLayoutError` naming it: it is never filed as a buffer.
+    """
     parts = [str(p) for p in path]
-    if len(parts) == 1 and parts[0] in kinds:
-        return f"{kinds[parts[0]]}/{parts[0]}"
+    if len(parts) == 1 and (name := _model_name(parts[0], kinds)) is not None:
+        return f"{kinds[name]}/{name}"
+    if len(parts) == 1 and "." in parts[0]:
+        raise _unknown(parts[0], parts[0], kinds)
     if len(parts) == 2 and parts[0] == "model":
-        return f"{kinds.get(parts[1], BUFFERS)}/{parts[1]}"
+        name = _model_name(parts[1], kinds)
+        if name is None:
+            raise _unknown(f"model.{parts[1]}", parts[1], kinds)
+        return f"{kinds[name]}/{name}"
     if parts[0] == "optimizer" and len(parts) >= 4 and parts[1] == "state":
         return f"{OPTIMIZER}/{parts[2]}/{'.'.join(parts[3:])}"
     if parts[0] == "optimizer":

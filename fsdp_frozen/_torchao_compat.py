@@ -1,0 +1,48 @@
+"""The only module that touches torchao's NF4Tensor beyond its public ``to_nf4`` (the torchao twin
+of `_torch_compat`).
+
+Checked on torchao 0.18.0 (torch 2.13, CPU): ``NF4Tensor.__tensor_flatten__`` names the inner
+tensors ``quantized_data``, ``quantized_scalers``, ``quantization_factor`` (packed, split in equal
+dim-0 chunks by FSDP), ``scaler_mean`` and ``nf4`` (replicated in every chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+#: Inner tensors of an NF4Tensor that are replicated in every dim-0 chunk (torchao 0.18).
+NF4_REPLICATED = ("scaler_mean", "nf4")
+
+
+def inner_names(t: torch.Tensor) -> list[str]:
+    return list(t.__tensor_flatten__()[0])
+
+
+def nf4_is_meta(t: torch.Tensor) -> bool:
+    """True if any inner tensor of the NF4Tensor `t` is on the meta device."""
+    return any(getattr(t, n).is_meta for n in inner_names(t))
+
+
+def nf4_materialize_(t: torch.Tensor, device: torch.device) -> None:
+    """Allocate the inner tensors ``to_empty`` left on meta (the replicated ones: torchao's
+    ``empty_like`` allocates only the packed tensors). Their values are set by the next copy."""
+    for name in inner_names(t):
+        inner = getattr(t, name)
+        if inner.is_meta:
+            setattr(t, name, torch.empty_like(inner, device=device))
+
+
+def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:
+    """Quantize the plain tensor `whole` with torchao at `target`'s block sizes and copy this rank's
+    dim-0 chunk (as ``fully_shard`` chunks an NF4 weight) into `target` (an NF4Tensor or a DTensor
+    of one): bitwise the storage sharding a model holding `whole` would give."""
+    from torchao.quantization import to_nf4
+
+    local = target._local_tensor if isinstance(target, DTensor) else target  # type: ignore[attr-defined]
+    quantized = to_nf4(whole.contiguous(), local.block_size, local.scaler_block_size)
+    if isinstance(target, DTensor):
+        (dim,) = [i for i, p in enumerate(target.placements) if p.is_shard()]
+        chunks = torch.chunk(quantized, target.device_mesh.size(dim), dim=0)
+        quantized = chunks[target.device_mesh.get_coordinate()[dim]]
+    local.copy_(quantized)  # every inner tensor (same shape and block sizes)

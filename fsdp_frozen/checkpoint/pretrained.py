@@ -1,0 +1,465 @@
+"""`load_pretrained`: pretrained weights from Hugging Face safetensors into a sharded model, rank by rank.
+
+The path a large model takes: build it on the meta device (``with torch.device("meta")`` or
+``accelerate.init_empty_weights()``), optionally wrap it with PEFT, shard it with
+`shard_with_freezing` (nothing is allocated yet), then::
+
+    initialised = load_pretrained(model, "path/to/hf_model_dir")
+
+Each rank allocates only its own shards on the mesh's device and reads only its own rows of each
+weight from the safetensors files (``safe_open(...).get_slice``; the file is opened per tensor, so
+its mmap never holds more than one tensor's pages). NF4 weights are the exception: torchao's NF4
+quantization is global per weight (double quantization subtracts the mean of all block scalers), so
+each rank reads such a weight whole, quantizes it on the mesh's device and keeps its chunk.
+
+[Note: why not DCP's HuggingFaceStorageReader] It reads through one mmap per file kept open for the
+whole load, so the pages of a rank's rows stay counted in its RSS: on a single-file model the peak
+grew past the whole model per rank (measured on torch 2.13, see ``docs/pretrained.md``). Row slices
+with the file reopened per tensor stay near the rank's own share.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+from .. import _torchao_compat as ao
+from .._torch_compat import local_tensor
+from ..apply import sharded_state
+from ..errors import CheckpointLayoutError
+from ..storage import is_nf4
+
+logger = logging.getLogger("fsdp_frozen")
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_FILE = "model.safetensors"
+
+#: safetensors dtype codes -> torch dtypes
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+#: Segments PEFT inserts into a wrapped model's names (the file has the base model's names).
+_PEFT_PREFIX = "base_model.model."
+_PEFT_SEGMENTS = (".base_layer", ".original_module", ".modules_to_save.default")
+#: PEFT adapter containers: the segment after them is the adapter name.
+_LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+_IA3_PARTS = ("ia3_l",)
+
+KeyMap = Callable[[str], "str | None"]
+
+
+@dataclass(frozen=True)
+class _FileTensor:
+    file: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def safetensors_index(path: str | os.PathLike) -> dict[str, _FileTensor]:
+    """Every tensor of a Hugging Face safetensors model: name -> (file, shape, dtype). Headers only.
+
+    `path` is a directory holding ``model.safetensors`` or ``model.safetensors.index.json`` plus its
+    shards, or one ``.safetensors`` file.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        files, wanted = [path], None
+    elif os.path.isfile(os.path.join(path, SAFETENSORS_INDEX)):
+        index_file = os.path.join(path, SAFETENSORS_INDEX)
+        try:
+            with open(index_file) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointLayoutError(f"cannot read safetensors index {index_file!r}: {e}") from e
+        files = sorted({os.path.join(path, f) for f in weight_map.values()})
+        wanted = {k: os.path.join(path, f) for k, f in weight_map.items()}
+    elif os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
+        files, wanted = [os.path.join(path, SAFETENSORS_FILE)], None
+    else:
+        raise CheckpointLayoutError(
+            f"{path!r} holds no Hugging Face safetensors model: expected {SAFETENSORS_FILE!r} or "
+            f"{SAFETENSORS_INDEX!r} (save one with save_pretrained(..., safe_serialization=True)), "
+            f"or pass a .safetensors file"
+        )
+    out: dict[str, _FileTensor] = {}
+    for file in files:
+        if not os.path.isfile(file):
+            raise CheckpointLayoutError(f"safetensors shard {file!r} named by the index is missing")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    dtype = _ST_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise CheckpointLayoutError(f"tensor {name!r} in {file!r} has dtype {sl.get_dtype()}, "
+                                                    f"which fsdp_frozen cannot load")
+                    out[name] = _FileTensor(file, tuple(sl.get_shape()), dtype)
+        except CheckpointLayoutError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a corrupt header, a truncated file, ...
+            raise CheckpointLayoutError(f"cannot read safetensors file {file!r}: {e}") from e
+    if wanted is not None:
+        lost = sorted(k for k, f in wanted.items() if k not in out or out[k].file != f)
+        if lost:
+            raise CheckpointLayoutError(f"the safetensors index of {path!r} names tensors its shards do not hold: "
+                                        f"{lost[:10]}{' ...' if len(lost) > 10 else ''}")
+    return out
+
+
+def file_candidates(name: str) -> list[str]:
+    """File names a model tensor may have: its own, then without PEFT's prefix and inserted segments."""
+    out = [name]
+    base = name[len(_PEFT_PREFIX):] if name.startswith(_PEFT_PREFIX) else name
+    for segment in _PEFT_SEGMENTS:
+        base = base.replace(segment + ".", ".")
+    if base not in out:
+        out.append(base)
+    return out
+
+
+@dataclass
+class _Target:
+    names: tuple[str, ...]  #: canonical names (tied parameters have several)
+    path: str  #: module path of the tensor
+    kind: str  #: "frozen", "trainable" or "buffer"
+    file_name: str | None = None
+
+
+def _targets(model: nn.Module, state: Any) -> list[_Target]:
+    names, plan = state.plan.names, state.plan
+    out = [_Target(tied, names.params[primary], "frozen" if primary in plan.frozen else "trainable")
+           for primary, tied in names.tied.items()]
+    out += [_Target((n,), path, "buffer") for n, path in names.buffers.items() if not n.endswith("_extra_state")]
+    return out
+
+
+def _is_meta(t: torch.Tensor) -> bool:
+    local = local_tensor(t)
+    return ao.nf4_is_meta(local) if is_nf4(local) else local.is_meta
+
+
+def _tensor(model: nn.Module, target: _Target) -> torch.Tensor:
+    return model.get_buffer(target.path) if target.kind == "buffer" else model.get_parameter(target.path)
+
+
+def _adapter_of(path: str, parts: tuple[str, ...]) -> tuple[str, str] | None:
+    """(layer path, adapter name) if `path` lies in one of PEFT's adapter containers `parts`."""
+    segments = path.split(".")
+    for i, seg in enumerate(segments[:-1]):
+        if seg in parts:
+            return ".".join(segments[:i]), segments[i + 1]
+    return None
+
+
+def _peft_init_lora(model: nn.Module, adapter: str) -> Any:
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(adapter) if isinstance(configs, dict) else None
+    return getattr(config, "init_lora_weights", True) if config is not None else True
+
+
+def _initialiser(model: nn.Module, target: _Target) -> tuple[str, Callable[[], None]] | str:
+    """(key, init function) for a trainable tensor the file lacks, or why there is none.
+
+    PEFT adapters get PEFT's own init (LoRA: ``reset_lora_parameters``, A kaiming, B zero; IA3:
+    ``reset_ia3_parameters``, ones); DoRA's magnitude is computed from the base weight later; other
+    modules get their ``reset_parameters()``. The key deduplicates modules shared by several tensors.
+    """
+    lora = _adapter_of(target.path, _LORA_PARTS)
+    if lora is not None:
+        layer_path, adapter = lora
+        layer = model.get_submodule(layer_path)
+        if target.path.split(".")[len(layer_path.split(".")) if layer_path else 0] == "lora_magnitude_vector":
+            return f"dora:{target.path}", lambda: None  # filled from the base weight's rows
+        init = _peft_init_lora(model, adapter)
+        if hasattr(layer, "reset_lora_parameters"):
+            return f"lora:{layer_path}:{adapter}", lambda: layer.reset_lora_parameters(adapter, init)
+    ia3 = _adapter_of(target.path, _IA3_PARTS)
+    if ia3 is not None:
+        layer_path, adapter = ia3
+        layer = model.get_submodule(layer_path)
+        if hasattr(layer, "reset_ia3_parameters"):
+            return f"ia3:{layer_path}:{adapter}", lambda: layer.reset_ia3_parameters(adapter)
+    owner_path = target.path.rpartition(".")[0]
+    owner = model.get_submodule(owner_path)
+    if callable(getattr(owner, "reset_parameters", None)):
+        return f"reset:{owner_path}", owner.reset_parameters
+    return (f"{target.names[0]!r} is not in the file and its module {type(owner).__name__} ({owner_path or '<root>'!r}) "
+            f"has no reset_parameters(); give it one, or map it to a file tensor with key_map")
+
+
+def _buffer_initialiser(model: nn.Module, target: _Target) -> Callable[[], None] | None:
+    """How to recompute a buffer a meta build left empty: transformers' ``_init_weights`` for its
+    modules without parameters (rotary ``inv_freq``), torchtune's ``rope_init``, ``reset_parameters``."""
+    owner_path = target.path.rpartition(".")[0]
+    owner = model.get_submodule(owner_path)
+    if any(True for _ in owner.parameters(recurse=False)):
+        return None
+    for fn in ("rope_init", "reset_parameters"):
+        if callable(getattr(owner, fn, None)):
+            return getattr(owner, fn)
+    segments = owner_path.split(".") if owner_path else []
+    for i in range(len(segments), -1, -1):  # the nearest transformers PreTrainedModel above it
+        ancestor = model.get_submodule(".".join(segments[:i]))
+        if callable(getattr(ancestor, "_init_weights", None)) and hasattr(ancestor, "config"):
+            return lambda: ancestor._init_weights(owner)
+    return None
+
+
+def _mesh_device(state: Any) -> torch.device:
+    device_type = state.mesh.device_type
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(device_type)
+
+
+def _chunk_index(t: torch.Tensor) -> tuple[slice, ...] | None:
+    """This rank's slice of the global tensor (None: nothing here); the whole tensor if not a DTensor."""
+    if not isinstance(t, DTensor):
+        return tuple(slice(0, s) for s in t.shape)
+    local = local_tensor(t)
+    if local.numel() == 0:
+        return None
+    (chunk,) = t.__create_chunk_list__()
+    return tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
+
+
+def _read(info: _FileTensor, name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
+    """Rows (or the whole tensor when `index` is None) of one file tensor; the file is open only here."""
+    from safetensors import safe_open
+
+    with safe_open(info.file, framework="pt") as f:
+        if index is None:
+            return f.get_tensor(name)
+        return f.get_slice(name)[index]
+
+
+def load_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    key_map: KeyMap | None = None,
+) -> list[str]:
+    """Load pretrained weights from a Hugging Face safetensors model into a sharded model.
+
+    Args:
+        model: sharded with `shard_with_freezing`, its parameters on the meta device (built under
+            ``torch.device("meta")``, or with real buffers as ``accelerate.init_empty_weights()``
+            does) or already materialized. Meta shards are allocated on the mesh's device (CUDA
+            when the mesh is on CUDA), real buffers are kept.
+        path: a directory with ``model.safetensors`` or ``model.safetensors.index.json`` and its
+            shards (``save_pretrained``), or one ``.safetensors`` file.
+        key_map: ``key_map(model_name) -> file_name or None``, tried first for every canonical
+            parameter and buffer name; None falls back to the automatic mapping: the name itself,
+            then without PEFT's ``base_model.model.`` prefix and its inserted ``.base_layer``,
+            ``.original_module`` and ``.modules_to_save.default`` segments (LoRA, DoRA, IA3).
+
+    Returns:
+        The canonical names initialised rather than loaded (trainable tensors the file lacks, e.g.
+        adapters or a new head, and recomputed buffers), also logged on rank 0.
+
+    What it guarantees:
+
+    * Before anything is allocated or written, every problem is raised in one
+      `CheckpointLayoutError`: a frozen parameter or persistent buffer the file lacks, a file
+      tensor nothing maps to, a shape mismatch, a float/non-float dtype mismatch, a trainable
+      tensor without an initialiser, a meta buffer nothing can recompute.
+    * Float dtypes convert on the way in (an fp32 or bf16 file into bf16 frozen shards), and NF4
+      weights are quantized with torchao from the file's values in the model's original dtype:
+      bitwise the shards `shard_with_freezing` gives a model loaded with ``from_pretrained``.
+    * Trainable tensors the file lacks get their module's own init: PEFT's LoRA init (A kaiming,
+      B zero; ``init_lora_weights`` from the model's ``peft_config``), IA3's ones, DoRA's magnitude
+      (the base weight's row norms, read from the file), else ``reset_parameters()``. Buffers a meta
+      build left empty are recomputed (transformers' ``_init_weights`` for rotary ``inv_freq``,
+      torchtune's ``rope_init``, ``reset_parameters``).
+
+    Cost: each rank reads its own rows of every weight (NF4 weights whole), one tensor at a time;
+    peak host memory beyond the rank's shards is about one tensor's rows (NF4: one whole weight).
+    No collective: every rank reads the same headers and decides alike.
+    """
+    state = sharded_state(model)
+    path = os.fspath(path)
+    index = safetensors_index(path)
+    targets = _targets(model, state)
+
+    problems: list[str] = []
+    used: set[str] = set()
+    for target in targets:
+        tensor = _tensor(model, target)
+        for name in target.names:
+            mapped = key_map(name) if key_map is not None else None
+            if mapped is not None and mapped not in index:
+                problems.append(f"key_map maps {name!r} to {mapped!r}, which the file does not hold")
+                break
+            hit = mapped if mapped is not None else next((c for c in file_candidates(name) if c in index), None)
+            if hit is not None:
+                target.file_name = hit
+                break
+        if target.file_name is None:
+            continue
+        used.add(target.file_name)
+        info = index[target.file_name]
+        if tuple(info.shape) != tuple(tensor.shape):
+            problems.append(f"shape of {target.names[0]!r}: model {tuple(tensor.shape)}, file {target.file_name!r} "
+                            f"{info.shape}")
+        elif info.dtype.is_floating_point != tensor.dtype.is_floating_point or (
+                not info.dtype.is_floating_point and info.dtype != tensor.dtype):
+            problems.append(f"dtype of {target.names[0]!r}: model {tensor.dtype}, file {target.file_name!r} {info.dtype} "
+                            f"(only float-to-float conversions happen on load)")
+
+    missing_frozen = [t.names[0] for t in targets if t.file_name is None and t.kind == "frozen"]
+    tie_hint = ("; if the model ties it to another weight, tie them before shard_with_freezing "
+                "(model.tie_weights(): accelerate.init_empty_weights() unties them)"
+                if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else "")
+    problems += [f"frozen parameter {n!r} is missing from the file (it would keep a random init forever){tie_hint}"
+                 for n in missing_frozen]
+    unexpected = sorted(set(index) - used)
+    problems += [f"file tensor {n!r} matches no parameter or buffer of the model (map it with key_map)"
+                 for n in unexpected]
+
+    inits: dict[str, Callable[[], None]] = {}
+    initialised: list[str] = []
+    buffer_inits: list[Callable[[], None]] = []
+    dora: list[_Target] = []
+    for target in targets:
+        if target.file_name is not None or target.kind == "frozen":
+            continue
+        tensor = _tensor(model, target)
+        if target.kind == "buffer":
+            if not _is_meta(tensor):
+                continue  # a real buffer (params-only meta build): kept as it is
+            module = model.get_submodule(target.path.rpartition(".")[0])
+            persistent = target.path.rpartition(".")[2] not in module._non_persistent_buffers_set
+            init = None if persistent else _buffer_initialiser(model, target)
+            if init is None:
+                problems.append(
+                    f"buffer {target.names[0]!r} is on the meta device and not in the file, and nothing can "
+                    f"recompute it; build buffers on a real device (accelerate.init_empty_weights() keeps them "
+                    f"real) or give its module reset_parameters()")
+            else:
+                buffer_inits.append(init)
+                initialised.append(target.names[0])
+            continue
+        found = _initialiser(model, target)
+        if isinstance(found, str):
+            problems.append(found)
+            continue
+        key, init = found
+        if key.startswith("dora:"):
+            dora.append(target)
+        else:
+            inits.setdefault(key, init)
+        initialised.append(target.names[0])
+    dora_sources = {}
+    for target in dora:
+        base = _dora_base(model, target, targets)
+        if isinstance(base, str):
+            problems.append(base)
+        else:
+            dora_sources[target.path] = base
+    if problems:
+        raise CheckpointLayoutError(
+            f"cannot load pretrained weights from {path!r} into {type(model).__name__} ({len(problems)} "
+            f"problem(s); nothing was allocated or written):\n  - " + "\n  - ".join(problems))
+
+    device = _mesh_device(state)
+    _materialize(model, device)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        for init in inits.values():
+            init()
+        for target in targets:
+            if target.file_name is not None:
+                _fill(_tensor(model, target), index[target.file_name], target.file_name, device)
+        for target in dora:
+            _fill_dora(_tensor(model, target), *dora_sources[target.path], index, device)
+        for init in buffer_inits:
+            init()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        logger.info("load_pretrained(%s): %d tensors loaded, %d initialised: %s", path,
+                    sum(t.file_name is not None for t in targets), len(initialised), initialised)
+    return initialised
+
+
+def _dora_base(model: nn.Module, magnitude: _Target, targets: list[_Target]) -> tuple[str, bool] | str:
+    """(file name of the base weight, fan_in_fan_out) for a DoRA magnitude vector, or why not."""
+    layer_path, adapter = _adapter_of(magnitude.path, _LORA_PARTS)  # type: ignore[misc]
+    layer = model.get_submodule(layer_path)
+    init = _peft_init_lora(model, adapter)
+    if init is False:
+        return (f"DoRA magnitude {magnitude.names[0]!r}: with init_lora_weights=False it depends on the random "
+                f"LoRA weights; initialise adapters with init_lora_weights=True or 'gaussian' (lora_B = 0)")
+    base_path = f"{layer_path}.base_layer.weight"
+    base = next((t for t in targets if t.path == base_path and t.file_name is not None), None)
+    if base is None:
+        return f"DoRA magnitude {magnitude.names[0]!r}: its base weight {base_path!r} is not loaded from the file"
+    return base.file_name, bool(getattr(layer, "fan_in_fan_out", False))
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocate meta parameters and buffers on `device` (only this rank's shards); real buffers stay."""
+    if not any(_is_meta(t) for t in (*model.parameters(), *model.buffers())):
+        return
+    real = {}
+    for module_path, module in model.named_modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                real[(module_path, name)] = buf
+    model.to_empty(device=device)
+    for (module_path, name), buf in real.items():
+        model.get_submodule(module_path)._buffers[name] = buf.to(device)
+    for p in model.parameters():  # torchao's NF4Tensor: to_empty allocates only the packed tensors
+        local = local_tensor(p)
+        if is_nf4(local):
+            ao.nf4_materialize_(local, device)
+
+
+def _fill(tensor: torch.Tensor, info: _FileTensor, name: str, device: torch.device) -> None:
+    """Copy this rank's part of the file tensor `name` into `tensor` (a shard, a plain tensor, NF4)."""
+    local = local_tensor(tensor)
+    if is_nf4(local):
+        whole = _read(info, name, None).to(device=device, dtype=local.dtype)
+        ao.nf4_copy_chunk_(tensor, whole)
+        return
+    index = _chunk_index(tensor)
+    if index is None:
+        return
+    rows = _read(info, name, index if isinstance(tensor, DTensor) else None)
+    local.copy_(rows.to(local.dtype))
+
+
+def _fill_dora(magnitude: torch.Tensor, base_name: str, fan_in_fan_out: bool, index: dict[str, _FileTensor],
+               device: torch.device) -> None:
+    """DoRA's magnitude with lora_B = 0: the L2 norm of each output row of the base weight, in the
+    magnitude's dtype (PEFT's ``DoraLinearLayer.update_layer``), from this rank's rows of the file."""
+    local = local_tensor(magnitude)
+    chunk = _chunk_index(magnitude)
+    if chunk is None:
+        return
+    (rows,) = chunk
+    sl = (slice(None), rows) if fan_in_fan_out else (rows,)
+    weight = _read(index[base_name], base_name, sl).to(device=device, dtype=local.dtype)
+    if fan_in_fan_out:
+        weight = weight.T
+    local.copy_(torch.linalg.norm(weight, dim=1).to(local.dtype))
+
+
+def pretrained_nbytes(path: str | os.PathLike) -> int:
+    """Bytes of every tensor of a safetensors model (headers only)."""
+    return sum(math.prod(t.shape) * t.dtype.itemsize for t in safetensors_index(path).values())
+
+
+__all__ = ["load_pretrained", "safetensors_index", "file_candidates", "pretrained_nbytes"]
