@@ -224,3 +224,34 @@ def canonical_fqn(model: nn.Module, name: str) -> str:
     # DCP strips "_checkpoint_wrapped_module." only with its dot: a module path ending in it keeps it.
     wrappers = {prefix.rstrip(".") for prefix in WRAPPER_PREFIXES}
     return ".".join(s for s in name.split(".") if s not in wrappers)
+
+
+_HOST_STAGED = "_fsdp_frozen_host_staged"
+
+
+def host_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised host (CPU) tensor laid out like `t`: for a DTensor, a DTensor with `t`'s
+    mesh, placements and global shape whose local tensor lives on the host (DCP reads into it as into
+    `t`; checksums see the same shard offsets). Built with the DTensor constructor and ``t._spec``
+    (2.4-2.13): ``DTensor.from_local`` would move the local tensor to the mesh's device."""
+    local = local_tensor(t)
+    host = torch.empty(local.shape, dtype=local.dtype, device="cpu")
+    out = DTensor(host, t._spec, requires_grad=False) if isinstance(t, DTensor) else host  # type: ignore[attr-defined]
+    setattr(out, _HOST_STAGED, True)
+    return out
+
+
+def is_host_staged(t: Any) -> bool:
+    return getattr(t, _HOST_STAGED, False)
+
+
+def collective_device(group: Any = None) -> torch.device:
+    """The device a tensor must be on for a collective on `group` (default: the default group):
+    the CPU for gloo (also when gloo serves CPU tensors of a ``"cpu:gloo,cuda:nccl"`` group), else the
+    current CUDA device (NCCL). The CPU when no process group is initialised."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())

@@ -13,6 +13,8 @@ from torch.distributed.tensor import DTensor
 
 #: Inner tensors of an NF4Tensor that are replicated in every dim-0 chunk (torchao 0.18).
 NF4_REPLICATED = ("scaler_mean", "nf4")
+#: The packed ones, which FSDP (torchao's split) cuts into equal dim-0 chunks.
+NF4_PACKED = ("quantized_data", "quantized_scalers", "quantization_factor")
 
 
 def inner_names(t: torch.Tensor) -> list[str]:
@@ -34,15 +36,32 @@ def nf4_materialize_(t: torch.Tensor, device: torch.device) -> None:
 
 
 def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:
-    """Quantize the plain tensor `whole` with torchao at `target`'s block sizes and copy this rank's
-    dim-0 chunk (as ``fully_shard`` chunks an NF4 weight) into `target` (an NF4Tensor or a DTensor
-    of one): bitwise the storage sharding a model holding `whole` would give."""
+    """Copy this rank's dim-0 chunk of the whole weight `whole` (as ``fully_shard`` chunks an NF4
+    weight) into `target` (an NF4Tensor or a DTensor of one). A plain `whole` is first quantized with
+    torchao at `target`'s block sizes, on `target`'s device: bitwise the storage sharding a model that
+    holds `whole` there would give. An NF4 `whole` must have `target`'s block sizes."""
     from torchao.quantization import to_nf4
 
     local = target._local_tensor if isinstance(target, DTensor) else target  # type: ignore[attr-defined]
-    quantized = to_nf4(whole.contiguous(), local.block_size, local.scaler_block_size)
+    if type(whole).__name__ == "NF4Tensor":
+        quantized = whole
+    else:
+        quantized = to_nf4(whole.to(device=local.device, dtype=local.dtype).contiguous(), local.block_size,
+                           local.scaler_block_size)
     if isinstance(target, DTensor):
         (dim,) = [i for i, p in enumerate(target.placements) if p.is_shard()]
         chunks = torch.chunk(quantized, target.device_mesh.size(dim), dim=0)
         quantized = chunks[target.device_mesh.get_coordinate()[dim]]
     local.copy_(quantized)  # every inner tensor (same shape and block sizes)
+
+
+def nf4_concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The NF4Tensor whose equal dim-0 chunks are `parts` (torchao's split, inverted)."""
+    first = parts[0]
+    names, ctx = first.__tensor_flatten__()
+    inner = {n: (torch.cat([getattr(p, n) for p in parts]) if n in NF4_PACKED else getattr(first, n)) for n in names}
+    size = torch.Size([sum(p.shape[0] for p in parts), *first.shape[1:]])
+    stride = torch.empty(size, device="meta").stride()
+    meta = ctx["tensor_meta"]
+    ctx = dict(ctx, tensor_meta=type(meta)(size, stride, 0, meta.dtype, meta.device, meta.requires_grad))
+    return type(first).__tensor_unflatten__(inner, ctx, size, stride)

@@ -15,11 +15,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
+from ._torchao_compat import NF4_PACKED  # noqa: F401 (re-exported: the packed inner tensors of an NF4Tensor)
+
 NF4 = "nf4"
-#: Inner tensors of an NF4Tensor that carry its data (torchao 0.18 names).
-_NF4_INNER = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
-#: The packed ones, which FSDP (torchao's split) cuts into equal dim-0 chunks; the rest are replicated.
-NF4_PACKED = _NF4_INNER[:3]
 
 
 def cast_frozen(model: nn.Module, paths: Iterable[str], dtype: torch.dtype) -> None:

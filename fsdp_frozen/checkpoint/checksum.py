@@ -18,12 +18,19 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
-from .._torch_compat import local_tensor
+from .._torch_compat import collective_device, local_tensor
 from ..storage import NF4_PACKED, is_nf4
 
 _PERIOD = 65521  # word weights cycle through 1..65521 (a prime)
-_WEIGHTS = torch.arange(1, _PERIOD + 1, dtype=torch.int64)
+_WEIGHTS: dict[torch.device, torch.Tensor] = {}  # the weight table, one copy per device that sums on it
 _MASK = 2**64 - 1
+
+
+def _weights(device: torch.device) -> torch.Tensor:
+    """Word weights 1..P on `device`: shards are summed where they live (no copy to the host)."""
+    if device not in _WEIGHTS:
+        _WEIGHTS[device] = torch.arange(1, _PERIOD + 1, dtype=torch.int64, device=device)
+    return _WEIGHTS[device]
 
 
 def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
@@ -118,10 +125,11 @@ def _word_sums(words: torch.Tensor, first: int) -> tuple[int, int]:
     body = words[head : head + blocks * _PERIOD].view(blocks, _PERIOD).sum(0) if blocks else words[:0]
     segments = ((words[:head], first % _PERIOD), (body, 0), (words[head + blocks * _PERIOD :], 0))
     plain = weighted = 0
+    weights = _weights(words.device)
     for part, weight0 in segments:  # (words, index of the first one's weight)
         if part.numel():
             plain += int(part.sum())
-            weighted += int((part * _WEIGHTS[weight0 : weight0 + part.numel()]).sum())
+            weighted += int((part * weights[weight0 : weight0 + part.numel()]).sum())
     return plain, weighted
 
 
@@ -132,7 +140,8 @@ def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     it on every rank with the same keys. Cost: one read of each local shard.
     """
     names = list(tensors)
-    values = torch.zeros(2 * len(names), dtype=torch.int64)
+    # On the process group's device: NCCL all-reduces CUDA tensors only, gloo CPU ones.
+    values = torch.zeros(2 * len(names), dtype=torch.int64, device=collective_device())
     for i, name in enumerate(names):
         local, start, counts = _local_view(tensors[name])
         if counts:
@@ -141,7 +150,8 @@ def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
             values[2 * i + 1] = _wrap(weighted)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(values)
-    return {name: _hex(int(values[2 * i]), int(values[2 * i + 1])) for i, name in enumerate(names)}
+    values = values.tolist()
+    return {name: _hex(values[2 * i], values[2 * i + 1]) for i, name in enumerate(names)}
 
 
 def local_checksum(t: torch.Tensor) -> str:

@@ -29,9 +29,10 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
+from .. import _torchao_compat as ao
 from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
-from ..storage import NF4_PACKED, clone_nf4, is_nf4
+from ..storage import clone_nf4, is_nf4
 from .checksum import local_checksum
 
 #: Whole saved weights read per DCP load when converting on load (bytes as saved).
@@ -136,35 +137,17 @@ def _read_nf4(src_path: str, metadata: Metadata, keys: dict[str, tuple[int, int]
             raise CheckpointLayoutError(f"NF4 weight {key!r} is saved in shards of unequal sizes; cannot read it")
         shards[key] = list(zip(chunks, parts))
     dcp.load({}, checkpoint_id=src_path, planner=_NF4ShardReader(shards))
-    return {key: _concat([t for _, t in parts]) for key, parts in shards.items()}
-
-
-def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The NF4Tensor whose equal dim-0 chunks are `parts` (torchao's split, inverted)."""
-    first = parts[0]
-    names, ctx = first.__tensor_flatten__()
-    inner = {n: (torch.cat([getattr(p, n) for p in parts]) if n in NF4_PACKED else getattr(first, n)) for n in names}
-    size = torch.Size([sum(p.shape[0] for p in parts), *first.shape[1:]])
-    stride = torch.empty(size, device="meta").stride()
-    meta = ctx["tensor_meta"]
-    ctx = dict(ctx, tensor_meta=type(meta)(size, stride, 0, meta.dtype, meta.device, meta.requires_grad))
-    return type(first).__tensor_unflatten__(inner, ctx, size, stride)
+    return {key: ao.nf4_concat([t for _, t in parts]) for key, parts in shards.items()}
 
 
 def _fill(target: torch.Tensor, whole: torch.Tensor) -> None:
     """Copy this rank's part of `whole`, converted to the target's storage, into `target`."""
-    from torchao.quantization import to_nf4
-
     local = local_tensor(target)
     if is_nf4(local):
         same = is_nf4(whole) and (whole.block_size, whole.scaler_block_size) == (local.block_size, local.scaler_block_size)
-        if not same:
-            plain = whole.get_original_weight() if is_nf4(whole) else whole
-            whole = to_nf4(plain.to(local.dtype).contiguous(), local.block_size, local.scaler_block_size)
-        if hasattr(target, "device_mesh"):  # keep this rank's dim-0 chunk, as fully_shard does
-            (dim,) = [i for i, p in enumerate(target.placements) if p.is_shard()]
-            whole = torch.chunk(whole, target.device_mesh.size(dim), dim=0)[target.device_mesh.get_coordinate()[dim]]
-        local.copy_(whole)  # same shape and block sizes: torchao copies the packed tensors as they are
+        if is_nf4(whole) and not same:
+            whole = whole.get_original_weight()  # dequantized, then quantized at the model's block sizes
+        ao.nf4_copy_chunk_(target, whole)
         return
     plain = whole.get_original_weight() if is_nf4(whole) else whole
     if hasattr(target, "device_mesh"):

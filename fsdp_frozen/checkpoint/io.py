@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .._torch_compat import local_tensor
+from .._torch_compat import host_like, is_host_staged, local_tensor
 from ..errors import CheckpointLayoutError
 from ..storage import clone_nf4, is_nf4
 from .checksum import checksums
@@ -274,20 +274,29 @@ def _files_of(metadata: Metadata, keys: set[str]) -> dict[str, list[str]]:
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _staging(model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, extra_specs: dict[str, Spec]) -> dict[str, Any]:
-    """Empty tensors shaped and sharded like the targets: loads land here first, never half in the model."""
+def _staging(
+    model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, extra_specs: dict[str, Spec], kinds: dict[str, str]
+) -> dict[str, Any]:
+    """Empty tensors shaped and sharded like the targets: loads land here first, never half in the model.
 
-    def like(v: Any) -> Any:
+    Frozen plain tensors are staged on the host (`host_like`): a load never holds a second copy of
+    the frozen state on the model's device. Trainable state, buffers and optimizer state (small
+    next to a frozen base) and NF4 frozen weights (packed, ~1/4 of bf16) are staged where they live.
+    """
+
+    def like(k: str, v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
             return copy.deepcopy(v)
         if is_nf4(local_tensor(v)):
             return clone_nf4(v)  # NF4Tensor has no zeros_like; a packed copy is small
+        if kinds.get(k) == FROZEN:
+            return host_like(v)
         return torch.zeros_like(v)
 
-    staged: dict[str, Any] = {"model": {k: like(v) for k, v in model_sd.items()}}
+    staged: dict[str, Any] = {"model": {k: like(k, v) for k, v in model_sd.items()}}
     if optim_sd is not None:
         staged["optimizer"] = {
-            "state": {p: {n: like(v) for n, v in s.items()} for p, s in optim_sd["state"].items()},
+            "state": {p: {n: like("", v) for n, v in s.items()} for p, s in optim_sd["state"].items()},
             "param_groups": copy.deepcopy(optim_sd["param_groups"]),
         }
     extra = {}
@@ -395,7 +404,7 @@ def _load(
         frozen_not_stored = manifest["frozen_state"] == "skipped"
 
     extra_specs = {k: s for k, s in saved.items() if split_key(k)[0] == EXTRA}
-    staged = _staging(model_sd, optim_sd, extra_specs)
+    staged = _staging(model_sd, optim_sd, extra_specs, kinds)
     template = _template_specs(staged, kinds)
     match = compare(
         {t: tensor_spec(v) for t, (_, v) in template.items()},
@@ -451,7 +460,14 @@ def _load(
 
     loaded_model = {template[t][0].split(".", 1)[1]: template[t][1] for t in match.key_map
                     if split_key(t)[0] in (FROZEN, TRAINABLE, BUFFERS)}
-    set_model_state_dict(model, loaded_model, options=StateDictOptions(strict=False))
+    on_host = {k: v for k, v in loaded_model.items() if is_host_staged(v)}
+    # set_model_state_dict first: its pre-hook reshards kept-gathered groups, so the host-staged frozen
+    # shards copied in after it are what the next forward gathers.
+    set_model_state_dict(model, {k: v for k, v in loaded_model.items() if k not in on_host},
+                         options=StateDictOptions(strict=False))
+    with torch.no_grad():
+        for k, v in on_host.items():
+            local_tensor(model_sd[k]).copy_(local_tensor(v))
     if optimizer is not None and "optimizer" in staged:
         set_optimizer_state_dict(model, optimizer, staged["optimizer"])
     _record_base(model, path, manifest, sources)
