@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 2 recipes/distill.py --config recipes/configs/distill.yaml [key=value ...]
 
-The teacher is entirely frozen: ``shard_with_freezing`` gives each of its units one frozen group,
-stored in bf16, with ``teacher.frozen_reshard`` = ``"never"`` (gathered once, no teacher communication
+The teacher is built on the meta device and entirely frozen: ``shard_with_freezing`` gives each of its
+units one frozen group (its weights then come from ``teacher.checkpoint``, ``teacher.pretrained`` or a
+random base written once, each rank reading only its shards), stored in bf16, with ``teacher.frozen_reshard`` = ``"never"`` (gathered once, no teacher communication
 after the first step; costs the teacher's full bf16 bytes per rank) or ``"after_forward"`` (gathered
 for each forward and freed: FSDP's memory). It runs under ``torch.no_grad``. The student trains on
 ``kd_weight * KL(teacher || student) * T^2 + (1 - kd_weight) * cross-entropy``. Progress bar, metrics,
@@ -25,10 +26,10 @@ from config import parse_recipe_args  # noqa: E402
 from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
 from lora_finetune import DataConfig, OptimizerConfig, TrainConfig  # noqa: E402
-from runtime import init_runtime, resume_step, run_recipe, train_loop  # noqa: E402
+from runtime import init_runtime, random_base, resume_step, run_recipe, train_loop  # noqa: E402
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
-from fsdp_frozen.checkpoint import load_checkpoint  # noqa: E402
+from fsdp_frozen.checkpoint import load_checkpoint, load_pretrained  # noqa: E402
 
 
 @dataclass
@@ -39,7 +40,10 @@ class TeacherConfig:
     hidden_dim: int = 352
     lora_rank: int = 0  #: match the architecture of `checkpoint` (8 for a lora_finetune run)
     seed: int = 1
-    checkpoint: str | None = None  #: fsdp_frozen checkpoint to load the teacher from; None: random init
+    checkpoint: str | None = None  #: fsdp_frozen checkpoint to load the teacher from (e.g. a lora_finetune run)
+    #: Otherwise its weights: a Hugging Face safetensors directory; None: a random base written to
+    #: OUTPUT_DIR/teacher_base (once) and loaded from there with load_pretrained.
+    pretrained: str | None = None
     frozen_reshard: str = "never"  #: "never" or "after_forward"
 
 
@@ -77,16 +81,27 @@ class DistillRecipe:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.out = Path(cfg.train.output_dir)
         t, s = cfg.teacher, cfg.student
+        teacher_cfg = LlamaConfig(VOCAB_SIZE, t.dim, t.n_layers, t.n_heads, t.hidden_dim, t.lora_rank)
+        with torch.device("meta"):  # the teacher is built on meta; each rank allocates its shards only
+            teacher = LlamaLoRA(teacher_cfg)
         with torch.device(self.device):
-            torch.manual_seed(t.seed)
-            teacher = LlamaLoRA(LlamaConfig(VOCAB_SIZE, t.dim, t.n_layers, t.n_heads, t.hidden_dim, t.lora_rank))
             torch.manual_seed(s.seed)
             student = LlamaLoRA(LlamaConfig(VOCAB_SIZE, s.dim, s.n_layers, s.n_heads, s.hidden_dim, lora_rank=0))
         teacher_policy = FreezePolicy(units=("layers.*",), freeze=("**",), frozen_reshard=t.frozen_reshard,
                                       frozen_dtype="bfloat16", param_dtype="bfloat16", reduce_dtype="float32")
         self.teacher = shard_with_freezing(teacher, self.mesh, teacher_policy)
         if t.checkpoint:  # e.g. a lora_finetune run: its adapters were trainable, here everything is frozen
+            self.teacher.to_empty(device=self.device)
             load_checkpoint(t.checkpoint, self.teacher, allow_freezing_change=True, cast=True)
+        else:
+            def write(directory: Path) -> None:
+                from safetensors.torch import save_file
+
+                torch.manual_seed(t.seed)
+                directory.mkdir(parents=True)
+                save_file(LlamaLoRA(teacher_cfg).state_dict(), str(directory / "model.safetensors"))
+
+            load_pretrained(self.teacher, t.pretrained or random_base(self.out / "teacher_base", write))
         self.student = shard_with_freezing(student, self.mesh, FreezePolicy(units=("layers.*",)))
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=cfg.optimizer.lr,
                                            weight_decay=cfg.optimizer.weight_decay)

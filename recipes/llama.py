@@ -33,8 +33,13 @@ class LoRALinear(nn.Module):
         self.base_layer.weight.requires_grad_(False)
         self.lora_A = nn.Linear(d_in, rank, bias=False)
         self.lora_B = nn.Linear(rank, d_out, bias=False)
-        nn.init.zeros_(self.lora_B.weight)
         self.scaling = alpha / rank
+        nn.init.zeros_(self.lora_B.weight)
+
+    def reset_lora_parameters(self, adapter_name: str | None = None, init_lora_weights: bool = True) -> None:
+        """PEFT's LoRA init (same signature): A as nn.Linear (kaiming), B zero; `load_pretrained` calls it."""
+        self.lora_A.reset_parameters()
+        nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling

@@ -94,6 +94,21 @@ class Throughput:
         return rate
 
 
+def random_base(directory: Path, write: Any) -> str:
+    """`directory`, holding a random pretrained base written once by rank 0 with ``write(path)``
+    (into a temporary directory renamed when complete, so an interrupted write is redone); collective."""
+    if dist.get_rank() == 0 and not directory.exists():
+        tmp = directory.with_name(directory.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        write(tmp)
+        tmp.rename(directory)
+    dist.barrier()
+    return str(directory)
+
+
 def train_loop(recipe: Any) -> list[float]:
     """The step loop every recipe shares.
 

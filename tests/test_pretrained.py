@@ -49,10 +49,18 @@ def _model_class(arch: str):
     return GPT2LMHeadModel if arch == "gpt2" else LlamaForCausalLM
 
 
-def save_tiny(directory: str, arch: str = "llama", tied: bool = False, shard: bool = False) -> str:
-    """A random tiny model written with save_pretrained (one file, or shards with an index)."""
+def save_tiny(directory: str, arch: str = "llama", tied: bool = False, shard: bool | str = False) -> str:
+    """A random tiny model written with save_pretrained (one file, or shards with an index), or, with
+    ``shard="dcp"``, as a plain DCP checkpoint of its state dict (the model's config beside it)."""
     torch.manual_seed(0)
     model = _model_class(arch)(_config(arch, tied))
+    if shard == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save({"model": model.state_dict()}, checkpoint_id=directory, no_dist=True)
+        model.config.save_pretrained(directory)  # from_pretrained of the reference needs weights: see _reference
+        model.save_pretrained(os.path.join(directory, "hf"))
+        return directory
     model.save_pretrained(directory, max_shard_size="40KB" if shard else "10GB")
     return directory
 
@@ -107,7 +115,8 @@ def _case(rank: int, world: int, directory: str, arch: str, peft: str | None, dt
           tied: bool) -> dict:
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(7))
     mesh = mesh_1d(world)
-    reference = _model_class(arch).from_pretrained(directory)
+    hf_dir = os.path.join(directory, "hf") if os.path.isdir(os.path.join(directory, "hf")) else directory
+    reference = _model_class(arch).from_pretrained(hf_dir)
     reference = shard_with_freezing(_peft(reference, peft, arch), mesh, _policy(peft, arch, dtype))
     model = _peft(_build_meta(arch, tied, how), peft, arch)
     model = shard_with_freezing(model, mesh, _policy(peft, arch, dtype))
@@ -128,6 +137,10 @@ def _case(rank: int, world: int, directory: str, arch: str, peft: str | None, dt
         if a.requires_grad and "lora_A" not in name:
             trainable_equal[name] = torch.equal(local_tensor(a), local_tensor(b))
     lora_a = [local_tensor(p) for n, p in model.named_parameters() if "lora_A" in n]
+    # Each rank keeps its chunk of one whole init: the shards differ (DTensor's uncoordinated CPU init
+    # would repeat the same numbers on every rank).
+    halves = [torch.chunk(p.full_tensor(), world)[:2] for n, p in model.named_parameters() if "lora_A" in n]
+    shards_distinct = world == 1 or all(not torch.equal(a, b) for a, b in halves if a.shape == b.shape)
     with torch.no_grad():
         diff = (reference(input_ids=ids).logits.float() - model(input_ids=ids).logits.float()).abs().max().item()
     for m in (reference, model):
@@ -136,7 +149,7 @@ def _case(rank: int, world: int, directory: str, arch: str, peft: str | None, dt
         "frozen_bitwise": frozen_bitwise,
         "buffers_equal": buffers_equal,
         "trainable_not_equal": sorted(n for n, ok in trainable_equal.items() if not ok),
-        "lora_a_random": all(t.numel() == 0 or t.abs().sum() > 0 for t in lora_a),
+        "lora_a_random": all(t.numel() == 0 or t.abs().sum() > 0 for t in lora_a) and shards_distinct,
         "logits_diff": diff,
         "initialised": initialised,
         "devices": sorted({str(local_tensor(p).device) for p in model.parameters()}),
@@ -167,6 +180,9 @@ CASES = {
         ("llama", None, None, "meta", True, False),
         ("gpt2", "lora", None, "meta", True, False),
         ("gpt2", "dora", None, "empty_weights", True, False),
+        ("llama", "lora", "bfloat16", "meta", False, "dcp"),
+        ("llama", "lora", "nf4", "meta", False, "dcp"),
+        ("llama", "dora", None, "empty_weights", False, "dcp"),
     ],
     4: [("llama", "lora", "nf4", "meta", False, True), ("llama", "dora", None, "meta", False, False)],
 }
@@ -178,7 +194,7 @@ def test_load_pretrained_equals_from_pretrained(tmp_path, world):
         directory = tmp_path / f"{arch}-tied{tied}-shard{shard}"
         if not directory.exists():
             save_tiny(str(directory), arch, tied, shard)
-        assert (directory / "model.safetensors.index.json").exists() == shard
+        assert (directory / "model.safetensors.index.json").exists() == (shard is True)
     results = run_ranks(_cases, world, str(tmp_path), CASES[world], timeout=300)
     failures = []
     for case in CASES[world]:

@@ -62,9 +62,10 @@ KeyMap = Callable[[str], "str | None"]
 
 @dataclass(frozen=True)
 class _FileTensor:
-    file: str
+    file: str  #: the safetensors file holding it, or the DCP checkpoint directory
     shape: tuple[int, ...]
     dtype: torch.dtype
+    key: str = ""  #: the key it is stored under, where that differs from its name (DCP "model." prefix)
 
 
 def safetensors_index(path: str | os.PathLike) -> dict[str, _FileTensor]:
@@ -120,6 +121,31 @@ def safetensors_index(path: str | os.PathLike) -> dict[str, _FileTensor]:
     return out
 
 
+def dcp_index(path: str) -> dict[str, _FileTensor]:
+    """Every tensor of a plain DCP checkpoint (``dcp.save(model.state_dict())``, or under a "model"
+    key): name -> (directory, shape, dtype). Metadata only."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # noqa: BLE001 - any failure to read it means the same to the user
+        raise CheckpointLayoutError(f"cannot read DCP metadata {os.path.join(path, '.metadata')!r}: {e}") from e
+    tensors = {k: md for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    prefixed = bool(tensors) and all(k.startswith("model.") for k in tensors)
+    return {(k[len("model."):] if prefixed else k): _FileTensor(path, tuple(md.size), md.properties.dtype, k)
+            for k, md in tensors.items()}
+
+
+def pretrained_index(path: str | os.PathLike) -> dict[str, _FileTensor]:
+    """The tensors of a pretrained model: a DCP checkpoint directory (it has ``.metadata``) or a
+    Hugging Face safetensors model (`safetensors_index`)."""
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, ".metadata")):
+        return dcp_index(path)
+    return safetensors_index(path)
+
+
 def file_candidates(name: str) -> list[str]:
     """File names a model tensor may have: its own, then without PEFT's prefix and inserted segments."""
     out = [name]
@@ -156,42 +182,49 @@ def _tensor(model: nn.Module, target: _Target) -> torch.Tensor:
     return model.get_buffer(target.path) if target.kind == "buffer" else model.get_parameter(target.path)
 
 
-def _adapter_of(path: str, parts: tuple[str, ...]) -> tuple[str, str] | None:
-    """(layer path, adapter name) if `path` lies in one of PEFT's adapter containers `parts`."""
+def _adapter_of(model: nn.Module, path: str, parts: tuple[str, ...]) -> tuple[str, str | None] | None:
+    """(layer path, adapter name) if `path` lies in one of the adapter containers `parts` of a layer;
+    the adapter name is the key under a PEFT ``ModuleDict`` / ``ParameterDict`` (None otherwise)."""
     segments = path.split(".")
-    for i, seg in enumerate(segments[:-1]):
-        if seg in parts:
-            return ".".join(segments[:i]), segments[i + 1]
+    for i in range(len(segments) - 2, -1, -1):
+        if segments[i] in parts:
+            layer_path = ".".join(segments[:i])
+            container = getattr(model.get_submodule(layer_path), segments[i], None)
+            keyed = isinstance(container, (nn.ModuleDict, nn.ParameterDict))
+            return layer_path, segments[i + 1] if keyed else None
     return None
 
 
-def _peft_init_lora(model: nn.Module, adapter: str) -> Any:
+def _peft_init_lora(model: nn.Module, adapter: str | None) -> Any:
     configs = getattr(model, "peft_config", None)
-    config = configs.get(adapter) if isinstance(configs, dict) else None
+    config = configs.get(adapter) if isinstance(configs, dict) and adapter is not None else None
     return getattr(config, "init_lora_weights", True) if config is not None else True
 
 
 def _initialiser(model: nn.Module, target: _Target) -> tuple[str, Callable[[], None]] | str:
     """(key, init function) for a trainable tensor the file lacks, or why there is none.
 
-    PEFT adapters get PEFT's own init (LoRA: ``reset_lora_parameters``, A kaiming, B zero; IA3:
-    ``reset_ia3_parameters``, ones); DoRA's magnitude is computed from the base weight later; other
-    modules get their ``reset_parameters()``. The key deduplicates modules shared by several tensors.
+    A tensor inside a layer's LoRA containers (``lora_A``, ``lora_B``, ...) gets the layer's
+    ``reset_lora_parameters(adapter, init_lora_weights)`` (PEFT's: A kaiming, B zero;
+    ``init_lora_weights`` from the model's ``peft_config``); an IA3 vector its layer's
+    ``reset_ia3_parameters(adapter)`` (ones); DoRA's magnitude is computed from the base weight later;
+    anything else its module's ``reset_parameters()``. The key deduplicates layers shared by tensors.
     """
-    lora = _adapter_of(target.path, _LORA_PARTS)
+    lora = _adapter_of(model, target.path, _LORA_PARTS)
     if lora is not None:
         layer_path, adapter = lora
         layer = model.get_submodule(layer_path)
-        if target.path.split(".")[len(layer_path.split(".")) if layer_path else 0] == "lora_magnitude_vector":
+        container = target.path[len(layer_path) + 1 if layer_path else 0:].split(".")[0]
+        if container == "lora_magnitude_vector":
             return f"dora:{target.path}", lambda: None  # filled from the base weight's rows
-        init = _peft_init_lora(model, adapter)
-        if hasattr(layer, "reset_lora_parameters"):
+        if callable(getattr(layer, "reset_lora_parameters", None)):
+            init = _peft_init_lora(model, adapter)
             return f"lora:{layer_path}:{adapter}", lambda: layer.reset_lora_parameters(adapter, init)
-    ia3 = _adapter_of(target.path, _IA3_PARTS)
+    ia3 = _adapter_of(model, target.path, _IA3_PARTS)
     if ia3 is not None:
         layer_path, adapter = ia3
         layer = model.get_submodule(layer_path)
-        if hasattr(layer, "reset_ia3_parameters"):
+        if callable(getattr(layer, "reset_ia3_parameters", None)):
             return f"ia3:{layer_path}:{adapter}", lambda: layer.reset_ia3_parameters(adapter)
     owner_path = target.path.rpartition(".")[0]
     owner = model.get_submodule(owner_path)
@@ -238,7 +271,14 @@ def _chunk_index(t: torch.Tensor) -> tuple[slice, ...] | None:
 
 
 def _read(info: _FileTensor, name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
-    """Rows (or the whole tensor when `index` is None) of one file tensor; the file is open only here."""
+    """Rows (or the whole tensor when `index` is None) of one file tensor, on the host; a safetensors
+    file is open only here. A DCP tensor is read whole (`_fill_dcp` reads shards in place instead)."""
+    if info.key:  # DCP
+        import torch.distributed.checkpoint as dcp
+
+        whole = {info.key: torch.empty(info.shape, dtype=info.dtype)}
+        dcp.load(whole, checkpoint_id=info.file, no_dist=True)
+        return whole[info.key] if index is None else whole[info.key][index]
     from safetensors import safe_open
 
     with safe_open(info.file, framework="pt") as f:
@@ -252,6 +292,7 @@ def load_pretrained(
     path: str | os.PathLike,
     *,
     key_map: KeyMap | None = None,
+    seed: int = 0,
 ) -> list[str]:
     """Load pretrained weights from a Hugging Face safetensors model into a sharded model.
 
@@ -261,11 +302,17 @@ def load_pretrained(
             does) or already materialized. Meta shards are allocated on the mesh's device (CUDA
             when the mesh is on CUDA), real buffers are kept.
         path: a directory with ``model.safetensors`` or ``model.safetensors.index.json`` and its
-            shards (``save_pretrained``), or one ``.safetensors`` file.
+            shards (``save_pretrained``), one ``.safetensors`` file, or a plain DCP checkpoint
+            (``dcp.save(model.state_dict())``, keys optionally under ``"model"``; then the call is
+            collective and DCP reads each rank's chunks).
         key_map: ``key_map(model_name) -> file_name or None``, tried first for every canonical
             parameter and buffer name; None falls back to the automatic mapping: the name itself,
             then without PEFT's ``base_model.model.`` prefix and its inserted ``.base_layer``,
             ``.original_module`` and ``.modules_to_save.default`` segments (LoRA, DoRA, IA3).
+        seed: seeds the random init of tensors the file lacks. They are initialised whole, on the
+            host, with the same generator state on every rank, and each rank keeps its chunk: the
+            values do not depend on the world size (DTensor's own random init is not coordinated
+            across ranks on a CPU mesh: every shard would get the same numbers).
 
     Returns:
         The canonical names initialised rather than loaded (trainable tensors the file lacks, e.g.
@@ -288,11 +335,11 @@ def load_pretrained(
 
     Cost: each rank reads its own rows of every weight (NF4 weights whole), one tensor at a time;
     peak host memory beyond the rank's shards is about one tensor's rows (NF4: one whole weight).
-    No collective: every rank reads the same headers and decides alike.
+    No collective for safetensors: every rank reads the same headers and decides alike.
     """
     state = sharded_state(model)
     path = os.fspath(path)
-    index = safetensors_index(path)
+    index = pretrained_index(path)
     targets = _targets(model, state)
 
     problems: list[str] = []
@@ -330,7 +377,7 @@ def load_pretrained(
     problems += [f"file tensor {n!r} matches no parameter or buffer of the model (map it with key_map)"
                  for n in unexpected]
 
-    inits: dict[str, Callable[[], None]] = {}
+    inits: dict[str, tuple[Callable[[], None], list[str]]] = {}  # key -> (init, paths of the tensors it sets)
     initialised: list[str] = []
     buffer_inits: list[Callable[[], None]] = []
     dora: list[_Target] = []
@@ -361,7 +408,7 @@ def load_pretrained(
         if key.startswith("dora:"):
             dora.append(target)
         else:
-            inits.setdefault(key, init)
+            inits.setdefault(key, (init, []))[1].append(target.path)
         initialised.append(target.names[0])
     dora_sources = {}
     for target in dora:
@@ -379,11 +426,19 @@ def load_pretrained(
     _materialize(model, device)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-        for init in inits.values():
-            init()
-        for target in targets:
-            if target.file_name is not None:
-                _fill(_tensor(model, target), index[target.file_name], target.file_name, device)
+        for init, paths in inits.values():
+            _init_unsharded(model, paths, init, seed)
+        loaded = [t for t in targets if t.file_name is not None]
+        dcp_targets = {index[t.file_name].key: _tensor(model, t) for t in loaded
+                       if index[t.file_name].key and not is_nf4(local_tensor(_tensor(model, t)))}
+        if dcp_targets:  # one collective DCP read: each rank reads the chunks of its own shards
+            import torch.distributed.checkpoint as dcp
+
+            dcp.load(dcp_targets, checkpoint_id=path)
+        for target in loaded:
+            info = index[target.file_name]
+            if info.key not in dcp_targets:
+                _fill(_tensor(model, target), info, target.file_name, device)
         for target in dora:
             _fill_dora(_tensor(model, target), *dora_sources[target.path], index, device)
         for init in buffer_inits:
@@ -394,9 +449,38 @@ def load_pretrained(
     return initialised
 
 
+def _init_unsharded(model: nn.Module, paths: list[str], init: Callable[[], None], seed: int) -> None:
+    """Run `init` with the tensors at `paths` swapped for whole host tensors, then keep this rank's chunk.
+
+    The seed is derived from `seed` and the first path, so every rank draws the same numbers for the
+    same tensor whatever ran before; the sharded Parameters FSDP holds are put back unchanged.
+    """
+    import zlib
+
+    swapped = []
+    for path in paths:
+        parent, _, leaf = path.rpartition(".")
+        module = model.get_submodule(parent)
+        param = module._parameters[leaf]
+        whole = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad)
+        module._parameters[leaf] = whole
+        swapped.append((module, leaf, param, whole))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + zlib.crc32(paths[0].encode()))
+            init()
+    finally:
+        for module, leaf, param, _ in swapped:
+            module._parameters[leaf] = param
+    for _, _, param, whole in swapped:
+        index = _chunk_index(param)
+        if index is not None:
+            local_tensor(param).copy_(whole.detach()[index] if isinstance(param, DTensor) else whole.detach())
+
+
 def _dora_base(model: nn.Module, magnitude: _Target, targets: list[_Target]) -> tuple[str, bool] | str:
     """(file name of the base weight, fan_in_fan_out) for a DoRA magnitude vector, or why not."""
-    layer_path, adapter = _adapter_of(magnitude.path, _LORA_PARTS)  # type: ignore[misc]
+    layer_path, adapter = _adapter_of(model, magnitude.path, _LORA_PARTS)  # type: ignore[misc]
     layer = model.get_submodule(layer_path)
     init = _peft_init_lora(model, adapter)
     if init is False:
@@ -458,8 +542,8 @@ def _fill_dora(magnitude: torch.Tensor, base_name: str, fan_in_fan_out: bool, in
 
 
 def pretrained_nbytes(path: str | os.PathLike) -> int:
-    """Bytes of every tensor of a safetensors model (headers only)."""
-    return sum(math.prod(t.shape) * t.dtype.itemsize for t in safetensors_index(path).values())
+    """Bytes of every tensor of a pretrained model (headers / metadata only)."""
+    return sum(math.prod(t.shape) * t.dtype.itemsize for t in pretrained_index(path).values())
 
 
-__all__ = ["load_pretrained", "safetensors_index", "file_candidates", "pretrained_nbytes"]
+__all__ = ["file_candidates", "load_pretrained", "pretrained_index", "pretrained_nbytes", "safetensors_index"]
