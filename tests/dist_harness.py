@@ -23,13 +23,16 @@ class RankFailure(AssertionError):
     """A rank raised; the message holds its traceback."""
 
 
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, init_file: str, results: Any, args: tuple) -> None:
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, init_file: str, results: Any, args: tuple,
+            backend: str = "gloo") -> None:
     try:
         import torch
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        if backend == "nccl":  # one GPU per rank
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         try:
             out = fn(rank, world_size, *args)
         finally:
@@ -40,8 +43,10 @@ def _worker(fn: Callable[..., Any], rank: int, world_size: int, init_file: str, 
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on `world_size` gloo ranks; return the per-rank results.
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
+              backend: str = "gloo") -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on `world_size` ranks (gloo; ``backend="nccl"``: one GPU
+    per rank, ``cuda:RANK``); return the per-rank results.
 
     `fn` must be importable (module level) and its results picklable.
     """
@@ -50,7 +55,7 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
         procs = [
-            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, results, args), daemon=True)
+            ctx.Process(target=_worker, args=(fn, r, world_size, init_file, results, args, backend), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:

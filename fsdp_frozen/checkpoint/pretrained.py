@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from .. import _torch_compat as compat
 from .. import _torchao_compat as ao
 from .._torch_compat import local_tensor
 from ..apply import sharded_state
@@ -424,6 +425,9 @@ def load_pretrained(
 
     device = _mesh_device(state)
     _materialize(model, device)
+    for module in model.modules():  # kept-gathered groups must re-gather from the new shards
+        if compat.has_fsdp_state(module):
+            module.reshard()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
         for init, paths in inits.values():

@@ -1,0 +1,138 @@
+"""The CUDA tier: the same guarantees on CUDA + NCCL (world 1, and world 2 where two GPUs exist).
+
+Skipped with a reason on machines without a GPU (CI, the CPU development machines). Run by
+``scripts/gpu_check.sh`` on a lent GPU machine. Covers: shard + train (bitwise against plain FSDP2),
+save + load (frozen shards staged on the host: the device peak during the load stays near the model),
+checksums of CUDA shards, `load_pretrained` (shards created on the GPU) and NF4.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fsdp_frozen import FreezePolicy, shard_with_freezing
+from fsdp_frozen._torch_compat import local_tensor
+from fsdp_frozen.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
+from fsdp_frozen.checkpoint.checksum import checksums, local_checksum
+
+from .dist_harness import run_ranks
+from .models import batch, make_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA tier needs a CUDA GPU (none here)")
+HF_MISSING = any(importlib.util.find_spec(m) is None for m in ("transformers", "peft", "safetensors"))
+WORLDS = [1] + ([2] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
+
+
+def _mesh(world: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cuda", (world,))
+
+
+def _train(model, steps: int, rank: int, opt=None) -> tuple[list[float], torch.optim.Optimizer]:
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for step in range(steps):
+        x, y = (t.cuda() for t in batch(step, rank))
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, opt
+
+
+def _shard_train_save_load(rank: int, world: int, tmp: str) -> dict:
+    from .common import plain_fsdp
+
+    out = {}
+    with torch.device("cuda"):
+        reference = plain_fsdp(make_model(), _mesh(world), ("layers.*",))
+        model = shard_with_freezing(make_model(), _mesh(world),
+                                    FreezePolicy(units=["layers.*"], frozen_reshard="after_backward"))
+    out["devices"] = sorted({str(local_tensor(p).device.type) for p in model.parameters()})
+    want, _ = _train(reference, 3, rank)
+    got, opt = _train(model, 3, rank)
+    out["losses_bitwise"] = want == got
+    # Checksums of CUDA shards: computed where they live, all-reduced on NCCL, equal to the CPU figure.
+    sd = {n: p for n, p in model.named_parameters()}
+    sums = checksums(sd)
+    full = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu() for n, p in sd.items()}
+    out["checksums_match_cpu"] = all(local_checksum(full[n]) == sums[n] for n in sd)
+    path = save_checkpoint(os.path.join(tmp, "ck"), model, opt)
+    with torch.device("cuda"):
+        fresh = shard_with_freezing(make_model(seed=1), _mesh(world),
+                                    FreezePolicy(units=["layers.*"], frozen_reshard="after_backward"))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    _train(fresh, 1, rank, fresh_opt)  # optimizer state exists, as on a resume
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    load_checkpoint(path, fresh, fresh_opt)
+    torch.cuda.synchronize()
+    frozen_bytes = sum(local_tensor(p).untyped_storage().nbytes() for p in fresh.parameters() if not p.requires_grad)
+    out["load_peak_above_base"] = torch.cuda.max_memory_allocated() - base
+    out["frozen_bytes"] = frozen_bytes
+    out["resume_bitwise"] = _train(fresh, 2, rank, fresh_opt)[0] == _train(model, 2, rank, opt)[0]
+    return out
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_cuda_shard_train_save_load(tmp_path, world):
+    for r in run_ranks(_shard_train_save_load, world, str(tmp_path), backend="nccl", timeout=300):
+        assert r["devices"] == ["cuda"], r
+        assert r["losses_bitwise"], r
+        assert r["checksums_match_cpu"], r
+        assert r["resume_bitwise"], r
+        # Frozen shards are staged on the host: the load adds less than one copy of them on the device.
+        assert r["load_peak_above_base"] < r["frozen_bytes"], r
+
+
+def _pretrained(rank: int, world: int, directory: str) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from .test_pretrained import NF4, _config, _frozen_shards
+
+    out = {}
+    for dtype in ("bfloat16", "nf4"):
+        policy = FreezePolicy(units=["base_model.model.model.layers.*"], frozen_dtype=dtype, param_dtype="bfloat16",
+                              **(NF4 if dtype == "nf4" else {}))
+        lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+        reference = LlamaForCausalLM.from_pretrained(directory).cuda()
+        reference = shard_with_freezing(get_peft_model(reference, lora), _mesh(world), policy)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(_config("llama"))
+        model = shard_with_freezing(get_peft_model(model, lora), _mesh(world), policy)
+        load_pretrained(model, directory)
+        want, got = _frozen_shards(reference), _frozen_shards(model)
+        ids = torch.randint(0, 128, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+        reference.eval()
+        model.eval()
+        with torch.no_grad():
+            diff = (reference(input_ids=ids).logits.float() - model(input_ids=ids).logits.float()).abs().max().item()
+        out[dtype] = {
+            "devices": sorted({str(local_tensor(p).device.type) for p in model.parameters()}),
+            "frozen_bitwise": all(all(torch.equal(a, b) for a, b in zip(want[k], got[k])) for k in want),
+            "logits_diff": diff,
+        }
+    return out
+
+
+@pytest.mark.skipif(HF_MISSING, reason="needs the 'hf' extra")
+@pytest.mark.parametrize("world", WORLDS)
+def test_cuda_load_pretrained_bf16_and_nf4(tmp_path, world):
+    from .test_pretrained import save_tiny
+
+    directory = save_tiny(str(tmp_path / "tiny"))
+    for r in run_ranks(_pretrained, world, directory, backend="nccl", timeout=300):
+        for dtype, got in r.items():
+            assert got["devices"] == ["cuda"], (dtype, got)
+            assert got["frozen_bitwise"], (dtype, got)
+            assert got["logits_diff"] == 0.0, (dtype, got)
