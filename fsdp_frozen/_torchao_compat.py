@@ -35,6 +35,26 @@ def nf4_materialize_(t: torch.Tensor, device: torch.device) -> None:
             setattr(t, name, torch.empty_like(inner, device=device))
 
 
+def nf4_on_meta(weight: torch.Tensor, block_size: int, scaler_block_size: int) -> torch.Tensor:
+    """The NF4Tensor ``to_nf4`` would give for the meta tensor `weight`, without running torchao's
+    quantization on meta (it loops over blocks: ~25 s for a 70B model). Inner tensors and context are
+    those of a small real quantization in `weight`'s dtype, resized: packed data numel/2 (uint8), one
+    int8 scaler per block, one factor per scaler block."""
+    from torchao.quantization import to_nf4
+
+    probe = to_nf4(torch.zeros(block_size * scaler_block_size, dtype=weight.dtype), block_size, scaler_block_size)
+    names, ctx = probe.__tensor_flatten__()
+    n_blocks = weight.numel() // block_size
+    sizes = {"quantized_data": (weight.numel() // 2,), "quantized_scalers": (n_blocks,),
+             "quantization_factor": (n_blocks // scaler_block_size,)}
+    inner = {n: torch.empty(sizes.get(n, getattr(probe, n).shape), dtype=getattr(probe, n).dtype, device="meta")
+             for n in names}
+    meta = ctx["tensor_meta"]
+    ctx = dict(ctx, n_blocks=n_blocks, tensor_meta=type(meta)(weight.shape, weight.stride(), 0, weight.dtype,
+                                                              torch.device("meta"), False))
+    return type(probe).__tensor_unflatten__(inner, ctx, weight.shape, weight.stride())
+
+
 def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:
     """Copy this rank's dim-0 chunk of the whole weight `whole` (as ``fully_shard`` chunks an NF4
     weight) into `target` (an NF4Tensor or a DTensor of one). A plain `whole` is first quantized with

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from ._torchao_compat import NF4_PACKED  # noqa: F401 (re-exported: the packed inner tensors of an NF4Tensor)
+from ._torchao_compat import NF4_PACKED, nf4_on_meta  # noqa: F401 (NF4_PACKED re-exported)
 
 NF4 = "nf4"
 
@@ -72,7 +72,10 @@ def quantize_nf4(model: nn.Module, paths: Iterable[str], block_size: int, scaler
         parent, _, leaf = path.rpartition(".")
         module = model.get_submodule(parent)
         weight = getattr(module, leaf)
-        quantized = to_nf4(weight.detach().contiguous(), block_size, scaler_block_size)
+        if weight.is_meta:  # a meta build: the layout only (load_pretrained quantizes the real values)
+            quantized = nf4_on_meta(weight, block_size, scaler_block_size)
+        else:
+            quantized = to_nf4(weight.detach().contiguous(), block_size, scaler_block_size)
         setattr(module, leaf, nn.Parameter(quantized, requires_grad=False))
 
 

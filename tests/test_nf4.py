@@ -299,3 +299,22 @@ def test_plain_checkpoint_quantizes_on_load(tmp_path, world):
     assert out["untouched"]
     assert "checksum mismatch: data of 'layers.0.attn.base_layer.weight'" in out["corrupted"], out["corrupted"]
     assert out["untouched_after_corruption"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_on_meta_has_torchaos_layout(dtype):
+    """The meta NF4Tensor built without torchao's (slow on meta) quantization loop has exactly the inner
+    tensors, dtypes and context of ``to_nf4`` on the same meta weight."""
+    from torchao.quantization import to_nf4
+
+    from fsdp_frozen._torchao_compat import nf4_on_meta
+
+    weight = torch.empty(128, 512, dtype=dtype, device="meta")
+    want, got = to_nf4(weight, 64, 256), nf4_on_meta(weight, 64, 256)
+    (wn, wctx), (gn, gctx) = want.__tensor_flatten__(), got.__tensor_flatten__()
+    assert sorted(wn) == sorted(gn)
+    for n in wn:
+        a, b = getattr(want, n), getattr(got, n)
+        assert (a.shape, a.dtype, b.device.type) == (b.shape, b.dtype, "meta"), n
+    assert {k: v for k, v in wctx.items() if k != "tensor_meta"} == {k: v for k, v in gctx.items() if k != "tensor_meta"}
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
