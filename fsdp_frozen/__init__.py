@@ -7,17 +7,20 @@ Public API::
 
 from .apply import shard_with_freezing
 from .errors import FreezingChangedError, PolicyError
+from .estimate import Estimate, estimate
 from .policy import FreezePolicy
 from .report import GroupRecord, describe
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Estimate",
     "FreezePolicy",
     "FreezingChangedError",
     "GroupRecord",
     "PolicyError",
     "describe",
+    "estimate",
     "shard_with_freezing",
     "__version__",
 ]

@@ -255,3 +255,18 @@ def collective_device(group: Any = None) -> torch.device:
     if "gloo" in backend or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def padded_shard_size(fsdp_param: Any) -> torch.Size:
+    """This rank's padded shard size of an FSDP parameter: what it contributes to an all-gather and
+    receives from a reduce-scatter (``FSDPParam.padded_sharded_param_size``, 2.4-2.13)."""
+    return fsdp_param.padded_sharded_param_size
+
+
+def init_fake_process_group(world: int) -> None:
+    """torch's fake backend (collectives are no-ops) as the default group of `world` ranks, rank 0:
+    ``torch.testing._internal.distributed.fake_pg.FakeStore`` (2.1-2.13, as torchtitan's memory
+    estimation uses it)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)

@@ -1,0 +1,271 @@
+"""`estimate`: per-rank memory and per-step communication of a run, from the sharding code itself.
+
+The model is built on the meta device and sharded with `shard_with_freezing` on torch's fake process
+group of N ranks, in this one process: nothing is allocated and nothing is sent. Every number is read
+from what the sharding built (`describe` records and FSDP's per-parameter shard sizes), not from a
+second formula, so it is exactly what a real run of that world size holds and moves (tested against
+gloo ranks). Only activations are a formula; their method is stated with them.
+
+    python -m fsdp_frozen estimate --model config.json --world 8 [--peft adapter_config.json] ...
+
+[Note: what is and is not counted] Parameters, gradients (one per trainable element, in its storage
+dtype: FSDP reduce-scatters into the sharded gradient) and AdamW state (``exp_avg``, ``exp_avg_sq``
+in the parameter's dtype, plus a 4-byte ``step`` per parameter) are exact per rank. The transient
+peak adds the largest unit's all-gather output (FSDP prefetches the next unit, so up to two are
+alive). Not counted: the CUDA context and allocator fragmentation, NCCL buffers, optimizer
+temporaries, the gathered gradients of one unit before reduce-scatter (``reduce_scatter_bytes``
+of that unit), and anything the model keeps besides its parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from . import _torch_compat as compat
+from .apply import shard_with_freezing, sharded_state
+from .errors import PolicyError
+from .plan import FROZEN
+from .policy import FreezePolicy
+from .report import describe
+from .storage import is_nf4, storage_nbytes
+
+#: AdamW's per-parameter state: exp_avg and exp_avg_sq in the parameter's dtype, step as a float32 scalar.
+ADAMW_STEP_BYTES = 4
+
+
+@dataclass
+class Estimate:
+    """What one rank holds and moves under one policy (bytes; rank 0, whose padded shards every rank has)."""
+
+    world: int
+    replicate: int
+    frozen_reshard: str
+    frozen_dtype: str
+    frozen_shard_bytes: int  #: this rank's frozen shards, as stored
+    trainable_shard_bytes: int
+    gradient_bytes: int  #: sharded gradients of the trainable parameters
+    optimizer_bytes: int  #: AdamW state of this rank's trainable shards
+    kept_gathered_bytes: int  #: unsharded frozen weights kept between steps ("never" groups)
+    largest_unit_gather_bytes: int  #: the largest all-gather output of one unit (transient)
+    largest_unit: str
+    persistent_bytes: int  #: shards + gradients + optimizer + kept-gathered
+    peak_bytes: int  #: persistent + two units' all-gathers (FSDP prefetches one ahead)
+    all_gather_bytes_per_step: dict[str, int]  #: by group kind ("frozen", "trainable"), output bytes
+    reduce_scatter_bytes_per_step: int  #: input bytes (the unsharded gradients)
+    all_reduce_bytes_per_step: int  #: HSDP: the reduce-scattered gradients, all-reduced over replicas
+    checkpoint_full_bytes: int  #: every rank together: parameters + buffers + AdamW state
+    checkpoint_trainable_bytes: int  #: trainable parameters + AdamW state (what frozen="auto" writes later)
+    activations: dict[str, Any] = field(default_factory=dict)  #: with batch and seq: bytes and the method
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def fake_process_group(world: int) -> Iterator[None]:
+    """torch's fake process group of `world` ranks in this process (collectives do nothing)."""
+    if dist.is_initialized():
+        raise PolicyError("estimate() runs its own fake process group: call it in a process without one "
+                          "(not inside torchrun)")
+    compat.init_fake_process_group(world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _gathered_itemsize(local: torch.Tensor, param_dtype: torch.dtype | None) -> int:
+    return (param_dtype if param_dtype is not None and local.is_floating_point() else local.dtype).itemsize
+
+
+def _reduce_itemsize(local: torch.Tensor, policy: FreezePolicy) -> int:
+    dtype = policy.torch_reduce_dtype or policy.torch_param_dtype or local.dtype
+    return dtype.itemsize
+
+
+def measure(model: nn.Module, world: int, replicate: int = 1) -> Estimate:
+    """The numbers of a model already sharded by `shard_with_freezing` (on a fake or a real group)."""
+    state = sharded_state(model)
+    policy, plan = state.policy, state.plan
+    shard_size = plan.shard_size
+    records = describe(model)
+    frozen = sum(r.sharded_bytes for r in records if r.kind == FROZEN)
+    trainable = sum(r.sharded_bytes for r in records if r.kind != FROZEN)
+    trainable_params = [model.get_parameter(plan.path(p)) for g in plan.groups if g.kind != FROZEN for p in g.params]
+    optimizer = sum(2 * storage_nbytes(compat.local_tensor(p)) + ADAMW_STEP_BYTES for p in trainable_params)
+
+    gather: dict[tuple[str, str], int] = {}  # (unit, kind) -> all-gather output bytes of that group
+    reduce = 0
+    for g in plan.groups:
+        per_rank = 0
+        for fqn in g.params:
+            fp = state.fsdp_params.get(fqn)
+            if fp is None:  # not managed by FSDP (NF4 at shard size 1): never gathered
+                continue
+            local = compat.local_tensor(compat.sharded_param(fp))
+            if is_nf4(local):
+                per_rank += storage_nbytes(local)
+            else:
+                per_rank += math.prod(compat.padded_shard_size(fp)) * _gathered_itemsize(local, policy.torch_param_dtype)
+            if g.kind != FROZEN:
+                reduce += shard_size * math.prod(compat.padded_shard_size(fp)) * _reduce_itemsize(local, policy)
+        gather[(g.unit, g.kind)] = per_rank * shard_size
+    by_record = {(r.unit, r.kind): r for r in records}
+    all_gather = {"frozen": 0, "trainable": 0}
+    kept = 0
+    for key, nbytes in gather.items():
+        r = by_record[key]
+        all_gather["frozen" if r.kind == FROZEN else "trainable"] += nbytes * r.all_gathers_per_step
+        if r.kind == FROZEN and r.reshard == "never":
+            kept += nbytes
+    units: dict[str, int] = {}
+    for (unit, kind), nbytes in gather.items():
+        if not (kind == FROZEN and by_record[(unit, kind)].reshard == "never"):
+            units[unit] = units.get(unit, 0) + nbytes
+    largest_unit = max(units, key=units.get) if units else ""
+    largest = units.get(largest_unit, 0) if shard_size > 1 else 0
+    second = sorted(units.values())[-2] if len(units) > 1 and shard_size > 1 else 0
+    persistent = frozen + 2 * trainable + optimizer + (kept if shard_size > 1 else 0)
+
+    def global_bytes(p: torch.Tensor) -> int:
+        local = compat.local_tensor(p)
+        if is_nf4(local):
+            return storage_nbytes(local) * (shard_size if isinstance(p, torch.distributed.tensor.DTensor) else 1)
+        return p.numel() * local.element_size()
+
+    params = dict(model.named_parameters())
+    trainable_global = sum(global_bytes(p) for p in trainable_params)
+    optimizer_global = sum(2 * global_bytes(p) + ADAMW_STEP_BYTES for p in trainable_params)
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    full = sum(global_bytes(p) for p in params.values()) + buffers + optimizer_global
+    return Estimate(
+        world=world, replicate=replicate, frozen_reshard=str(policy.frozen_reshard),
+        frozen_dtype=str(policy.frozen_dtype), frozen_shard_bytes=frozen, trainable_shard_bytes=trainable,
+        gradient_bytes=trainable, optimizer_bytes=optimizer, kept_gathered_bytes=kept if shard_size > 1 else 0,
+        largest_unit_gather_bytes=largest, largest_unit=largest_unit or "<root>",
+        persistent_bytes=persistent, peak_bytes=persistent + largest + second,
+        all_gather_bytes_per_step=all_gather, reduce_scatter_bytes_per_step=reduce,
+        all_reduce_bytes_per_step=reduce // shard_size if replicate > 1 else 0,
+        checkpoint_full_bytes=full, checkpoint_trainable_bytes=trainable_global + optimizer_global,
+    )
+
+
+def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 2) -> dict[str, Any]:
+    """Activation bytes per rank of a decoder-only transformer (a Hugging Face config), with and
+    without activation checkpointing of every block.
+
+    Method: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+    ``34 * s * b * h`` bytes per layer at 2-byte activations with a fused attention kernel (no
+    ``5 * a * s^2 * b`` score term); the 34 assumes a 4h MLP and full-width K/V, so a wider MLP or
+    grouped K/V shifts it. With checkpointing each layer keeps its input (``2 * s * b * h``) and one
+    layer is recomputed at a time. Logits: ``b * s * vocab`` in fp32, twice (logits and their
+    gradient). An estimate, unlike the other numbers: it ignores LoRA's rank-r intermediates and the
+    loss's temporaries.
+    """
+    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    tokens = batch * seq
+    per_layer = 34 * tokens * h * dtype_bytes // 2
+    logits = 2 * tokens * vocab * 4
+    return {
+        "method": "Korthikanti et al. 2022: 34*s*b*h bytes/layer at bf16, fused attention; AC keeps 2*s*b*h per "
+                  "layer plus one layer; logits b*s*vocab fp32 x2",
+        "batch": batch, "seq": seq,
+        "no_checkpointing_bytes": layers * per_layer + logits,
+        "checkpointing_bytes": layers * tokens * h * dtype_bytes + per_layer + logits,
+    }
+
+
+def estimate(
+    build: Callable[[], nn.Module],
+    world: int,
+    policy: FreezePolicy,
+    *,
+    replicate: int = 1,
+) -> Estimate:
+    """Shard the meta model ``build()`` on a fake process group of `world` ranks and measure it.
+
+    Args:
+        build: returns the model built on the meta device (with PEFT adapters if any), unsharded.
+        world: ranks in all; with ``replicate > 1`` an HSDP mesh (replicate x world // replicate).
+    Collective-free and allocation-free; a 70B model takes seconds.
+    """
+    if world < 1 or replicate < 1 or world % replicate:
+        raise PolicyError(f"estimate: world={world} must be a positive multiple of replicate={replicate}")
+    with fake_process_group(world):
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (replicate, world // replicate) if replicate > 1 else (world,)
+        names = ("replicate", "shard") if replicate > 1 else None
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        model = build()
+        if any(not compat.local_tensor(p).is_meta for p in model.parameters()):
+            raise PolicyError("estimate: build() must return a model on the meta device "
+                              "(with torch.device('meta'): ...), so that nothing is allocated")
+        model = shard_with_freezing(model, mesh, policy)
+        return measure(model, world, replicate)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+def hf_config(path: str | os.PathLike) -> Any:
+    """A transformers config from a ``config.json`` or a directory holding one."""
+    from transformers import AutoConfig
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise PolicyError(f"estimate: no Hugging Face config at {path!r} (pass a config.json or its directory)")
+    with open(path) as f:
+        data = json.load(f)
+    model_type = data.pop("model_type", None)
+    if model_type is None:
+        raise PolicyError(f"estimate: {path!r} has no 'model_type'; is it a Hugging Face config.json?")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def hf_builder(config: Any, peft: str | os.PathLike | dict | None = None) -> Callable[[], nn.Module]:
+    """``build`` for `estimate`: ``AutoModelForCausalLM.from_config`` on meta, PEFT-wrapped when an
+    adapter config (``adapter_config.json``, its directory, or a dict) is given."""
+
+    def build() -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        if peft is not None:
+            from peft import get_peft_config, get_peft_model
+
+            data = peft
+            if not isinstance(peft, dict):
+                path = os.fspath(peft)
+                path = os.path.join(path, "adapter_config.json") if os.path.isdir(path) else path
+                with open(path) as f:
+                    data = json.load(f)
+            model = get_peft_model(model, get_peft_config(dict(data)))
+        return model
+
+    return build
+
+
+def default_units(config: Any) -> list[str]:
+    """FSDP units for a Hugging Face model: its ``_no_split_modules`` (the decoder layer classes)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    units = list(getattr(cls, "_no_split_modules", None) or [])
+    if not units:
+        raise PolicyError(f"estimate: {cls.__name__} names no _no_split_modules; pass a policy with units")
+    return units
+
+
+__all__ = ["Estimate", "activation_bytes", "default_units", "estimate", "fake_process_group", "hf_builder",
+           "hf_config", "measure"]

@@ -1,0 +1,153 @@
+"""`estimate`: per-rank bytes and per-step collective bytes equal what real gloo ranks hold and move."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.checkpoint import FileSystemReader
+
+from fsdp_frozen import FreezePolicy, PolicyError, shard_with_freezing
+from fsdp_frozen._torch_compat import local_tensor
+from fsdp_frozen.checkpoint import save_checkpoint
+from fsdp_frozen.estimate import estimate, measure
+
+from .common import CommCounter, frozen_group_names, mesh_1d
+from .dist_harness import run_ranks
+from .models import batch, make_model
+
+HF_MISSING = any(importlib.util.find_spec(m) is None for m in ("transformers", "peft"))
+POLICIES = {
+    "after_forward": dict(frozen_dtype="bfloat16", param_dtype="bfloat16", reduce_dtype="float32"),
+    "after_backward": dict(frozen_reshard="after_backward", frozen_dtype="bfloat16", param_dtype="bfloat16"),
+    "never": dict(frozen_reshard="never"),
+    "nf4": dict(frozen_dtype="nf4", param_dtype="bfloat16", nf4_block_size=32, nf4_scaler_block_size=4),
+}
+
+
+def _policy(name: str) -> FreezePolicy:
+    return FreezePolicy(units=["layers.*"], **POLICIES[name])
+
+
+def _meta_model():
+    with torch.device("meta"):
+        return make_model()
+
+
+def _storage(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (FSDP's gradients can be views of one buffer)."""
+    from fsdp_frozen.storage import NF4_PACKED, is_nf4
+
+    seen = {}
+    for t in tensors:
+        local = local_tensor(t)
+        for inner in ([getattr(local, n) for n in NF4_PACKED] if is_nf4(local) else [local]):
+            storage = inner.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _real(rank: int, world: int, tmp: str) -> dict:
+    out = {}
+    for name in POLICIES:
+        model = shard_with_freezing(make_model(), mesh_1d(world), _policy(name))
+        frozen_pgs = frozen_group_names(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        counter = CommCounter()
+        steps = []
+        with counter:
+            for step in range(3):
+                counter.clear()
+                x, y = batch(step, rank)
+                logits = model(x)
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).backward()
+                grads = _storage(p.grad for p in model.parameters() if p.grad is not None)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                frozen_ag = counter.total("all_gather", frozen_pgs)
+                steps.append({"frozen_ag": frozen_ag, "trainable_ag": counter.total("all_gather") - frozen_ag,
+                              "rs": counter.total("reduce_scatter"), "grads": grads})
+        path = save_checkpoint(os.path.join(tmp, f"{name}-{world}"), model, opt, frozen="include")
+        md = FileSystemReader(path).read_metadata().state_dict_metadata
+        saved = {k: v.size.numel() * v.properties.dtype.itemsize for k, v in md.items() if hasattr(v, "size")}
+        out[name] = {
+            "frozen": _storage(p for p in model.parameters() if not p.requires_grad),
+            "trainable": _storage(p for p in model.parameters() if p.requires_grad),
+            "optimizer": _storage(t for s in opt.state.values() for t in s.values()),
+            "steady": steps[-1],
+            "checkpoint_full": sum(v for k, v in saved.items() if not k.startswith("extra/")),
+            "checkpoint_trainable": sum(v for k, v in saved.items() if k.split("/")[0] in ("trainable", "optimizer")),
+            "measured_here": measure(model, world).to_dict(),  # the same function on real gloo ranks
+        }
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_estimate_equals_real_ranks(tmp_path, world):
+    real = run_ranks(_real, world, str(tmp_path))
+    failures = []
+    for name in POLICIES:
+        est = estimate(_meta_model, world, _policy(name))
+        for rank, r in enumerate(real):
+            r = r[name]
+            checks = {
+                "frozen shard bytes": (est.frozen_shard_bytes, r["frozen"]),
+                "trainable shard bytes": (est.trainable_shard_bytes, r["trainable"]),
+                "gradient bytes": (est.gradient_bytes, r["steady"]["grads"]),
+                "AdamW state bytes": (est.optimizer_bytes, r["optimizer"]),
+                "frozen all-gather bytes/step": (est.all_gather_bytes_per_step["frozen"], r["steady"]["frozen_ag"]),
+                "trainable all-gather bytes/step": (est.all_gather_bytes_per_step["trainable"],
+                                                    r["steady"]["trainable_ag"]),
+                "reduce-scatter bytes/step": (est.reduce_scatter_bytes_per_step if world > 1 else 0, r["steady"]["rs"]),
+            }
+            if name != "nf4":  # DCP metadata holds NF4 weights by their logical shape, not their packed bytes
+                checks["checkpoint bytes (full)"] = (est.checkpoint_full_bytes, r["checkpoint_full"])
+            checks["checkpoint bytes (trainable + AdamW)"] = (est.checkpoint_trainable_bytes, r["checkpoint_trainable"])
+            failures += [f"{name} world {world} rank {rank}: {what}: estimate {a}, measured {b}"
+                         for what, (a, b) in checks.items() if a != b]
+            if est.to_dict() != r["measured_here"] and rank == 0:
+                failures.append(f"{name}: measure() on a fake group differs from the gloo ranks'")
+    if world > 1:  # the figures are not trivially zero
+        est = estimate(_meta_model, world, _policy("after_forward"))
+        assert est.all_gather_bytes_per_step["frozen"] > 0 and est.reduce_scatter_bytes_per_step > 0
+    assert not failures, "\n".join(failures)
+
+
+def test_estimate_refusals():
+    with pytest.raises(PolicyError, match="world=6 must be a positive multiple of replicate=4"):
+        estimate(_meta_model, 6, _policy("never"), replicate=4)
+    with pytest.raises(PolicyError, match="must return a model on the meta device"):
+        estimate(make_model, 2, _policy("never"))
+
+
+@pytest.mark.skipif(HF_MISSING, reason="needs the 'hf' extra")
+def test_estimate_cli_on_a_hugging_face_config(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(str(tmp_path))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
+    cmd = [sys.executable, "-m", "fsdp_frozen", "estimate", "--model", str(tmp_path), "--world", "4",
+           "--peft", str(tmp_path / "adapter_config.json"), "--batch", "2", "--seq", "128", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)["estimates"]
+    assert {(r["frozen_reshard"], r["frozen_dtype"]) for r in rows} == {
+        (p, d) for p in ("after_forward", "after_backward", "never") for d in ("bfloat16", "nf4")}
+    by = {(r["frozen_reshard"], r["frozen_dtype"]): r for r in rows}
+    assert by[("never", "bfloat16")]["all_gather_bytes_per_step"]["frozen"] == 0
+    assert by[("after_forward", "nf4")]["frozen_shard_bytes"] < by[("after_forward", "bfloat16")]["frozen_shard_bytes"]
+    assert by[("never", "bfloat16")]["kept_gathered_bytes"] > 0
+    acts = by[("never", "bfloat16")]["activations"]
+    assert 0 < acts["checkpointing_bytes"] < acts["no_checkpointing_bytes"] and "Korthikanti" in acts["method"]
+    table = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
+    assert table.returncode == 0 and "| after_forward | nf4 |" in table.stdout, table.stdout[-2000:]
+    bad = subprocess.run([*cmd[:5], str(tmp_path / "nope"), "--world", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no Hugging Face config at" in bad.stderr, bad.stderr[-2000:]
