@@ -97,6 +97,42 @@ POLICIES = ("after_forward", "after_backward", "never")
 FROZEN_DTYPES = ("bfloat16", "nf4")
 
 
+def _recipe_model(path: str) -> tuple[Any, Any, dict[str, Any]]:
+    """(build, config for activations, FreezePolicy fields) of a recipe config (``recipes/configs/*.yaml``)
+    whose ``model.kind`` is ``llama``: the in-repo Llama of ``recipes/llama.py`` beside it."""
+    import importlib.util
+    import types
+
+    import yaml
+
+    from .errors import PolicyError
+
+    data = yaml.safe_load(open(path)) or {}
+    model = data.get("model", {})
+    if model.get("kind", "llama") != "llama":
+        raise PolicyError(f"estimate: {path!r} is a recipe config of model.kind={model.get('kind')!r}; pass the "
+                          f"Hugging Face config.json instead (only kind 'llama' is built from recipes/llama.py)")
+    recipes = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    file = os.path.join(recipes, "llama.py")
+    if not os.path.isfile(file):
+        raise PolicyError(f"estimate: {path!r} is a recipe config but {file!r} (the in-repo Llama) is missing")
+    spec = importlib.util.spec_from_file_location("_fsdp_frozen_recipe_llama", file)
+    llama = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = llama  # its dataclasses look their module up
+    spec.loader.exec_module(llama)  # type: ignore[union-attr]
+    known = {f for f in llama.LlamaConfig.__dataclass_fields__}
+    cfg = llama.LlamaConfig(vocab_size=256, **{k: v for k, v in model.items() if k in known})
+
+    def build() -> Any:
+        import torch
+
+        with torch.device("meta"):
+            return llama.LlamaLoRA(cfg)
+
+    shape = types.SimpleNamespace(hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers, vocab_size=cfg.vocab_size)
+    return build, shape, dict(data.get("freeze") or {})
+
+
 def run_estimates(args: argparse.Namespace) -> dict[str, Any]:
     """Every (frozen policy, frozen dtype) the policy file leaves open, side by side."""
     import yaml
@@ -105,8 +141,18 @@ def run_estimates(args: argparse.Namespace) -> dict[str, Any]:
     from .estimate import activation_bytes, default_units, estimate, hf_builder, hf_config
     from .policy import FreezePolicy
 
-    config = hf_config(args.model)
     fields: dict[str, Any] = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
+    if args.model.endswith((".yaml", ".yml")):
+        if args.peft:
+            raise PolicyError("estimate: --peft applies to Hugging Face configs; the in-repo Llama has its own "
+                              "LoRA (model.lora_rank in the recipe config)")
+        build, config, recipe_fields = _recipe_model(args.model)
+        fields.update({k: v for k, v in recipe_fields.items() if v is not None})
+        for key in ("frozen_reshard", "frozen_dtype"):  # compared side by side unless --policy fixes them
+            fields.pop(key, None)
+    else:
+        config = hf_config(args.model)
+        build = None
     if args.policy:
         try:
             data = yaml.safe_load(open(args.policy)) or {}
@@ -114,10 +160,11 @@ def run_estimates(args: argparse.Namespace) -> dict[str, Any]:
             raise PolicyError(f"cannot read FreezePolicy YAML {args.policy!r}: {e}") from e
         FreezePolicy.from_dict(dict(data), source=args.policy)  # validated as given
         fields.update(data)
-    fields.setdefault("units", default_units(config))
+    if "units" not in fields:
+        fields["units"] = default_units(config)
     policies = [fields["frozen_reshard"]] if "frozen_reshard" in fields else list(POLICIES)
     dtypes = [fields["frozen_dtype"]] if "frozen_dtype" in fields else list(FROZEN_DTYPES)
-    build = hf_builder(config, args.peft)
+    build = build or hf_builder(config, args.peft)
     rows = []
     for reshard in policies:
         for dtype in dtypes:
@@ -130,29 +177,34 @@ def run_estimates(args: argparse.Namespace) -> dict[str, Any]:
             "peft": args.peft, "units": fields["units"], "estimates": rows}
 
 
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
+
+
 def render_estimates(info: dict[str, Any]) -> str:
-    gib, mib = 2**30, 2**20
-    head = ("| policy | frozen | frozen GiB/rank | trainable MiB/rank | grads MiB | AdamW MiB | kept gathered GiB | "
-            "largest unit gather GiB | persistent GiB | peak GiB | AG GiB/step frozen / trainable | RS MiB/step | "
-            "checkpoint full GiB / trainable MiB |")
+    head = ("| policy | frozen | frozen/rank | trainable/rank | grads/rank | AdamW/rank | kept gathered | "
+            "largest unit gather | persistent/rank | peak/rank | AG/step frozen / trainable | RS/step | "
+            "checkpoint full / trainable |")
     lines = [f"{info['model']} at world {info['world']}" + (f" (HSDP {info['replicate']} x "
              f"{info['world'] // info['replicate']})" if info["replicate"] > 1 else "")
              + (f", PEFT {info['peft']}" if info["peft"] else "") + f", units {info['units']}", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in info["estimates"]:
         ag = r["all_gather_bytes_per_step"]
-        lines.append(
-            f"| {r['frozen_reshard']} | {r['frozen_dtype']} | {r['frozen_shard_bytes'] / gib:.2f} | "
-            f"{r['trainable_shard_bytes'] / mib:.1f} | {r['gradient_bytes'] / mib:.1f} | {r['optimizer_bytes'] / mib:.1f} | "
-            f"{r['kept_gathered_bytes'] / gib:.2f} | {r['largest_unit_gather_bytes'] / gib:.2f} | "
-            f"{r['persistent_bytes'] / gib:.2f} | {r['peak_bytes'] / gib:.2f} | {ag['frozen'] / gib:.2f} / "
-            f"{ag['trainable'] / gib:.3f} | {r['reduce_scatter_bytes_per_step'] / mib:.1f} | "
-            f"{r['checkpoint_full_bytes'] / gib:.2f} / {r['checkpoint_trainable_bytes'] / mib:.1f} |")
+        cells = [r["frozen_reshard"], r["frozen_dtype"], *map(_size, (
+            r["frozen_shard_bytes"], r["trainable_shard_bytes"], r["gradient_bytes"], r["optimizer_bytes"],
+            r["kept_gathered_bytes"], r["largest_unit_gather_bytes"], r["persistent_bytes"], r["peak_bytes"])),
+            f"{_size(ag['frozen'])} / {_size(ag['trainable'])}", _size(r["reduce_scatter_bytes_per_step"]),
+            f"{_size(r['checkpoint_full_bytes'])} / {_size(r['checkpoint_trainable_bytes'])}"]
+        lines.append("| " + " | ".join(cells) + " |")
     acts = info["estimates"][0].get("activations") if info["estimates"] else None
     if acts:
         lines += ["", f"Activations per rank at batch {acts['batch']} x {acts['seq']} (add to peak): "
-                  f"{acts['no_checkpointing_bytes'] / gib:.2f} GiB without activation checkpointing, "
-                  f"{acts['checkpointing_bytes'] / gib:.2f} GiB with it; method: {acts['method']}."]
+                  f"{_size(acts['no_checkpointing_bytes'])} without activation checkpointing, "
+                  f"{_size(acts['checkpointing_bytes'])} with it; method: {acts['method']}."]
     lines += ["", "Per rank, exact from the sharding (fake process group); peak = persistent + the two largest units' "
               "all-gathers (FSDP prefetches one unit ahead). Not counted: CUDA context, allocator fragmentation, "
               "NCCL buffers, one unit's unsharded gradients before reduce-scatter."]
@@ -166,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     est = sub.add_parser("estimate", help="per-rank memory and per-step communication of a run, before renting GPUs")
-    est.add_argument("--model", required=True, help="a Hugging Face config.json or a directory holding one")
+    est.add_argument("--model", required=True, help="a Hugging Face config.json or a directory holding one, or a "
+                     "recipe config (recipes/configs/*.yaml) of the in-repo Llama")
     est.add_argument("--world", type=int, required=True, help="ranks in all")
     est.add_argument("--policy", help="FreezePolicy YAML; frozen_reshard / frozen_dtype left out are compared")
     est.add_argument("--peft", help="PEFT adapter_config.json (or its directory)")

@@ -12,7 +12,8 @@ a 1-rank NCCL mesh, loaded with `load_pretrained`, and trained with activation c
 tokens of batch x seq. Not compiled (torchtune's published figures are). Records the peak
 ``torch.cuda.max_memory_allocated`` and tokens/s (steps after ``--warmup``), plus load time.
 
-Reference (torchtune, Llama-3.1-8B, batch 2 x 2048, compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s,
+The estimate (`fsdp_frozen.estimate`, same model, world 1, plus its AC activation formula) is recorded
+beside each measured peak, with their ratio. Reference (torchtune, Llama-3.1-8B, batch 2 x 2048, compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s,
 QLoRA 7.4 GiB at 2413 tok/s. Writes ``OUT/gpu_bench.json`` and ``OUT/gpu_bench.md``.
 """
 
@@ -119,6 +120,19 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_gpu.py needs a CUDA GPU (none here); the CPU benchmarks are benchmark.py and "
                          "benchmark_load.py")
+    # The estimate of the same runs (fake process group, before the real one exists): its ratio to the
+    # measured peak is recorded per frozen dtype.
+    from fsdp_frozen import FreezePolicy
+    from fsdp_frozen.estimate import activation_bytes, estimate, hf_builder
+
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGET_MODULES}
+    estimates = {}
+    for dtype in args.frozen_dtypes.split(","):
+        policy = FreezePolicy(units=["LlamaDecoderLayer"], frozen_dtype=dtype, param_dtype="bfloat16",
+                              reduce_dtype="float32", frozen_reshard="never")
+        est = estimate(hf_builder(llama_8b_config(args.layers), lora), 1, policy)
+        acts = activation_bytes(llama_8b_config(args.layers), args.batch, args.seq)
+        estimates[dtype] = (est.peak_bytes + acts["checkpointing_bytes"]) / 2**30
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     dist.init_process_group("nccl", rank=0, world_size=1)
@@ -133,19 +147,23 @@ def main() -> None:
     for dtype in args.frozen_dtypes.split(","):
         try:
             results["runs"][dtype] = run(base, dtype, args.batch, args.seq, args.steps, args.warmup)
+            results["runs"][dtype]["estimate_gib"] = estimates[dtype]
+            results["runs"][dtype]["measured_vs_estimate"] = results["runs"][dtype]["peak_allocated_gib"] / estimates[dtype]
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             results["runs"][dtype] = {"error": f"{type(e).__name__}: {e}"}
         (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
     lines = [f"{results['meta']['date']}, {results['meta']['gpu']}, torch {torch.__version__}: Llama-3.1-8B-shaped "
              f"({args.layers} layers), LoRA r=8 on {', '.join(TARGET_MODULES)}, batch {args.batch} x {args.seq}, "
              f"bf16, activation checkpointing, not compiled", "",
-             "| frozen | peak GiB | tok/s | load s | torchtune (RTX 4090, compiled) |", "|---|---|---|---|---|"]
+             "| frozen | peak GiB | estimate GiB (ratio) | tok/s | load s | torchtune (RTX 4090, compiled) |",
+             "|---|---|---|---|---|---|"]
     for dtype, r in results["runs"].items():
         ref = REFERENCE.get(dtype)
         if "error" in r:
-            lines.append(f"| {dtype} | error: {r['error'][:80]} | | | |")
+            lines.append(f"| {dtype} | error: {r['error'][:80]} | | | | |")
         else:
-            lines.append(f"| {dtype} | {r['peak_allocated_gib']:.1f} | {r['tokens_per_s']:,.0f} | {r['load_s']:.1f} | "
+            lines.append(f"| {dtype} | {r['peak_allocated_gib']:.1f} | {r['estimate_gib']:.1f} "
+                         f"({r['measured_vs_estimate']:.2f}x) | {r['tokens_per_s']:,.0f} | {r['load_s']:.1f} | "
                          f"{ref[0]} GiB, {ref[1]} tok/s |")
     (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

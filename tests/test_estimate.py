@@ -149,5 +149,11 @@ def test_estimate_cli_on_a_hugging_face_config(tmp_path):
     assert 0 < acts["checkpointing_bytes"] < acts["no_checkpointing_bytes"] and "Korthikanti" in acts["method"]
     table = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
     assert table.returncode == 0 and "| after_forward | nf4 |" in table.stdout, table.stdout[-2000:]
+    recipe = subprocess.run([sys.executable, "-m", "fsdp_frozen", "estimate", "--model",
+                             os.path.join(os.path.dirname(__file__), "..", "recipes", "configs", "lora_tiny.yaml"),
+                             "--world", "2", "--json"], capture_output=True, text=True, timeout=300)
+    assert recipe.returncode == 0, recipe.stderr[-3000:]
+    rows = json.loads(recipe.stdout)["estimates"]
+    assert len(rows) == 6 and all(r["frozen_shard_bytes"] > 0 and r["trainable_shard_bytes"] > 0 for r in rows)
     bad = subprocess.run([*cmd[:5], str(tmp_path / "nope"), "--world", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no Hugging Face config at" in bad.stderr, bad.stderr[-2000:]
