@@ -91,6 +91,11 @@ def group_mesh_info(group: Any) -> Any:
     return group.mesh_info
 
 
+def group_mesh_infos(group: Any) -> list[Any]:
+    """The mesh infos a param group communicates on: its own and its post-forward one (int reshard)."""
+    return [info for info in (group.mesh_info, group.post_forward_mesh_info) if info is not None]
+
+
 def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """A mesh over the same ranks as `mesh` with new process groups.
 

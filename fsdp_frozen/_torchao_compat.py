@@ -8,8 +8,30 @@ dim-0 chunks by FSDP), ``scaler_mean`` and ``nf4`` (replicated in every chunk).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.distributed.tensor import DTensor
+
+class _QuietSoFailures(logging.Filter):
+    """Drops torchao's "Failed to load .../_C*.so: ..." warnings, and only those: a CPU build of
+    torch cannot load torchao's CUDA extensions, which NF4 does not use (torchao 0.18 ``__init__``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Failed to load ") and ".so" in message)
+
+
+# Installed when fsdp_frozen is imported, before anything (PEFT, transformers, us) imports torchao.
+logging.getLogger("torchao").addFilter(_QuietSoFailures())
+
+
+def to_nf4(tensor: torch.Tensor, block_size: int, scaler_block_size: int) -> torch.Tensor:
+    """torchao's public ``to_nf4`` (imported on first use: torchao is only needed for NF4)."""
+    from torchao.quantization import to_nf4 as _to_nf4
+
+    return _to_nf4(tensor, block_size, scaler_block_size)
+
 
 #: Inner tensors of an NF4Tensor that are replicated in every dim-0 chunk (torchao 0.18).
 NF4_REPLICATED = ("scaler_mean", "nf4")
@@ -40,8 +62,6 @@ def nf4_on_meta(weight: torch.Tensor, block_size: int, scaler_block_size: int) -
     quantization on meta (it loops over blocks: ~25 s for a 70B model). Inner tensors and context are
     those of a small real quantization in `weight`'s dtype, resized: packed data numel/2 (uint8), one
     int8 scaler per block, one factor per scaler block."""
-    from torchao.quantization import to_nf4
-
     probe = to_nf4(torch.zeros(block_size * scaler_block_size, dtype=weight.dtype), block_size, scaler_block_size)
     names, ctx = probe.__tensor_flatten__()
     n_blocks = weight.numel() // block_size
@@ -60,8 +80,6 @@ def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:
     weight) into `target` (an NF4Tensor or a DTensor of one). A plain `whole` is first quantized with
     torchao at `target`'s block sizes, on `target`'s device: bitwise the storage sharding a model that
     holds `whole` there would give. An NF4 `whole` must have `target`'s block sizes."""
-    from torchao.quantization import to_nf4
-
     local = target._local_tensor if isinstance(target, DTensor) else target  # type: ignore[attr-defined]
     if type(whole).__name__ == "NF4Tensor":
         quantized = whole

@@ -157,18 +157,10 @@ def _guard_setters(model: nn.Module, state: ShardedModelState) -> None:
             object.__setattr__(module, name, guarded)
 
 
-def _trainable_reshard(plan: ShardingPlan, unit: str) -> bool | int:
-    trainable = next((g for g in plan.groups_of(unit) if g.kind != FROZEN), None)
-    return trainable.reshard if trainable is not None else unit != ""
-
-
 def _unmanaged_nf4(plan: ShardingPlan, unit: str) -> list[str]:
-    """NF4 weights FSDP must not manage: with a shard size of 1 torchao's NF4 all-gather hooks fail
-    (torch 2.13 / torchao 0.18), and nothing would be communicated anyway, so they stay plain."""
-    if plan.shard_size > 1:
-        return []
+    """The unit's NF4 weights the plan keeps out of FSDP (`ShardingPlan.unmanaged`)."""
     group = plan.frozen_group(unit)
-    return [f for f in group.params if f in plan.quantized] if group else []
+    return [f for f in group.params if f in plan.unmanaged] if group else []
 
 
 def _ignored(model: nn.Module, plan: ShardingPlan, unit: str) -> dict[str, Any]:
@@ -196,7 +188,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
         fully_shard(
             module,
             mesh=mesh,
-            reshard_after_forward=_trainable_reshard(plan, unit),
+            reshard_after_forward=plan.unit_reshard[unit],
             shard_placement_fn=(lambda p: placement if id(p) in frozen_ids else None) if frozen_ids else None,
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
@@ -234,7 +226,7 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
         fully_shard(
             model.get_submodule(plan.path(unit)),
             mesh=mesh,
-            reshard_after_forward=_trainable_reshard(plan, unit),
+            reshard_after_forward=plan.unit_reshard[unit],
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
         )

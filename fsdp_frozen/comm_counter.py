@@ -59,11 +59,12 @@ def _group_name(args) -> str:
 
 
 def frozen_group_names(model: nn.Module) -> set[str]:
-    """Names of the process groups that the frozen param groups of `model` communicate on."""
+    """Names of the process groups that the frozen param groups `shard_with_freezing` built on
+    `model` communicate on (read from the groups it recorded, not re-found)."""
+    from .apply import sharded_state
+
     names = set()
-    for _, group, _ in compat.iter_all_fsdp_params(model):
-        if not any(compat.sharded_param(fp).requires_grad for fp in compat.fsdp_params(group)):
-            for info in (group.mesh_info, group.post_forward_mesh_info):
-                if info is not None:
-                    names.add(info.shard_process_group.group_name)
+    for group, _ in sharded_state(model).frozen_settings:
+        for info in compat.group_mesh_infos(group):
+            names.add(info.shard_process_group.group_name)
     return names

@@ -51,6 +51,11 @@ class ShardingPlan:
     quantized: frozenset[str] = frozenset()  #: frozen params stored as NF4 (frozen_dtype="nf4")
     not_quantized: dict[str, str] = field(default_factory=dict)  #: frozen params NF4 cannot hold -> why
     names: ModelNames | None = None  #: canonical names of the model and the module paths behind them
+    #: NF4 weights FSDP must not manage (``ignored_params``): at shard size 1 torchao's NF4 all-gather
+    #: hooks fail (torch 2.13 / torchao 0.18) and nothing would be communicated anyway.
+    unmanaged: frozenset[str] = frozenset()
+    #: Each unit's ``reshard_after_forward`` for its fully_shard call (its trainable group's, FSDP's root rule).
+    unit_reshard: dict[str, bool | int] = field(default_factory=dict)
 
     def path(self, fqn: str) -> str:
         """The path (``get_submodule`` / ``get_parameter`` name) of a canonical parameter or module FQN."""
@@ -119,6 +124,14 @@ def _check_int_reshard(key: str, value: object, shard_size: int) -> None:
             f"FreezePolicy.{key}={value} must be a divisor of the mesh's shard size {shard_size} "
             f"other than 1 and {shard_size}; allowed here: {divisors or 'none (use a named policy)'}"
         )
+
+
+def _frozen_reshard(unit: str, reshard: str | int) -> str | int:
+    """The frozen policy a unit's frozen group gets. [Note: root rule] Like FSDP's root, the root's
+    frozen group is not resharded after forward: backward needs it right away, so "after_forward"
+    there would only add a gather; it behaves as "after_backward". Applied here only (also to the
+    groups "auto" does not keep gathered)."""
+    return "after_backward" if (unit == "" and reshard == "after_forward") else reshard
 
 
 def _gathers(kind: str, reshard: str | int | bool, shard_size: int) -> int:
@@ -250,7 +263,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
     frozen_reshard = policy.frozen_reshard
     for unit in units:
         owned = [f for f in params if owner[f] == unit]
-        trainable_reshard = policy.trainable_reshard if policy.trainable_reshard is not None else unit != ""
+        trainable_reshard = policy.trainable_reshard if policy.trainable_reshard is not None else unit != ""  # FSDP's
         frozen_fqns = [f for f in owned if f in frozen]
         trainable_fqns = [f for f in owned if f not in frozen]
         modules: list[str] = []
@@ -261,10 +274,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
             trainable_fqns = [f for f in owned if f not in in_modules]
             frozen_fqns = in_modules
         if frozen_fqns:
-            # Like FSDP's root, the root's frozen group is not resharded after forward: backward needs
-            # it right away, so "after_forward" there would only add a gather.
-            reshard = "after_backward" if (unit == "" and frozen_reshard == "after_forward") else frozen_reshard
-            groups.append(make_group(unit, FROZEN, frozen_fqns, reshard, modules))
+            groups.append(make_group(unit, FROZEN, frozen_fqns, _frozen_reshard(unit, frozen_reshard), modules))
         if trainable_fqns:
             groups.append(make_group(unit, TRAINABLE, trainable_fqns, trainable_reshard))
 
@@ -274,7 +284,8 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
         ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
         shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
-        names=names,
+        names=names, unmanaged=frozenset(quantized) if shard_size == 1 else frozenset(),
+        unit_reshard={u: policy.trainable_reshard if policy.trainable_reshard is not None else u != "" for u in units},
     )
 
 
@@ -289,7 +300,7 @@ def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list
     out = []
     for i, g in enumerate(groups):
         if g.kind == FROZEN:
-            reshard = "never" if i in keep else "after_forward"
+            reshard = "never" if i in keep else _frozen_reshard(g.unit, "after_forward")
             g = GroupPlan(**{**g.__dict__, "reshard": reshard, "all_gathers_per_step": _gathers(FROZEN, reshard, shard_size)})
         out.append(g)
     return out

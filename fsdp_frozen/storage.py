@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 
-from ._torchao_compat import NF4_PACKED, nf4_on_meta  # noqa: F401 (NF4_PACKED re-exported)
+from ._torchao_compat import NF4_PACKED, nf4_on_meta, to_nf4  # noqa: F401 (NF4_PACKED re-exported)
 
 NF4 = "nf4"
 
@@ -66,8 +66,6 @@ def nf4_nbytes(numel: int, block_size: int, scaler_block_size: int) -> int:
 
 def quantize_nf4(model: nn.Module, paths: Iterable[str], block_size: int, scaler_block_size: int) -> None:
     """Replace each frozen weight at `paths` by a frozen Parameter holding torchao's NF4Tensor of it."""
-    from torchao.quantization import to_nf4
-
     for path in paths:
         parent, _, leaf = path.rpartition(".")
         module = model.get_submodule(parent)

@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from fsdp_frozen import FreezePolicy, shard_with_freezing
 from fsdp_frozen import _torch_compat as compat
+from fsdp_frozen.apply import sharded_state
 
 from .common import full_state, mesh_1d, plain_fsdp, train
 from .dist_harness import run_ranks
@@ -35,8 +36,17 @@ def _cases(world_size: int) -> list[tuple[str, object, str]]:
     return cases
 
 
-def _policy(units, reshard) -> FreezePolicy:
-    extra = {"frozen_budget_bytes": 3000} if reshard == "auto" else {}
+def _auto_budget(kwargs: dict, units, shard_size: int) -> int:
+    """A budget that keeps the largest frozen group gathered and no other: "auto" runs both paths."""
+    from fsdp_frozen.plan import build_plan
+
+    base = build_plan(make_model(**kwargs), FreezePolicy(units=list(units)), shard_size=shard_size)
+    sizes = sorted((g.unsharded_bytes for g in base.groups if g.kind == "frozen"), reverse=True)
+    return sizes[0] + sizes[-1] - 1
+
+
+def _policy(units, reshard, kwargs: dict | None = None, shard_size: int = 1) -> FreezePolicy:
+    extra = {"frozen_budget_bytes": _auto_budget(kwargs or {}, units, shard_size)} if reshard == "auto" else {}
     return FreezePolicy(units=list(units), frozen_reshard=reshard, **extra)
 
 
@@ -47,7 +57,10 @@ def _run_parity(rank: int, world_size: int) -> dict:
         mesh = mesh_1d(world_size) if mesh_kind == "1d" else init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
         ref = plain_fsdp(make_model(**kwargs), mesh, units)
         ref_losses = train(ref, STEPS, rank)
-        model = shard_with_freezing(make_model(**kwargs), mesh, _policy(units, reshard))
+        model = shard_with_freezing(make_model(**kwargs), mesh, _policy(units, reshard, kwargs, mesh.size(mesh.ndim - 1)))
+        if reshard == "auto":  # the budget keeps one frozen group gathered and leaves the others
+            kept = [g.reshard == "never" for g in sharded_state(model).plan.groups if g.kind == "frozen"]
+            assert any(kept) and not all(kept), kept
         losses = train(model, STEPS, rank)
         # Frozen parameters: no grad after backward, no optimizer state.
         opt = model._test_optimizer

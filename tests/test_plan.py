@@ -119,9 +119,14 @@ def test_auto_keeps_largest_groups_within_budget():
     plan = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=budget), shard_size=2)
     kept = {g.unit for g in plan.groups if g.kind == FROZEN and g.reshard == "never"}
     assert kept == {largest}
-    assert {g.reshard for g in plan.groups if g.kind == FROZEN and g.unit != largest} == {"after_forward"}
+    # Groups "auto" does not keep get "after_forward", under the root rule: the root's is kept until
+    # backward ends (1 gather per step), as with frozen_reshard="after_forward".
+    rest = {g.unit: (g.reshard, g.all_gathers_per_step) for g in plan.groups if g.kind == FROZEN and g.unit != largest}
+    assert rest == {u: ("after_backward", 1) if u == "" else ("after_forward", 2) for u in rest}
     none = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=0), shard_size=2)
-    assert {g.reshard for g in none.groups if g.kind == FROZEN} == {"after_forward"}
+    fixed = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="after_forward"), shard_size=2)
+    assert [(g.reshard, g.all_gathers_per_step) for g in none.groups] == [
+        (g.reshard, g.all_gathers_per_step) for g in fixed.groups]
 
 
 def test_bf16_storage_and_gathered_bytes():

@@ -122,8 +122,6 @@ def _read_nf4(src_path: str, metadata: Metadata, keys: dict[str, tuple[int, int]
     """Each NF4 weight whole: its saved shards read, their packed tensors laid end to end."""
     if not keys:
         return {}
-    from torchao.quantization import to_nf4
-
     shards = {}
     for key, (block, scaler_block) in keys.items():
         md = metadata.state_dict_metadata[key]
@@ -131,7 +129,7 @@ def _read_nf4(src_path: str, metadata: Metadata, keys: dict[str, tuple[int, int]
         chunks = sorted(md.chunks, key=lambda c: tuple(c.offsets))
         # Placeholders with each shard's shape and metadata (torchao copies packed tensors only between
         # NF4Tensors of equal block sizes and block count): chunks of a quantized zero weight.
-        zeros = to_nf4(torch.zeros(tuple(md.size), dtype=md.properties.dtype), block, scaler_block)
+        zeros = ao.to_nf4(torch.zeros(tuple(md.size), dtype=md.properties.dtype), block, scaler_block)
         parts = [clone_nf4(p) for p in torch.chunk(zeros, len(chunks), dim=0)]
         if [tuple(p.shape) for p in parts] != [tuple(c.sizes) for c in chunks]:
             raise CheckpointLayoutError(f"NF4 weight {key!r} is saved in shards of unequal sizes; cannot read it")
