@@ -9,6 +9,7 @@ from .apply import shard_with_freezing
 from .errors import FreezingChangedError, PolicyError
 from .estimate import Estimate, estimate
 from .policy import FreezePolicy
+from .process_groups import release_process_groups
 from .report import GroupRecord, describe
 
 __version__ = "0.1.0"
@@ -21,6 +22,7 @@ __all__ = [
     "PolicyError",
     "describe",
     "estimate",
+    "release_process_groups",
     "shard_with_freezing",
     "__version__",
 ]

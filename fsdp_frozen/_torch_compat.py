@@ -96,6 +96,11 @@ def group_mesh_infos(group: Any) -> list[Any]:
     return [info for info in (group.mesh_info, group.post_forward_mesh_info) if info is not None]
 
 
+def mesh_groups(mesh: DeviceMesh) -> tuple[Any, ...]:
+    """The process group of each dim of `mesh` (public ``get_group``)."""
+    return tuple(mesh.get_group(d) for d in range(mesh.ndim))
+
+
 def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """A mesh over the same ranks as `mesh` with new process groups.
 
@@ -123,6 +128,13 @@ def make_frozen_mesh_info(mesh: DeviceMesh) -> Any:
     if mesh.ndim == 1:
         return FSDPMeshInfo(fresh, shard_mesh_dim=0)
     return HSDPMeshInfo(fresh, shard_mesh_dim=1, replicate_mesh_dim=0)
+
+
+def mesh_info_groups(mesh_info: Any) -> list[Any]:
+    """The process groups of an FSDP mesh info (shard, and replicate for HSDP)."""
+    groups = [mesh_info.shard_process_group]
+    replicate = getattr(mesh_info, "replicate_process_group", None)
+    return groups + ([replicate] if replicate is not None else [])
 
 
 def placement_on(mesh_info: Any) -> Any:

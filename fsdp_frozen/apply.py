@@ -12,6 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from . import _torch_compat as compat
+from . import process_groups
 from .errors import FreezingChangedError, PolicyError
 from .plan import FROZEN, ShardingPlan, build_plan
 from .policy import FreezePolicy
@@ -65,8 +66,12 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     of mixed modules stay in the trainable group, with a warning naming them.
 
     Args:
-        model: an unsharded module; sharded in place and returned.
-        mesh: 1-D (FSDP) or 2-D (HSDP: replicate x shard) device mesh.
+        model: an unsharded module, its parameters real or on the meta device (then nothing is
+            allocated; `fsdp_frozen.checkpoint.load_pretrained` fills the shards); sharded in place
+            and returned.
+        mesh: 1-D (FSDP) or 2-D (HSDP: replicate x shard) device mesh. The frozen groups' process
+            groups are created on the first call for a mesh and reused by later ones
+            (`fsdp_frozen.process_groups`; `release_process_groups` frees them).
         policy: a `FreezePolicy`.
 
     Raises:
@@ -173,8 +178,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
     """torch >= 2.13: one fully_shard per unit; frozen params go to a param group on their own PGs."""
     frozen_mesh_info = None
     if any(g.kind == FROZEN for g in plan.groups):
-        frozen_mesh_info = compat.make_frozen_mesh_info(mesh)
-    post_forward_cache: dict[Any, Any] = {}
+        frozen_mesh_info = process_groups.frozen_mesh_info(mesh)  # created once per mesh, then reused
 
     for unit in plan.units:
         module = model.get_submodule(plan.path(unit))
@@ -202,9 +206,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
         elif reshard in ("after_backward", "never"):
             post_forward = None
         else:
-            if reshard not in post_forward_cache:
-                post_forward_cache[reshard] = compat.post_forward_mesh_info(reshard, frozen_mesh_info)
-            post_forward = post_forward_cache[reshard]
+            post_forward = process_groups.post_forward_mesh_info(mesh, reshard)
         compat.configure_group(group, post_forward, reshard_after_backward=reshard != "never")
 
 

@@ -87,3 +87,19 @@ def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
 
 
 __all__ = ["PeakTensorMemory", "state_tensors"]
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory from ``/proc/self/status`` (Linux): ``VmRSS`` now, or ``VmHWM``
+    (the high-water mark since the process started or since `reset_rss_peak`)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} line")
+
+
+def reset_rss_peak() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux ``/proc/self/clear_refs``), to measure one phase's peak."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

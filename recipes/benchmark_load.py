@@ -50,14 +50,6 @@ def write_base(directory: Path, dim: int, layers: int) -> int:
     return sum(f.stat().st_size for f in directory.glob("*.safetensors"))
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def worker(variant: str, directory: str, out: str) -> None:
     import torch
     import torch.distributed as dist
@@ -67,6 +59,7 @@ def worker(variant: str, directory: str, out: str) -> None:
 
     from fsdp_frozen import FreezePolicy, shard_with_freezing
     from fsdp_frozen.checkpoint import load_pretrained
+    from fsdp_frozen.peak_memory import reset_rss_peak, rss_bytes
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")
@@ -81,9 +74,8 @@ def worker(variant: str, directory: str, out: str) -> None:
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"])
     config = LlamaForCausalLM.config_class.from_pretrained(directory)
     dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # the RSS high-water mark restarts from now
-    before = _rss("VmRSS:")
+    reset_rss_peak()  # the RSS high-water mark restarts from now
+    before = rss_bytes("VmRSS")
     t0 = time.perf_counter()
     if variant == "load_pretrained":
         with torch.device("meta"):
@@ -99,7 +91,7 @@ def worker(variant: str, directory: str, out: str) -> None:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     record = {"variant": variant, "rank": rank, "world": world, "seconds": seconds,
-              "peak_rss_bytes": _rss("VmHWM:") - before, "rss_before_bytes": before,
+              "peak_rss_bytes": rss_bytes("VmHWM") - before, "rss_before_bytes": before,
               "cuda_max_allocated_bytes": torch.cuda.max_memory_allocated() if cuda else None}
     with open(os.path.join(out, f"{variant}-{rank}.json"), "w") as f:
         json.dump(record, f)

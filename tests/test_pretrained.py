@@ -18,6 +18,7 @@ import torch.nn as nn
 from fsdp_frozen import FreezePolicy, shard_with_freezing
 from fsdp_frozen._torch_compat import local_tensor
 from fsdp_frozen.checkpoint import CheckpointLayoutError, load_pretrained
+from fsdp_frozen.peak_memory import reset_rss_peak, rss_bytes
 from fsdp_frozen.storage import is_nf4
 
 from .common import mesh_1d
@@ -289,25 +290,16 @@ class _Stack(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(n))
 
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def _host_memory(rank: int, world: int, directory: str, n: int, dim: int) -> dict:
     with torch.device("meta"):
         model = _Stack(n, dim)
     model.requires_grad_(False)
     model = shard_with_freezing(model, mesh_1d(world), FreezePolicy(units=["layers.*"]))
     torch.distributed.barrier()
-    with open("/proc/self/clear_refs", "w") as f:  # reset the RSS high-water mark (VmHWM) to now
-        f.write("5")
-    before = _rss("VmRSS:")
+    reset_rss_peak()  # the RSS high-water mark (VmHWM) restarts from now
+    before = rss_bytes("VmRSS")
     load_pretrained(model, directory)
-    peak = _rss("VmHWM:") - before
+    peak = rss_bytes("VmHWM") - before
     shard = sum(local_tensor(p).untyped_storage().nbytes() for p in model.parameters())
     return {"peak": peak, "shard": shard}
 

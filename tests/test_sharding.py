@@ -180,3 +180,32 @@ def test_tied_param_gate_on_old_torch(monkeypatch):
     monkeypatch.setattr(compat, "IGNORED_PARAMS_SUPPORTED", False)
     with pytest.raises(PolicyError, match=r"tied parameter 'tok.weight' is used in unit 'tok'.*torch >= 2.7"):
         build_plan(make_model(tied=True), FreezePolicy(units=["tok", "layers.*"]), shard_size=2)
+
+
+def _process_groups_reused(rank: int, world: int) -> dict:
+    from fsdp_frozen import release_process_groups
+    from fsdp_frozen.apply import sharded_state
+
+    def frozen_pgs(model):
+        return {id(compat.mesh_info_groups(group.mesh_info)[0]) for group, _ in sharded_state(model).frozen_settings}
+
+    mesh = mesh_1d(world)
+    first = shard_with_freezing(make_model(), mesh, FreezePolicy(units=["layers.*"]))
+    second = shard_with_freezing(make_model(seed=1), mesh, FreezePolicy(units=["layers.*"], frozen_reshard="never"))
+    hsdp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    other = shard_with_freezing(make_model(), hsdp, FreezePolicy(units=["layers.*"]))
+    out = {"same_mesh": frozen_pgs(first) == frozen_pgs(second) and len(frozen_pgs(first)) == 1,
+           "other_mesh_differs": not (frozen_pgs(first) & frozen_pgs(other))}
+    kept = [compat.mesh_info_groups(g.mesh_info)[0] for g, _ in sharded_state(first).frozen_settings[:1]]
+    out["released"] = release_process_groups()
+    third = shard_with_freezing(make_model(), mesh, FreezePolicy(units=["layers.*"]))
+    out["fresh_after_release"] = all(compat.mesh_info_groups(g.mesh_info)[0] is not kept[0]
+                                     for g, _ in sharded_state(third).frozen_settings)
+    train(third, 1, rank)  # the new groups work
+    return out
+
+
+def test_frozen_process_groups_are_created_once_per_mesh_and_released():
+    for r in run_ranks(_process_groups_reused, 4):
+        assert r["same_mesh"] and r["other_mesh_differs"] and r["fresh_after_release"], r
+        assert r["released"] == 3, r  # the 1-D mesh's shard group; the HSDP mesh's shard and replicate groups
