@@ -1,11 +1,18 @@
-"""Run a function on N gloo ranks in spawned processes, for pytest.
+"""Run a function on N ranks (gloo; NCCL for the CUDA tier), for pytest, on a pool of ranks kept alive.
 
-A rank that raises fails the test with that rank's traceback; ranks that do not finish within
-`timeout` are killed and the test fails naming them. Nothing is left running.
+Spawning ranks costs seconds per test (each imports torch); so, as PyTorch's own
+``MultiProcContinuousTest`` does, one pool of N spawned ranks per (world size, backend) serves every
+test that asks for that size, with its process group kept. A rank that raises fails the test with that
+rank's traceback; ranks that do not finish within `timeout` fail it naming them; a rank that dies fails
+it with its exit code. After any failure the whole pool is killed (a failed rank can leave the others
+inside a collective) and the next test gets a fresh one. ``fresh=True`` runs in newly spawned ranks
+that end with the test, for tests that change process-wide state (monkeypatched classes, DCP's class-
+level plan cache, killed ranks). Nothing is left running at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import queue
@@ -17,39 +24,169 @@ from typing import Any, Callable
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT = float(os.environ.get("FSDP_FROZEN_TEST_TIMEOUT", "180"))
+#: FSDP_FROZEN_TEST_POOL=0 runs every test in fresh ranks (the old behaviour; slower).
+POOL_ENABLED = os.environ.get("FSDP_FROZEN_TEST_POOL", "1") != "0"
 
 
 class RankFailure(AssertionError):
     """A rank raised; the message holds its traceback."""
 
 
-def _worker(fn: Callable[..., Any], rank: int, world_size: int, init_file: str, results: Any, args: tuple,
-            backend: str = "gloo") -> None:
+def _init(rank: int, world_size: int, init_file: str, backend: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if backend == "nccl":  # one GPU per rank
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+
+
+def _run_task(fn: Callable[..., Any], rank: int, world_size: int, args: tuple) -> tuple[str, Any]:
     try:
         import torch
-        import torch.distributed as dist
 
-        torch.set_num_threads(1)
-        if backend == "nccl":  # one GPU per rank
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size)
-        try:
-            out = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
+        torch.manual_seed(0)  # every task starts from the same generator state, pooled or not
         # Plain pickle (bytes): torch.multiprocessing would share tensors through fds that die with the rank.
-        results.put((rank, "ok", pickle.dumps(out)))
+        return "ok", pickle.dumps(fn(rank, world_size, *args))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
-        results.put((rank, "error", traceback.format_exc()))
+        return "error", traceback.format_exc()
+
+
+def _worker(fn: Callable[..., Any], rank: int, world_size: int, init_file: str, results: Any, args: tuple,
+            backend: str = "gloo") -> None:
+    """A fresh rank: one task, then the process group is destroyed."""
+    try:
+        _init(rank, world_size, init_file, backend)
+    except BaseException:  # noqa: BLE001
+        results.put((rank, 0, "error", traceback.format_exc()))
+        return
+    import torch.distributed as dist
+
+    try:
+        status, payload = _run_task(fn, rank, world_size, args)
+    finally:
+        dist.destroy_process_group()
+    results.put((rank, 0, status, payload))
+
+
+def _pool_worker(rank: int, world_size: int, init_file: str, tasks: Any, results: Any, backend: str) -> None:
+    """A pooled rank: tasks until told to stop, one process group throughout."""
+    try:
+        _init(rank, world_size, init_file, backend)
+    except BaseException:  # noqa: BLE001
+        results.put((rank, -1, "error", traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        task_id, fn, args = task
+        status, payload = _run_task(fn, rank, world_size, args)
+        results.put((rank, task_id, status, payload))
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
+
+
+class _Pool:
+    def __init__(self, world_size: int, backend: str) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size = world_size
+        self.tmp = tempfile.TemporaryDirectory()
+        init_file = os.path.join(self.tmp.name, "init")
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        self.results = ctx.Queue()
+        self.procs = [ctx.Process(target=_pool_worker, args=(r, world_size, init_file, self.tasks[r], self.results,
+                                                            backend), daemon=True) for r in range(world_size)]
+        for p in self.procs:
+            p.start()
+        self.next_id = 0
+
+    def submit(self, fn: Callable[..., Any], args: tuple) -> int:
+        self.next_id += 1
+        for q in self.tasks:
+            q.put((self.next_id, fn, args))
+        return self.next_id
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=5)
+        self.tmp.cleanup()
+
+    def close(self) -> None:
+        for q in self.tasks:
+            q.put(None)
+        for p in self.procs:
+            p.join(timeout=10)
+        self.kill()
+
+
+_POOLS: dict[tuple[int, str], _Pool] = {}
+
+
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.kill()
+    _POOLS.clear()
+
+
+atexit.register(_close_pools)
+
+
+def _collect(name: str, world_size: int, results: Any, procs: list, task_id: int, timeout: float) -> list[Any]:
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    while len(outputs) < world_size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = sorted(set(range(world_size)) - set(outputs))
+            raise TimeoutError(f"{name}: ranks {missing} of {world_size} did not finish in {timeout:.0f}s")
+        try:
+            rank, got_id, status, payload = results.get(timeout=min(remaining, 1.0))
+        except queue.Empty:
+            dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outputs]
+            if dead and all(procs[r].exitcode not in (0, None) for r in dead):  # exit 0: its result is on the way
+                raise RankFailure(f"{name}: rank(s) {dead} died without a result "
+                                  f"(exit codes {[procs[r].exitcode for r in dead]})")
+            continue
+        if status == "error":
+            where = "failed to start" if got_id == -1 else "failed"
+            raise RankFailure(f"{name}: rank {rank} of {world_size} {where}:\n{payload}")
+        if got_id != task_id:
+            continue  # a late result of an earlier task that timed out (its pool was killed)
+        outputs[rank] = pickle.loads(payload)
+    return [outputs[r] for r in range(world_size)]
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = DEFAULT_TIMEOUT,
-              backend: str = "gloo") -> list[Any]:
+              backend: str = "gloo", fresh: bool = False) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on `world_size` ranks (gloo; ``backend="nccl"``: one GPU
     per rank, ``cuda:RANK``); return the per-rank results.
 
-    `fn` must be importable (module level) and its results picklable.
+    `fn` must be importable (module level) and its results picklable. It runs in the pool of that
+    size (its process group, meshes made from it and module-level state persist between tests) unless
+    `fresh` or ``FSDP_FROZEN_TEST_POOL=0``; every task starts with ``torch.manual_seed(0)``.
     """
+    if fresh or not POOL_ENABLED or backend == "nccl":
+        return _run_fresh(fn, world_size, args, timeout, backend)
+    key = (world_size, backend)
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = _Pool(world_size, backend)
+    task_id = pool.submit(fn, args)
+    try:
+        return _collect(fn.__name__, world_size, pool.results, pool.procs, task_id, timeout)
+    except BaseException:
+        _POOLS.pop(key, None)
+        pool.kill()
+        raise
+
+
+def _run_fresh(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float, backend: str) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,31 +197,14 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
         ]
         for p in procs:
             p.start()
-        outputs: dict[int, Any] = {}
-        deadline = time.monotonic() + timeout
+        done = False
         try:
-            while len(outputs) < world_size:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    missing = sorted(set(range(world_size)) - set(outputs))
-                    raise TimeoutError(f"{fn.__name__}: ranks {missing} of {world_size} did not finish in {timeout:.0f}s")
-                try:
-                    rank, status, payload = results.get(timeout=min(remaining, 1.0))
-                except queue.Empty:
-                    dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outputs]
-                    if dead and all(p.exitcode not in (0, None) for p in (procs[r] for r in dead)):
-                        raise RankFailure(
-                            f"{fn.__name__}: rank(s) {dead} died without a result "
-                            f"(exit codes {[procs[r].exitcode for r in dead]})"
-                        )
-                    continue
-                if status == "error":
-                    raise RankFailure(f"{fn.__name__}: rank {rank} of {world_size} failed:\n{payload}")
-                outputs[rank] = pickle.loads(payload)
+            out = _collect(fn.__name__, world_size, results, procs, 0, timeout)
+            done = True
+            return out
         finally:
             for p in procs:
-                p.join(timeout=5 if len(outputs) == world_size else 0.1)
+                p.join(timeout=5 if done else 0.1)
                 if p.is_alive():
                     p.kill()
                     p.join()
-    return [outputs[r] for r in range(world_size)]

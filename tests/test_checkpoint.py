@@ -384,7 +384,7 @@ def _plan_cache(rank: int, world: int, tmp: str) -> list[int]:
 
 
 def test_save_plans_are_cached_per_layout(tmp_path):
-    built = run_ranks(_plan_cache, 2, str(tmp_path))[0]
+    built = run_ranks(_plan_cache, 2, str(tmp_path), fresh=True)[0]  # patches DCP; DCP's plan cache is per process
     # base (frozen included), r1 (a reference: new layout), r2 (same: cached), x32 (new), x16 (same shapes,
     # another dtype: new), x16b (cached)
     assert built == [1, 1, 0, 1, 1, 0], built
@@ -488,7 +488,7 @@ def _load_compare(rank: int, world: int, tmp: str) -> None:
 def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     # Rank 1 dies; rank 0 either is reported first or fails in its collective (gloo: reset or closed).
     with pytest.raises(RankFailure, match=r"rank\(s\) \[1\] died|Connection (reset|closed) by peer"):
-        run_ranks(_save_then_die, 2, str(tmp_path), timeout=120)
+        run_ranks(_save_then_die, 2, str(tmp_path), timeout=120, fresh=True)  # patches FrozenSavePlanner, kills rank 1
     assert list(tmp_path.glob("ck.tmp-*")), "the interrupted save wrote into a temporary directory"
     assert read_manifest(tmp_path / "ck")["frozen_state"] == "included"
     run_ranks(_load_compare, 2, str(tmp_path))

@@ -138,7 +138,7 @@ def _fallback(rank: int, world_size: int) -> dict:
 
 
 def test_structural_fallback_without_split_groups():
-    for reshard, r in run_ranks(_fallback, 2)[0].items():
+    for reshard, r in run_ranks(_fallback, 2, fresh=True)[0].items():
         assert r["equal"], reshard
         assert len(r["warnings"]) == 1
         assert "layers.0.proj.weight" in r["warnings"][0] and "layers.1.proj.weight" in r["warnings"][0]
@@ -206,6 +206,6 @@ def _process_groups_reused(rank: int, world: int) -> dict:
 
 
 def test_frozen_process_groups_are_created_once_per_mesh_and_released():
-    for r in run_ranks(_process_groups_reused, 4):
+    for r in run_ranks(_process_groups_reused, 4, fresh=True):
         assert r["same_mesh"] and r["other_mesh_differs"] and r["fresh_after_release"], r
         assert r["released"] == 3, r  # the 1-D mesh's shard group; the HSDP mesh's shard and replicate groups
