@@ -158,7 +158,7 @@ def file_candidates(name: str) -> list[str]:
     return out
 
 
-@dataclass
+@dataclass(eq=False)
 class _Target:
     names: tuple[str, ...]  #: canonical names (tied parameters have several)
     path: str  #: module path of the tensor
@@ -342,9 +342,39 @@ def load_pretrained(
     path = os.fspath(path)
     index = pretrained_index(path)
     targets = _targets(model, state)
+    problems = _map_to_file(model, targets, index, key_map)
+    inits, buffer_inits, dora, initialised, more = _initialisers(model, targets)
+    problems += more
+    if problems:
+        raise CheckpointLayoutError(
+            f"cannot load pretrained weights from {path!r} into {type(model).__name__} ({len(problems)} "
+            f"problem(s); nothing was allocated or written):\n  - " + "\n  - ".join(problems))
 
+    device = _mesh_device(state)
+    _materialize(model, device)
+    for module in model.modules():  # kept-gathered groups must re-gather from the new shards
+        if compat.has_fsdp_state(module):
+            module.reshard()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
+        for init, paths in inits.values():
+            _init_unsharded(model, paths, init, seed)
+        _read_all(model, [t for t in targets if t.file_name is not None], index, path, device)
+        for target, (base_name, fan_in_fan_out) in dora.items():
+            _fill_dora(_tensor(model, target), base_name, fan_in_fan_out, index, device)
+        for init in buffer_inits:
+            init()
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        logger.info("load_pretrained(%s): %d tensors loaded, %d initialised: %s", path,
+                    sum(t.file_name is not None for t in targets), len(initialised), initialised)
+    return initialised
+
+
+def _map_to_file(model: nn.Module, targets: list[_Target], index: dict[str, _FileTensor],
+                 key_map: KeyMap | None) -> list[str]:
+    """Set each target's file name (key_map first, then `file_candidates`); the problems found:
+    shapes, dtypes, frozen parameters the file lacks, file tensors nothing maps to."""
     problems: list[str] = []
-    used: set[str] = set()
     for target in targets:
         tensor = _tensor(model, target)
         for name in target.names:
@@ -358,7 +388,6 @@ def load_pretrained(
                 break
         if target.file_name is None:
             continue
-        used.add(target.file_name)
         info = index[target.file_name]
         if tuple(info.shape) != tuple(tensor.shape):
             problems.append(f"shape of {target.names[0]!r}: model {tuple(tensor.shape)}, file {target.file_name!r} "
@@ -367,27 +396,32 @@ def load_pretrained(
                 not info.dtype.is_floating_point and info.dtype != tensor.dtype):
             problems.append(f"dtype of {target.names[0]!r}: model {tensor.dtype}, file {target.file_name!r} {info.dtype} "
                             f"(only float-to-float conversions happen on load)")
-
-    missing_frozen = [t.names[0] for t in targets if t.file_name is None and t.kind == "frozen"]
     tie_hint = ("; if the model ties it to another weight, tie them before shard_with_freezing "
                 "(model.tie_weights(): accelerate.init_empty_weights() unties them)"
                 if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else "")
-    problems += [f"frozen parameter {n!r} is missing from the file (it would keep a random init forever){tie_hint}"
-                 for n in missing_frozen]
-    unexpected = sorted(set(index) - used)
+    problems += [f"frozen parameter {t.names[0]!r} is missing from the file (it would keep a random init forever)"
+                 f"{tie_hint}" for t in targets if t.file_name is None and t.kind == "frozen"]
+    used = {t.file_name for t in targets}
     problems += [f"file tensor {n!r} matches no parameter or buffer of the model (map it with key_map)"
-                 for n in unexpected]
+                 for n in sorted(set(index) - used)]
+    return problems
 
-    inits: dict[str, tuple[Callable[[], None], list[str]]] = {}  # key -> (init, paths of the tensors it sets)
-    initialised: list[str] = []
+
+def _initialisers(model: nn.Module, targets: list[_Target]) -> tuple[
+        dict[str, tuple[Callable[[], None], list[str]]], list[Callable[[], None]], dict[_Target, tuple[str, bool]],
+        list[str], list[str]]:
+    """How every tensor the file lacks gets its value: (inits: key -> (init, paths it sets), buffer
+    inits, DoRA magnitudes -> (base weight's file name, fan_in_fan_out), the names initialised, problems)."""
+    inits: dict[str, tuple[Callable[[], None], list[str]]] = {}
     buffer_inits: list[Callable[[], None]] = []
-    dora: list[_Target] = []
+    dora: dict[_Target, tuple[str, bool]] = {}
+    initialised: list[str] = []
+    problems: list[str] = []
     for target in targets:
         if target.file_name is not None or target.kind == "frozen":
             continue
-        tensor = _tensor(model, target)
         if target.kind == "buffer":
-            if not _is_meta(tensor):
+            if not _is_meta(_tensor(model, target)):
                 continue  # a real buffer (params-only meta build): kept as it is
             module = model.get_submodule(target.path.rpartition(".")[0])
             persistent = target.path.rpartition(".")[2] not in module._non_persistent_buffers_set
@@ -407,50 +441,31 @@ def load_pretrained(
             continue
         key, init = found
         if key.startswith("dora:"):
-            dora.append(target)
+            base = _dora_base(model, target, targets)
+            if isinstance(base, str):
+                problems.append(base)
+                continue
+            dora[target] = base
         else:
             inits.setdefault(key, (init, []))[1].append(target.path)
         initialised.append(target.names[0])
-    dora_sources = {}
-    for target in dora:
-        base = _dora_base(model, target, targets)
-        if isinstance(base, str):
-            problems.append(base)
-        else:
-            dora_sources[target.path] = base
-    if problems:
-        raise CheckpointLayoutError(
-            f"cannot load pretrained weights from {path!r} into {type(model).__name__} ({len(problems)} "
-            f"problem(s); nothing was allocated or written):\n  - " + "\n  - ".join(problems))
+    return inits, buffer_inits, dora, initialised, problems
 
-    device = _mesh_device(state)
-    _materialize(model, device)
-    for module in model.modules():  # kept-gathered groups must re-gather from the new shards
-        if compat.has_fsdp_state(module):
-            module.reshard()
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="DTensor random operators may not have complete support")
-        for init, paths in inits.values():
-            _init_unsharded(model, paths, init, seed)
-        loaded = [t for t in targets if t.file_name is not None]
-        dcp_targets = {index[t.file_name].key: _tensor(model, t) for t in loaded
-                       if index[t.file_name].key and not is_nf4(local_tensor(_tensor(model, t)))}
-        if dcp_targets:  # one collective DCP read: each rank reads the chunks of its own shards
-            import torch.distributed.checkpoint as dcp
 
-            dcp.load(dcp_targets, checkpoint_id=path)
-        for target in loaded:
-            info = index[target.file_name]
-            if info.key not in dcp_targets:
-                _fill(_tensor(model, target), info, target.file_name, device)
-        for target in dora:
-            _fill_dora(_tensor(model, target), *dora_sources[target.path], index, device)
-        for init in buffer_inits:
-            init()
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        logger.info("load_pretrained(%s): %d tensors loaded, %d initialised: %s", path,
-                    sum(t.file_name is not None for t in targets), len(initialised), initialised)
-    return initialised
+def _read_all(model: nn.Module, loaded: list[_Target], index: dict[str, _FileTensor], path: str,
+              device: torch.device) -> None:
+    """Fill every target the file holds: one collective DCP read for a DCP source (each rank reads the
+    chunks of its own shards), else row slices per tensor; NF4 weights whole."""
+    dcp_targets = {index[t.file_name].key: _tensor(model, t) for t in loaded
+                   if index[t.file_name].key and not is_nf4(local_tensor(_tensor(model, t)))}
+    if dcp_targets:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load(dcp_targets, checkpoint_id=path)
+    for target in loaded:
+        info = index[target.file_name]
+        if info.key not in dcp_targets:
+            _fill(_tensor(model, target), info, target.file_name, device)
 
 
 def _init_unsharded(model: nn.Module, paths: list[str], init: Callable[[], None], seed: int) -> None:
