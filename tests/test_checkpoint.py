@@ -618,3 +618,35 @@ def test_hsdp_checkpoint_loads_on_a_1d_mesh(tmp_path):
     loaded = run_ranks(_hsdp_load, 2, str(tmp_path))[0]
     assert_same(saved["params"], loaded["params"], "params")
     assert_same(saved["optim"], loaded["optim"], "optimizer state")
+
+
+def _staging_layout(rank: int, world: int) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from fsdp_frozen._torch_compat import is_host_staged, local_tensor
+    from fsdp_frozen.checkpoint.io import _staging
+    from fsdp_frozen.checkpoint.keys import model_kinds
+
+    model = build(world, frozen_dtype="bfloat16")
+    sd = get_model_state_dict(model)
+    kinds = model_kinds(model)
+    staged = _staging(sd, None, {}, kinds)["model"]
+    out = {}
+    for name, value in sd.items():
+        got = staged[name]
+        out[name] = {
+            "kind": kinds[name],
+            "host": is_host_staged(got) and local_tensor(got).device.type == "cpu",
+            "same_layout": isinstance(got, DTensor) == isinstance(value, DTensor) and (
+                not isinstance(value, DTensor) or (got.__create_chunk_list__() == value.__create_chunk_list__()
+                                                   and got.placements == value.placements)),
+            "same_storage": local_tensor(got).untyped_storage().data_ptr() == local_tensor(value).untyped_storage().data_ptr(),
+        }
+    return out
+
+
+def test_frozen_state_is_staged_on_the_host_with_the_shards_layout():
+    for per_rank in run_ranks(_staging_layout, 2):
+        for name, r in per_rank.items():
+            assert r["same_layout"] and not r["same_storage"], (name, r)
+            assert r["host"] == (r["kind"] == "frozen"), (name, r)
