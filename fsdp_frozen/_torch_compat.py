@@ -287,3 +287,34 @@ def init_fake_process_group(world: int) -> None:
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+def flatten_state_dict(state_dict: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DCP's own flattening (``torch.distributed.checkpoint._nested_dict``, 2.2-2.13): flat key -> value,
+    and flat key -> the path of keys it came from; the same paths the DCP planners see."""
+    from torch.distributed.checkpoint._nested_dict import flatten_state_dict as _flatten
+
+    return _flatten(state_dict)
+
+
+def op_name(func: Any) -> str:
+    """The bare name of an ATen/c10d op overload (``_allgather_base_``) from its schema (2.4-2.13)."""
+    return func._schema.name.split("::")[-1]
+
+
+def group_name_in(args: tuple) -> str:
+    """The process group name among a c10d op's arguments (a boxed ``ScriptObject`` in 2.13) or "?"."""
+    for a in args:
+        if isinstance(a, torch.ScriptObject):
+            return dist.ProcessGroup.unbox(a).group_name
+        if isinstance(a, dist.ProcessGroup):
+            return a.group_name
+    return "?"
+
+
+def fsdp_mem_tracker(model: nn.Module, optimizer: Any) -> Any:
+    """torch's ``FSDPMemTracker`` (private ``torch.distributed._tools``, 2.5-2.13; one param group per
+    FSDP module only)."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    return FSDPMemTracker(mod=model, optm=optimizer)

@@ -103,3 +103,18 @@ def nf4_concat(parts: list[torch.Tensor]) -> torch.Tensor:
     meta = ctx["tensor_meta"]
     ctx = dict(ctx, tensor_meta=type(meta)(size, stride, 0, meta.dtype, meta.device, meta.requires_grad))
     return type(first).__tensor_unflatten__(inner, ctx, size, stride)
+
+
+def nf4_clone(t: torch.Tensor) -> torch.Tensor:
+    """A copy of an NF4Tensor (or a DTensor of one) with its packed tensors cloned as they are.
+
+    (NF4Tensor's own ``clone`` re-quantizes the dequantized values with default block sizes.)
+    """
+    local = t.to_local() if isinstance(t, DTensor) else t
+    names, ctx = local.__tensor_flatten__()
+    copy = type(local).__tensor_unflatten__(
+        {n: getattr(local, n).clone() for n in names}, ctx, local.size(), local.stride()
+    )
+    if isinstance(t, DTensor):
+        return DTensor.from_local(copy, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
+    return copy

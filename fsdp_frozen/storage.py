@@ -86,20 +86,3 @@ def storage_nbytes(t: torch.Tensor) -> int:
     if is_nf4(t):
         return sum(getattr(t, name).untyped_storage().nbytes() for name in NF4_PACKED)
     return t.untyped_storage().nbytes()
-
-
-def clone_nf4(t: torch.Tensor) -> torch.Tensor:
-    """A copy of an NF4Tensor (or a DTensor of one) with its packed tensors cloned as they are.
-
-    (NF4Tensor's own ``clone`` re-quantizes the dequantized values with default block sizes.)
-    """
-    from torch.distributed.tensor import DTensor
-
-    local = t.to_local() if isinstance(t, DTensor) else t
-    names, ctx = local.__tensor_flatten__()
-    copy = type(local).__tensor_unflatten__(
-        {n: getattr(local, n).clone() for n in names}, ctx, local.size(), local.stride()
-    )
-    if isinstance(t, DTensor):
-        return DTensor.from_local(copy, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
-    return copy

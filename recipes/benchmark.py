@@ -8,7 +8,7 @@ policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen sto
 (reduce in fp32). Times the variants round-robin (one step of each per round) so that machine noise
 hits all of them alike, alongside a compute floor (the same model in bf16 on each rank without FSDP:
 no communication, no hooks; what no sharding can beat). Counts collective bytes per step, persistent
-bytes per rank, peak memory (fsdp_frozen.peak_memory.PeakTensorMemory for every variant, cross-checked
+bytes per rank, peak memory (fsdp_frozen.diagnostics.PeakTensorMemory for every variant, cross-checked
 against torch's FSDPMemTracker on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated
 on CUDA) and tokens/s. Then times a trainable-only checkpoint save against full dcp.saves. Prints
 markdown tables on rank 0, writes OUT/benchmark.json and, with matplotlib (the `plot` extra),
@@ -43,8 +43,9 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
 from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
-from fsdp_frozen.comm_counter import CommCounter, frozen_group_names  # noqa: E402
-from fsdp_frozen.peak_memory import PeakTensorMemory, state_tensors  # noqa: E402
+from fsdp_frozen import _torch_compat as compat  # noqa: E402
+from fsdp_frozen.diagnostics import CommCounter, frozen_group_names  # noqa: E402
+from fsdp_frozen.diagnostics import PeakTensorMemory, state_tensors  # noqa: E402
 from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
@@ -109,9 +110,7 @@ def peak_bytes(model: nn.Module, opt, step_fn) -> int:
 def fsdp_mem_tracker_peak(model: nn.Module, opt, step_fn) -> int | None:
     """torch's FSDPMemTracker, where it works (plain FSDP2: one param group per module): a cross-check."""
     try:
-        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
-        tracker = FSDPMemTracker(mod=model, optm=opt)
+        tracker = compat.fsdp_mem_tracker(model, opt)
         with tracker:
             step_fn()
         snap = tracker.get_tracker_snapshot("peak")

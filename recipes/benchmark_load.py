@@ -59,7 +59,7 @@ def worker(variant: str, directory: str, out: str) -> None:
 
     from fsdp_frozen import FreezePolicy, shard_with_freezing
     from fsdp_frozen.checkpoint import load_pretrained
-    from fsdp_frozen.peak_memory import reset_rss_peak, rss_bytes
+    from fsdp_frozen.diagnostics import reset_rss_peak, rss_bytes
 
     cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if cuda else "gloo")

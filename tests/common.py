@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from fsdp_frozen.comm_counter import CommCounter, frozen_group_names  # noqa: F401 (re-exported for tests)
+from fsdp_frozen.diagnostics import CommCounter, frozen_group_names  # noqa: F401 (re-exported for tests)
 from fsdp_frozen.plan import resolve_units
 
 from .models import batch

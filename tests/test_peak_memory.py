@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fsdp_frozen import FreezePolicy, shard_with_freezing
-from fsdp_frozen.peak_memory import PeakTensorMemory, state_tensors
+from fsdp_frozen.diagnostics import PeakTensorMemory, state_tensors
 
 from .common import mesh_1d, plain_fsdp, train
 from .dist_harness import run_ranks

@@ -18,7 +18,7 @@ import torch.nn as nn
 from fsdp_frozen import FreezePolicy, shard_with_freezing
 from fsdp_frozen._torch_compat import local_tensor
 from fsdp_frozen.checkpoint import CheckpointLayoutError, load_pretrained
-from fsdp_frozen.peak_memory import reset_rss_peak, rss_bytes
+from fsdp_frozen.diagnostics import reset_rss_peak, rss_bytes
 from fsdp_frozen.storage import is_nf4
 
 from .common import mesh_1d

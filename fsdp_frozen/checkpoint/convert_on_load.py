@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from .. import _torchao_compat as ao
 from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
-from ..storage import clone_nf4, is_nf4
+from ..storage import is_nf4
 from .checksum import local_checksum
 
 #: Whole saved weights read per DCP load when converting on load (bytes as saved).
@@ -130,7 +130,7 @@ def _read_nf4(src_path: str, metadata: Metadata, keys: dict[str, tuple[int, int]
         # Placeholders with each shard's shape and metadata (torchao copies packed tensors only between
         # NF4Tensors of equal block sizes and block count): chunks of a quantized zero weight.
         zeros = ao.to_nf4(torch.zeros(tuple(md.size), dtype=md.properties.dtype), block, scaler_block)
-        parts = [clone_nf4(p) for p in torch.chunk(zeros, len(chunks), dim=0)]
+        parts = [ao.nf4_clone(p) for p in torch.chunk(zeros, len(chunks), dim=0)]
         if [tuple(p.shape) for p in parts] != [tuple(c.sizes) for c in chunks]:
             raise CheckpointLayoutError(f"NF4 weight {key!r} is saved in shards of unequal sizes; cannot read it")
         shards[key] = list(zip(chunks, parts))

@@ -29,9 +29,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from .._torch_compat import host_like, is_host_staged, local_tensor
+from .. import _torchao_compat as ao
+from .._torch_compat import flatten_state_dict, host_like, is_host_staged, local_tensor
 from ..errors import CheckpointLayoutError
-from ..storage import clone_nf4, is_nf4
+from ..storage import is_nf4
 from .checksum import checksums
 from .convert_on_load import load_converted
 from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds, split_key
@@ -288,7 +289,7 @@ def _staging(
         if not isinstance(v, torch.Tensor):
             return copy.deepcopy(v)
         if is_nf4(local_tensor(v)):
-            return clone_nf4(v)  # NF4Tensor has no zeros_like; a packed copy is small
+            return ao.nf4_clone(v)  # NF4Tensor has no zeros_like; a packed copy is small
         if kinds.get(k) == FROZEN:
             return host_like(v)
         return torch.zeros_like(v)
@@ -309,8 +310,6 @@ def _staging(
 
 
 def _template_specs(staged: dict[str, Any], kinds: dict[str, str]) -> dict[str, tuple[str, Any]]:
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
     flat, mappings = flatten_state_dict(staged)
     return {checkpoint_key(mappings[k], kinds): (k, flat[k]) for k in flat}
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_leaves
 
-from . import _torch_compat as compat
+from .. import _torch_compat as compat
 
 
 class PeakTensorMemory(TorchDispatchMode):

@@ -7,11 +7,10 @@ with a `TorchDispatchMode`, so it sees what FSDP2 really launches; checked on to
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import _torch_compat as compat
+from .. import _torch_compat as compat
 
 #: c10d op name -> (kind, index of the argument whose bytes are counted: the gathered output, or
 #: the reduce-scatter input, i.e. the full unsharded gradients).
@@ -32,12 +31,12 @@ class CommCounter(TorchDispatchMode):
         self.records: list[tuple[str, str, int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        op = _OPS.get(func._schema.name.split("::")[-1])
+        op = _OPS.get(compat.op_name(func))
         if op is not None:
             kind, index = op
             tensors = args[index] if isinstance(args[index], (list, tuple)) else [args[index]]
             nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-            self.records.append((kind, _group_name(args), nbytes))
+            self.records.append((kind, compat.group_name_in(args), nbytes))
         return func(*args, **(kwargs or {}))
 
     def total(self, kind: str, groups: set[str] | None = None, *, count: bool = False) -> int:
@@ -49,19 +48,10 @@ class CommCounter(TorchDispatchMode):
         self.records = []
 
 
-def _group_name(args) -> str:
-    for a in args:
-        if isinstance(a, torch.ScriptObject):
-            return dist.ProcessGroup.unbox(a).group_name
-        if isinstance(a, dist.ProcessGroup):
-            return a.group_name
-    return "?"
-
-
 def frozen_group_names(model: nn.Module) -> set[str]:
     """Names of the process groups that the frozen param groups `shard_with_freezing` built on
     `model` communicate on (read from the groups it recorded, not re-found)."""
-    from .apply import sharded_state
+    from ..apply import sharded_state
 
     names = set()
     for group, _ in sharded_state(model).frozen_settings:
