@@ -39,9 +39,14 @@ class ShardedModelState:
                 compat.set_reshard_settings(group, settings)
 
 
+def state_or_none(model: nn.Module) -> ShardedModelState | None:
+    """The state `shard_with_freezing` attached to `model`, or None for a model it did not shard."""
+    return getattr(model, _STATE_ATTR, None)
+
+
 def sharded_state(model: nn.Module) -> ShardedModelState:
     """The state `shard_with_freezing` attached to `model`; PolicyError if there is none."""
-    state = getattr(model, _STATE_ATTR, None)
+    state = state_or_none(model)
     if state is None:
         raise PolicyError(f"{type(model).__name__} was not sharded with fsdp_frozen.shard_with_freezing")
     return state

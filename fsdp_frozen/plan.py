@@ -6,6 +6,7 @@ Nothing here calls torch.distributed, so a plan can be built and printed in one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -17,7 +18,10 @@ from .names import ModelNames, model_names
 from .policy import FreezePolicy
 from .storage import NF4, nf4_ineligible, nf4_nbytes
 
-FROZEN, TRAINABLE = "frozen", "trainable"
+#: The two kinds of param group (and of parameter); the one definition, used by the checkpoint keys too.
+GroupKind = Literal["frozen", "trainable"]
+FROZEN: GroupKind = "frozen"
+TRAINABLE: GroupKind = "trainable"
 _FROZEN_GATHERS = {"after_forward": 2, "after_backward": 1, "never": 0}
 
 
@@ -26,7 +30,7 @@ class GroupPlan:
     """One param group to build: only frozen or only trainable parameters of one unit."""
 
     unit: str  #: unit FQN ("" is the root)
-    kind: str  #: "frozen" or "trainable"
+    kind: GroupKind  #: "frozen" or "trainable"
     params: tuple[str, ...]  #: canonical parameter FQNs (DCP's names, wrapper prefixes stripped)
     numel: int
     storage_dtype: str  #: dtype of the shards ("mixed" if the params differ)

@@ -11,7 +11,8 @@ import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from .. import _torch_compat as compat
-from .io import _barrier, _rank, replace_dir, temp_dir_for
+from .atomic import replace_dir, temp_dir_for
+from .collectives import barrier, rank
 from .keys import TRAINABLE, model_kinds
 
 PARTS = ("all", "trainable")
@@ -48,10 +49,10 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike, *, part: str =
     }
     tmp = temp_dir_for(path)
     dcp.save(state, storage_writer=HuggingFaceStorageWriter(tmp, save_distributed=True, enable_consolidation=True))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         shutil.rmtree(os.path.join(tmp, "sharded"), ignore_errors=True)  # DCP's per-rank files, consolidated
         replace_dir(tmp, path)
-    _barrier()
+    barrier()
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     return os.path.join(path, files[0])

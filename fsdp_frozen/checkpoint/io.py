@@ -1,4 +1,5 @@
-"""`save_checkpoint` / `load_checkpoint`: atomic directories, frozen-base references, safe loading.
+"""`save_checkpoint` / `load_checkpoint`: frozen-base references and safe loading (atomic directories
+in `atomic.py`, rank-0 helpers in `collectives.py`).
 
 Built on the planners in `planner.py`, DCP's ``save``/``load`` and ``torch.distributed.checkpoint.
 state_dict`` (``get_state_dict`` / ``set_state_dict``). Every function here is collective: call it on
@@ -8,15 +9,11 @@ every rank with the same arguments; paths must be on a filesystem every rank see
 from __future__ import annotations
 
 import copy
-import glob
 import os
-import shutil
-import uuid
 import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint import FileSystemReader
@@ -33,32 +30,16 @@ from .. import _torchao_compat as ao
 from .._torch_compat import flatten_state_dict, host_like, is_host_staged, local_tensor
 from ..errors import CheckpointLayoutError
 from ..storage import is_nf4
+from .atomic import replace_dir, temp_dir_for
 from .checksum import checksums
+from .collectives import barrier, broadcast, rank
 from .convert_on_load import load_converted
 from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds, split_key
 from .layout import Spec, compare, metadata_specs, quantization_label, read_manifest, tensor_spec
 from .planner import FrozenLoadPlanner, FrozenSavePlanner, entry, frozen_fingerprint
 
 _BASE_ATTR = "_fsdp_frozen_checkpoint_base"
-_TMP_INFIX = ".tmp-"
 FROZEN_CHOICES = ("auto", "include", "skip")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast(obj: Any) -> Any:
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def frozen_base(model: nn.Module) -> dict[str, str] | None:
@@ -123,32 +104,21 @@ def save_checkpoint(
     if frozen == "auto" and known is not None and known["path"] != path and any(
         p["kind"] == FROZEN for p in params.values()
     ):
-        usable = _base_usable(known["path"], fingerprint_now) if _rank() == 0 else None
-        if _broadcast(usable):
+        usable = _base_usable(known["path"], fingerprint_now) if rank() == 0 else None
+        if broadcast(usable):
             mode = "reference"
             base = {"path": os.path.relpath(known["path"], path), "fingerprint": fingerprint_now}
 
     tmp = temp_dir_for(path)
     planner = FrozenSavePlanner(model, frozen=mode, base=base, checksums_by_fqn=sums)
     dcp.save(state, checkpoint_id=tmp, planner=planner)
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         replace_dir(tmp, path)
-    _barrier()
+    barrier()
     if mode == "include":
         setattr(model, _BASE_ATTR, {"path": path, "fingerprint": fingerprint_now})
     return path
-
-
-def temp_dir_for(path: str) -> str:
-    """The temporary directory every rank writes `path` into (collective): rank 0 removes leftovers of
-    interrupted writes to `path`, picks a fresh name and broadcasts it."""
-    tmp = None
-    if _rank() == 0:
-        for stale in glob.glob(glob.escape(path) + _TMP_INFIX + "*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = f"{path}{_TMP_INFIX}{uuid.uuid4().hex[:8]}"
-    return _broadcast(tmp)
 
 
 def _base_usable(base_path: str, fingerprint_now: str) -> bool:
@@ -161,30 +131,6 @@ def _base_usable(base_path: str, fingerprint_now: str) -> bool:
         and manifest.get("frozen_state") == "included"
         and manifest.get("frozen_fingerprint") == fingerprint_now
     )
-
-
-def replace_dir(tmp: str, path: str) -> None:
-    """Rename `tmp` to `path`; an existing `path` is moved aside first and removed last."""
-    _fsync_dir(tmp)
-    old = None
-    if os.path.exists(path):
-        old = f"{path}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(path, old)
-    os.rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------- load

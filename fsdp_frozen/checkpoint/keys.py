@@ -26,8 +26,9 @@ import torch.nn as nn
 
 from ..errors import CheckpointLayoutError
 from ..names import model_names
+from ..plan import FROZEN, TRAINABLE
 
-FROZEN, TRAINABLE, BUFFERS = "frozen", "trainable", "buffers"
+BUFFERS = "buffers"
 OPTIMIZER, OPTIMIZER_GROUPS, EXTRA = "optimizer", "optimizer_groups", "extra"
 MODEL_KINDS = (FROZEN, TRAINABLE, BUFFERS)
 
@@ -51,9 +52,9 @@ def model_kinds(model: nn.Module) -> ModelKinds:
     ones it planned with); for a model that was not sharded with it, ``requires_grad`` decides.
     Tied parameters appear under every name.
     """
-    from ..apply import _STATE_ATTR  # local import: apply imports nothing from here
+    from ..apply import state_or_none  # local import: apply imports nothing from here
 
-    state = getattr(model, _STATE_ATTR, None)
+    state = state_or_none(model)
     names = state.plan.names if state is not None and state.plan.names is not None else model_names(model)
     kinds: dict[str, str] = {}
     for primary, tied in names.tied.items():
