@@ -1,7 +1,8 @@
 """The only module that touches torchao's NF4Tensor beyond its public ``to_nf4`` (the torchao twin
 of `_torch_compat`).
 
-Checked on torchao 0.18.0 (torch 2.13, CPU): ``NF4Tensor.__tensor_flatten__`` names the inner
+Checked on torchao 0.18.0 (torch 2.13, CPU), the range ``pyproject.toml`` allows (``>=0.18,<0.19``:
+its lower bound is what CI installs): ``NF4Tensor.__tensor_flatten__`` names the inner
 tensors ``quantized_data``, ``quantized_scalers``, ``quantization_factor`` (packed, split in equal
 dim-0 chunks by FSDP), ``scaler_mean`` and ``nf4`` (replicated in every chunk).
 """

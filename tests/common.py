@@ -38,9 +38,15 @@ def plain_fsdp(model: nn.Module, mesh, units: tuple[str, ...], mp: MixedPrecisio
     return model
 
 
+def adamw(model: nn.Module, lr: float = 1e-2) -> torch.optim.Optimizer:
+    """The tests' optimizer (what `train` makes when it is given none)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr)
+
+
 def train(model: nn.Module, steps: int, rank: int, lr: float = 1e-2, on_step=None, opt=None, start: int = 0) -> list[float]:
-    """`steps` AdamW steps on batches `start`, `start + 1`, ...; a new optimizer unless `opt` is given."""
-    opt = opt if opt is not None else torch.optim.AdamW(model.parameters(), lr=lr)
+    """`steps` AdamW steps on batches `start`, `start + 1`, ...; a new optimizer unless `opt` is given
+    (pass one made with `adamw` to keep its state)."""
+    opt = opt if opt is not None else adamw(model, lr)
     losses = []
     for step in range(start, start + steps):
         x, y = batch(step, rank)
@@ -52,7 +58,6 @@ def train(model: nn.Module, steps: int, rank: int, lr: float = 1e-2, on_step=Non
         losses.append(loss.detach().item())
         if on_step is not None:
             on_step(step, model, opt)
-    model._test_optimizer = opt  # type: ignore[attr-defined]
     return losses
 
 

@@ -155,7 +155,20 @@ def _collect(name: str, world_size: int, results: Any, procs: list, task_id: int
             continue
         if status == "error":
             where = "failed to start" if got_id == -1 else "failed"
-            raise RankFailure(f"{name}: rank {rank} of {world_size} {where}:\n{payload}")
+            # The first error can be a consequence (a peer's connection reset): gather what the other
+            # ranks report within a few seconds, so the cause is in the message too.
+            others = []
+            until = time.monotonic() + 3
+            while time.monotonic() < until:
+                try:
+                    r2, _, s2, p2 = results.get(timeout=max(until - time.monotonic(), 0.01))
+                except queue.Empty:
+                    break
+                if s2 == "error":
+                    others.append(f"rank {r2} of {world_size} failed:\n{p2}")
+            dead = [f"rank {r} died (exit code {p.exitcode})" for r, p in enumerate(procs)
+                    if not p.is_alive() and p.exitcode not in (0, None)]
+            raise RankFailure("\n".join([f"{name}: rank {rank} of {world_size} {where}:\n{payload}", *others, *dead]))
         if got_id != task_id:
             continue  # a late result of an earlier task that timed out (its pool was killed)
         outputs[rank] = pickle.loads(payload)

@@ -25,7 +25,7 @@ from fsdp_frozen.checkpoint import (
     save_checkpoint,
 )
 
-from .common import full_state, mesh_1d, plain_fsdp, train
+from .common import adamw, full_state, mesh_1d, plain_fsdp, train
 from .dist_harness import RankFailure, run_ranks
 from .models import make_model
 
@@ -61,8 +61,8 @@ def dir_bytes(path: str) -> int:
 # ---------------------------------------------------------------------------------------------- format
 def _format_and_roundtrip(rank: int, world: int, tmp: str) -> dict:
     model = build(world, frozen_dtype="bfloat16")
-    train(model, 2, rank)
-    opt = model._test_optimizer
+    opt = adamw(model)
+    train(model, 2, rank, opt=opt)
     path = save_checkpoint(os.path.join(tmp, "ck"), model, opt, extra={"step": 2, "rng": torch.arange(4)})
     fresh = build(world, seed=1, frozen_dtype="bfloat16")
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
@@ -106,8 +106,8 @@ def test_keys_manifest_and_roundtrip(tmp_path):
 # ------------------------------------------------------------------------------------ frozen written once
 def _frozen_once(rank: int, world: int, tmp: str) -> dict:
     model = build(world, frozen_reshard="never")
-    train(model, 1, rank)
-    opt = model._test_optimizer
+    opt = adamw(model)
+    train(model, 1, rank, opt=opt)
     first = save_checkpoint(os.path.join(tmp, "s1"), model, opt)  # auto, no base yet: includes frozen
     train(model, 1, rank)
     second = save_checkpoint(os.path.join(tmp, "s2"), model, opt)  # auto: reference to s1
@@ -182,8 +182,9 @@ def test_missing_moved_or_changed_base(tmp_path):
 # ------------------------------------------------------------------------------------------- refusals
 def _save_plain_layout(rank: int, world: int, tmp: str, policy: dict, seed: int = 0) -> None:
     model = build(world, seed=seed, **policy)
-    train(model, 1, rank)
-    save_checkpoint(tmp, model, model._test_optimizer)
+    opt = adamw(model)
+    train(model, 1, rank, opt=opt)
+    save_checkpoint(tmp, model, opt)
 
 
 def _refusals(rank: int, world: int, path: str) -> dict:
@@ -441,8 +442,9 @@ def _resume(rank: int, world: int, tmp: str) -> tuple[list[float], list[float]]:
     expected = full_state(straight)
 
     model = build(world)
-    first = train(model, 3, rank)
-    save_checkpoint(os.path.join(tmp, "ck"), model, model._test_optimizer, extra={"step": 3})
+    opt = adamw(model)
+    first = train(model, 3, rank, opt=opt)
+    save_checkpoint(os.path.join(tmp, "ck"), model, opt, extra={"step": 3})
     resumed = build(world, seed=1)
     opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
     step = load_checkpoint(os.path.join(tmp, "ck"), resumed, opt)["step"]
@@ -459,9 +461,10 @@ def test_resume_is_bitwise(tmp_path):
 # ------------------------------------------------------------------------------------------ atomicity
 def _save_then_die(rank: int, world: int, tmp: str) -> None:
     model = build(world)
-    train(model, 1, rank)
+    opt = adamw(model)
+    train(model, 1, rank, opt=opt)
     path = os.path.join(tmp, "ck")
-    save_checkpoint(path, model, model._test_optimizer)
+    save_checkpoint(path, model, opt)
     if rank == 0:
         torch.save(full_state(model), os.path.join(tmp, "expected.pt"))
     else:
@@ -475,7 +478,7 @@ def _save_then_die(rank: int, world: int, tmp: str) -> None:
             return original(self, item)
 
         FrozenSavePlanner.resolve_data = die
-    save_checkpoint(path, model, model._test_optimizer, overwrite=True)
+    save_checkpoint(path, model, opt, overwrite=True)
 
 
 def _load_compare(rank: int, world: int, tmp: str) -> None:
@@ -598,9 +601,10 @@ def _hsdp_save(rank: int, world: int, tmp: str) -> dict:
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     model = shard_with_freezing(make_model(), mesh, FreezePolicy(units=UNITS, frozen_reshard="after_backward"))
-    train(model, 2, rank)
-    save_checkpoint(os.path.join(tmp, "hsdp"), model, model._test_optimizer)
-    return {"params": full_state(model), "optim": full_optim(model, model._test_optimizer)}
+    opt = adamw(model)
+    train(model, 2, rank, opt=opt)
+    save_checkpoint(os.path.join(tmp, "hsdp"), model, opt)
+    return {"params": full_state(model), "optim": full_optim(model, opt)}
 
 
 def _hsdp_load(rank: int, world: int, tmp: str) -> dict:

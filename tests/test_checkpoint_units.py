@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fsdp_frozen.checkpoint.checksum import _sums, checksums
+from fsdp_frozen.checkpoint.checksum import _sums, checksums, local_checksum
 from fsdp_frozen.checkpoint.keys import checkpoint_key
 from fsdp_frozen.checkpoint.layout import Spec, compare
 
@@ -29,7 +29,12 @@ def test_checksum_is_sharding_invariant():
     swapped[[3, 4]] = rows[[4, 3]]
     assert checksums({"a": rows})["a"][:16] == checksums({"a": swapped})["a"][:16]
     assert checksums({"a": rows}) != checksums({"a": swapped})
-    assert checksums({"s": torch.tensor(3.0), "b": torch.tensor([True, False])})  # scalars and bools
+    # Scalars and bools: checksummed like any tensor (equal to the whole-tensor figure, sensitive to the value).
+    small = {"s": torch.tensor(3.0), "b": torch.tensor([True, False])}
+    sums = checksums(small)
+    assert sums == {k: local_checksum(v) for k, v in small.items()}
+    assert checksums({"s": torch.tensor(3.5), "b": torch.tensor([False, True])}).keys() == sums.keys()
+    assert all(a != b for a, b in zip(sums.values(), checksums({"s": torch.tensor(3.5), "b": torch.tensor([False, True])}).values()))
 
 
 def test_checkpoint_keys():

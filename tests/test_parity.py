@@ -14,7 +14,7 @@ from fsdp_frozen import FreezePolicy, shard_with_freezing
 from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen.apply import sharded_state
 
-from .common import full_state, mesh_1d, plain_fsdp, train
+from .common import adamw, full_state, mesh_1d, plain_fsdp, train
 from .dist_harness import run_ranks
 from .models import batch, make_model
 
@@ -61,9 +61,9 @@ def _run_parity(rank: int, world_size: int) -> dict:
         if reshard == "auto":  # the budget keeps one frozen group gathered and leaves the others
             kept = [g.reshard == "never" for g in sharded_state(model).plan.groups if g.kind == "frozen"]
             assert any(kept) and not all(kept), kept
-        losses = train(model, STEPS, rank)
+        opt = adamw(model)
+        losses = train(model, STEPS, rank, opt=opt)
         # Frozen parameters: no grad after backward, no optimizer state.
-        opt = model._test_optimizer
         frozen_with_state = []
         for _, _, fp in compat.iter_all_fsdp_params(model):
             sharded = compat.sharded_param(fp)

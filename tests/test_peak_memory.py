@@ -7,7 +7,7 @@ import torch
 from fsdp_frozen import FreezePolicy, shard_with_freezing
 from fsdp_frozen.diagnostics import PeakTensorMemory, state_tensors
 
-from .common import mesh_1d, plain_fsdp, train
+from .common import adamw, mesh_1d, plain_fsdp, train
 from .dist_harness import run_ranks
 from .models import make_model
 
@@ -50,8 +50,8 @@ def _fsdp_peaks(rank: int, world: int) -> dict:
         "never": shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=units, frozen_reshard="never")),
     }
     for name, model in models.items():
-        train(model, 2, rank)  # warm: optimizer state exists, "never" groups are gathered
-        opt = model._test_optimizer
+        opt = adamw(model)
+        train(model, 2, rank, opt=opt)  # warm: optimizer state exists, "never" groups are gathered
         baseline = state_tensors(model, opt)
         with PeakTensorMemory(baseline) as m:
             before = m.current

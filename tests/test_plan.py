@@ -98,7 +98,9 @@ def test_int_reshard_must_divide_shard_size(key):
     with pytest.raises(PolicyError, match=rf"{key}=2 .* shard size 2.*none"):
         build_plan(make_model(), FreezePolicy(**{key: 2}), shard_size=2)
     plan = build_plan(make_model(), FreezePolicy(units=["layers.*"], **{key: 2}), shard_size=4)
-    assert plan.groups
+    kind = "frozen" if key == "frozen_reshard" else "trainable"
+    assert {g.reshard for g in plan.groups if g.kind == kind} == {2}  # every group of that kind, the root's too
+    assert all(g.all_gathers_per_step == 2 for g in plan.groups if g.kind == kind)
 
 
 def test_expected_all_gathers():

@@ -7,7 +7,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing
 
-from .common import CommCounter, frozen_group_names, mesh_1d, train
+from .common import CommCounter, adamw, frozen_group_names, mesh_1d, train
 from .dist_harness import run_ranks
 from .models import make_model
 
@@ -29,9 +29,8 @@ def _setters(rank: int, world: int) -> dict:
         for name, call in SETTERS.items():
             model = shard_with_freezing(make_model(), mesh_1d(world),
                                         FreezePolicy(units=["layers.*"], frozen_reshard=frozen_reshard))
-            opt = None
-            train(model, 1, rank)  # warm-up: "never" groups gathered once
-            opt = model._test_optimizer
+            opt = adamw(model)
+            train(model, 1, rank, opt=opt)  # warm-up: "never" groups gathered once
             before = describe(model)
             call(model)
             after = describe(model)

@@ -21,7 +21,7 @@ from fsdp_frozen import FreezePolicy, describe, shard_with_freezing
 from fsdp_frozen.checkpoint import CheckpointLayoutError, load_checkpoint, read_manifest, save_checkpoint
 from fsdp_frozen.checkpoint.keys import checkpoint_key, model_kinds
 
-from .common import full_state, mesh_1d, train
+from .common import adamw, full_state, mesh_1d, train
 from .dist_harness import run_ranks
 from .models import Block, make_model
 
@@ -78,8 +78,8 @@ def _keys(path: str) -> list[str]:
 def _scenario(rank: int, world: int, tmp: str, how: str | None) -> dict:
     tag = (how or "plain").replace("(", "_").replace(")", "").replace(".", "_").replace("+", "_")
     model = _build(world, how)
-    losses = train(model, 2, rank)
-    opt = model._test_optimizer
+    opt = adamw(model)
+    losses = train(model, 2, rank, opt=opt)
     first = save_checkpoint(os.path.join(tmp, tag, "step_2"), model, opt, extra={"step": 2})
     losses += train(model, 1, rank, opt=opt, start=2)
     second = save_checkpoint(os.path.join(tmp, tag, "step_3"), model, opt, extra={"step": 3})
