@@ -187,6 +187,9 @@ def _frozen_only_modules(
 def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split: bool | None = None) -> ShardingPlan:
     """Plan the frozen/trainable param groups of `model` under `policy` for a given shard size.
 
+    Steps, each a function below: names and units, the frozen set, ownership (tied parameters
+    included), NF4 eligibility, then the groups (and ``"auto"``'s choice among them).
+
     Args:
         shard_size: ranks a parameter is sharded over (the mesh's last dim).
         split: per-parameter groups (torch >= 2.13); default: what this torch supports.
@@ -196,14 +199,39 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         _check_int_reshard(key, getattr(policy, key), shard_size)
     names = model_names(model)
     units = resolve_units(model, policy.units, names)
-
     holders: dict[nn.Parameter, list[str]] = {}
     for path, param in model.named_parameters(remove_duplicate=False):
         name = names.canonical(path)
         if name not in holders.setdefault(param, []):
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
+    params, owner, ignored = _ownership(holders, units)
+    quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
+    groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split)
+    if policy.frozen_reshard == "auto":
+        groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
+    return ShardingPlan(
+        units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
+        ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
+        shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
+        names=names, unmanaged=frozenset(quantized) if shard_size == 1 else frozenset(),
+        unit_reshard={u: _trainable_reshard(policy, u) for u in units},
+    )
 
+
+def _trainable_reshard(policy: FreezePolicy, unit: str) -> bool | int:
+    """A unit's trainable ``reshard_after_forward``: the policy's, else FSDP's rule (False for the root)."""
+    return policy.trainable_reshard if policy.trainable_reshard is not None else unit != ""
+
+
+def _ownership(
+    holders: dict[nn.Parameter, list[str]], units: list[str]
+) -> tuple[dict[str, nn.Parameter], dict[str, str], dict[str, list[str]]]:
+    """(canonical FQN -> Parameter, FQN -> owning unit, unit -> tied params it must ignore).
+
+    A tied parameter is owned by the innermost unit that holds every module using it; the inner
+    units that use it get it through ``ignored_params``.
+    """
     owner: dict[str, str] = {}
     ignored: dict[str, list[str]] = {}
     params: dict[str, nn.Parameter] = {}
@@ -227,47 +255,60 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
                     f"fully_shard(ignored_params=...), torch >= 2.7 (found {torch.__version__})"
                 )
             ignored.setdefault(u, []).append(fqn)
+    return params, owner, ignored
 
-    frozen_dtype = policy.torch_frozen_dtype
-    mp_dtype = policy.torch_param_dtype
+
+def _quantization(
+    model: nn.Module, policy: FreezePolicy, names: ModelNames, holders: dict[nn.Parameter, list[str]],
+    params: dict[str, nn.Parameter], frozen: set[str], shard_size: int,
+) -> tuple[set[str], dict[str, str]]:
+    """(frozen params stored as NF4, frozen params NF4 cannot hold -> why); empty unless frozen_dtype="nf4"."""
     quantized: set[str] = set()
     not_quantized: dict[str, str] = {}
-    if policy.frozen_dtype == NF4:
-        if shard_size == 1 and not compat.IGNORED_PARAMS_SUPPORTED:
-            raise PolicyError(
-                f"FreezePolicy.frozen_dtype='nf4' at shard size 1 keeps NF4 weights out of FSDP "
-                f"(ignored_params), which needs torch >= 2.7 (found {torch.__version__})"
-            )
-        for fqn in sorted(frozen & set(params)):
-            why = nf4_ineligible(model, names.params[fqn], params[fqn], shard_size, policy.nf4_block_size,
-                                 policy.nf4_scaler_block_size)
-            if why is None and len(holders[params[fqn]]) == 1:
-                quantized.add(fqn)
-            else:
-                not_quantized[fqn] = why or "tied to another module"
-    nf4_bytes = lambda f: nf4_nbytes(params[f].numel(), policy.nf4_block_size, policy.nf4_scaler_block_size)  # noqa: E731
+    if policy.frozen_dtype != NF4:
+        return quantized, not_quantized
+    if shard_size == 1 and not compat.IGNORED_PARAMS_SUPPORTED:
+        raise PolicyError(
+            f"FreezePolicy.frozen_dtype='nf4' at shard size 1 keeps NF4 weights out of FSDP "
+            f"(ignored_params), which needs torch >= 2.7 (found {torch.__version__})"
+        )
+    for fqn in sorted(frozen & set(params)):
+        why = nf4_ineligible(model, names.params[fqn], params[fqn], shard_size, policy.nf4_block_size,
+                             policy.nf4_scaler_block_size)
+        if why is None and len(holders[params[fqn]]) == 1:
+            quantized.add(fqn)
+        else:
+            not_quantized[fqn] = why or "tied to another module"
+    return quantized, not_quantized
 
-    def make_group(unit: str, kind: str, fqns: list[str], reshard, modules=()) -> GroupPlan:
+
+def _groups(
+    model: nn.Module, policy: FreezePolicy, names: ModelNames, units: list[str], params: dict[str, nn.Parameter],
+    owner: dict[str, str], frozen: set[str], quantized: set[str], shard_size: int, split: bool,
+) -> tuple[list[GroupPlan], list[str]]:
+    """Each unit's frozen and trainable groups (frozen first), and the frozen params left unsplit
+    (structural fallback, torch < 2.13)."""
+    frozen_dtype, mp_dtype = policy.torch_frozen_dtype, policy.torch_param_dtype
+
+    def make_group(unit: str, kind: GroupKind, fqns: list[str], reshard, modules=()) -> GroupPlan:
         storage = [frozen_dtype if (kind == FROZEN and frozen_dtype and params[f].is_floating_point())
                    else params[f].dtype for f in fqns]
         gathered = [mp_dtype if (mp_dtype and s.is_floating_point) else s for s in storage]
         labels = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, storage)]
         gathered_labels = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, gathered)]
+        nbytes = [nf4_nbytes(params[f].numel(), policy.nf4_block_size, policy.nf4_scaler_block_size)
+                  if f in quantized else params[f].numel() * d.itemsize for f, d in zip(fqns, gathered)]
         return GroupPlan(
             unit=unit, kind=kind, params=tuple(fqns), numel=sum(params[f].numel() for f in fqns),
             storage_dtype=_label(labels), gathered_dtype=_label(gathered_labels),
             reshard=reshard, all_gathers_per_step=_gathers(kind, reshard, shard_size),
-            unsharded_bytes=sum(nf4_bytes(f) if f in quantized else params[f].numel() * d.itemsize
-                                for f, d in zip(fqns, gathered)),
-            modules=tuple(modules),
+            unsharded_bytes=sum(nbytes), modules=tuple(modules),
         )
 
     groups: list[GroupPlan] = []
     unsplit: list[str] = []
-    frozen_reshard = policy.frozen_reshard
     for unit in units:
         owned = [f for f in params if owner[f] == unit]
-        trainable_reshard = policy.trainable_reshard if policy.trainable_reshard is not None else unit != ""  # FSDP's
         frozen_fqns = [f for f in owned if f in frozen]
         trainable_fqns = [f for f in owned if f not in frozen]
         modules: list[str] = []
@@ -278,19 +319,10 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
             trainable_fqns = [f for f in owned if f not in in_modules]
             frozen_fqns = in_modules
         if frozen_fqns:
-            groups.append(make_group(unit, FROZEN, frozen_fqns, _frozen_reshard(unit, frozen_reshard), modules))
+            groups.append(make_group(unit, FROZEN, frozen_fqns, _frozen_reshard(unit, policy.frozen_reshard), modules))
         if trainable_fqns:
-            groups.append(make_group(unit, TRAINABLE, trainable_fqns, trainable_reshard))
-
-    if frozen_reshard == "auto":
-        groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
-    return ShardingPlan(
-        units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
-        ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
-        shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
-        names=names, unmanaged=frozenset(quantized) if shard_size == 1 else frozenset(),
-        unit_reshard={u: policy.trainable_reshard if policy.trainable_reshard is not None else u != "" for u in units},
-    )
+            groups.append(make_group(unit, TRAINABLE, trainable_fqns, _trainable_reshard(policy, unit)))
+    return groups, unsplit
 
 
 def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list[GroupPlan]:
