@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -35,11 +35,13 @@ from .checksum import checksums
 from .collectives import barrier, broadcast, rank
 from .convert_on_load import load_converted
 from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds, split_key
-from .layout import Spec, compare, metadata_specs, quantization_label, read_manifest, tensor_spec
+from .layout import FrozenSave, Spec, compare, frozen_save, metadata_specs, quantization_label, read_manifest, tensor_spec
 from .planner import FrozenLoadPlanner, FrozenSavePlanner, entry, frozen_fingerprint
 
 _BASE_ATTR = "_fsdp_frozen_checkpoint_base"
-FROZEN_CHOICES = ("auto", "include", "skip")
+#: save_checkpoint's frozen= choices: a `FrozenSave`, or "auto" (decided per save, see there).
+SaveChoice = Literal["auto", "include", "skip"]
+SAVE_CHOICES: tuple[SaveChoice, ...] = ("auto", "include", "skip")
 
 
 def frozen_base(model: nn.Module) -> dict[str, str] | None:
@@ -56,7 +58,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     extra: dict[str, Any] | None = None,
-    frozen: str = "auto",
+    frozen: SaveChoice = "auto",
     overwrite: bool = False,
 ) -> str:
     """Save model (and optimizer) state to the directory `path`, atomically. Returns the path.
@@ -81,8 +83,8 @@ def save_checkpoint(
     Cost: one checksum pass over every parameter and buffer shard (one all-reduce), plus DCP's save
     of what is written. With a frozen base on disk only trainable state and optimizer state are written.
     """
-    if frozen not in FROZEN_CHOICES:
-        raise ValueError(f"save_checkpoint: frozen must be one of {FROZEN_CHOICES}, got {frozen!r}")
+    if frozen not in SAVE_CHOICES:
+        raise ValueError(f"save_checkpoint: frozen must be one of {SAVE_CHOICES}, got {frozen!r}")
     path = os.path.abspath(os.fspath(path))
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"checkpoint {path!r} exists; pass overwrite=True to replace it")
@@ -98,7 +100,8 @@ def save_checkpoint(
     params = {n: entry(v, sums[n], kind=kinds[n]) for n, v in model_sd.items() if kinds.get(n) in (FROZEN, TRAINABLE)}
     fingerprint_now = frozen_fingerprint(params)
 
-    mode, base = {"include": "include", "skip": "skip", "auto": "include"}[frozen], None
+    mode: FrozenSave = "skip" if frozen == "skip" else "include"
+    base = None
     known = frozen_base(model)
     # A base at `path` itself is about to be replaced: the frozen state must then be written again.
     if frozen == "auto" and known is not None and known["path"] != path and any(
@@ -110,7 +113,8 @@ def save_checkpoint(
             base = {"path": os.path.relpath(known["path"], path), "fingerprint": fingerprint_now}
 
     tmp = temp_dir_for(path)
-    planner = FrozenSavePlanner(model, frozen=mode, base=base, checksums_by_fqn=sums)
+    planner = FrozenSavePlanner(model, frozen=mode, base=base, checksums_by_fqn=sums, param_entries=params,
+                                fingerprint=fingerprint_now)
     dcp.save(state, checkpoint_id=tmp, planner=planner)
     barrier()
     if rank() == 0:
@@ -128,7 +132,7 @@ def _base_usable(base_path: str, fingerprint_now: str) -> bool:
         return False
     return (
         manifest is not None
-        and manifest.get("frozen_state") == "included"
+        and frozen_save(manifest) == "include"
         and manifest.get("frozen_fingerprint") == fingerprint_now
     )
 
@@ -154,7 +158,7 @@ def _resolve_base(path: str, manifest: dict[str, Any]) -> tuple[str, dict[str, A
         base_manifest = read_manifest(base_path)
     except CheckpointLayoutError as e:
         raise CheckpointLayoutError(f"base checkpoint {base_path!r} of {path!r} is not usable: {e}") from e
-    if base_manifest is None or base_manifest.get("frozen_state") != "included":
+    if frozen_save(base_manifest) != "include":
         raise CheckpointLayoutError(f"base checkpoint {base_path!r} of {path!r} holds no frozen state")
     if base_manifest.get("frozen_fingerprint") != ref.get("fingerprint"):
         raise CheckpointLayoutError(
@@ -339,14 +343,14 @@ def _load(
         frozen_not_stored = False
     else:
         saved = _with_quantization(metadata, manifest, lambda kind: kind != FROZEN)
-        if manifest["frozen_state"] == "included":
+        if frozen_save(manifest) == "include":
             saved.update(_with_quantization(metadata, manifest, lambda kind: kind == FROZEN))
-        elif manifest["frozen_state"] == "referenced":
+        elif frozen_save(manifest) == "reference":
             base_path, base_manifest = _resolve_base(path, manifest)
             base_metadata = _read_metadata(base_path)
             sources["base"] = (base_path, base_metadata, base_manifest)
             saved.update(_with_quantization(base_metadata, base_manifest, lambda kind: kind == FROZEN))
-        frozen_not_stored = manifest["frozen_state"] == "skipped"
+        frozen_not_stored = frozen_save(manifest) == "skip"
 
     extra_specs = {k: s for k, s in saved.items() if split_key(k)[0] == EXTRA}
     staged = _staging(model_sd, optim_sd, extra_specs, kinds)
@@ -454,8 +458,8 @@ def _verify_checksums(
 def _record_base(model: nn.Module, path: str, manifest: dict[str, Any] | None, sources: dict[str, Any]) -> None:
     if manifest is None:
         setattr(model, _BASE_ATTR, None)
-    elif manifest["frozen_state"] == "included":
+    elif frozen_save(manifest) == "include":
         setattr(model, _BASE_ATTR, {"path": path, "fingerprint": manifest["frozen_fingerprint"]})
-    elif manifest["frozen_state"] == "referenced":
+    elif frozen_save(manifest) == "reference":
         base_path, _, base_manifest = sources["base"]
         setattr(model, _BASE_ATTR, {"path": base_path, "fingerprint": base_manifest["frozen_fingerprint"]})

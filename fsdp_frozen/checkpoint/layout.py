@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
@@ -22,6 +22,30 @@ FORMAT = "fsdp_frozen.checkpoint"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "fsdp_frozen.json"
 DCP_METADATA_FILE = ".metadata"
+
+#: What a checkpoint does with the frozen state; the one vocabulary in code. ``save_checkpoint``'s
+#: ``frozen=`` adds ``"auto"`` (include, or reference when the frozen base on disk matches).
+FrozenSave = Literal["include", "reference", "skip"]
+FROZEN_SAVES: tuple[FrozenSave, ...] = ("include", "reference", "skip")
+#: The words format v1 writes for them: the manifest's ``frozen_state`` and each frozen parameter's ``stored``.
+_MANIFEST_STATE = {"include": "included", "reference": "referenced", "skip": "skipped"}
+_MANIFEST_STORED = {"include": "here", "reference": "base", "skip": "no"}
+
+
+def manifest_frozen_state(mode: FrozenSave) -> str:
+    return _MANIFEST_STATE[mode]
+
+
+def manifest_stored(mode: FrozenSave) -> str:
+    """Where a frozen parameter's data is, as the manifest says (trainable ones: always ``"here"``)."""
+    return _MANIFEST_STORED[mode]
+
+
+def frozen_save(manifest: dict[str, Any] | None) -> FrozenSave | None:
+    """The `FrozenSave` a manifest records (None for a plain DCP checkpoint without one)."""
+    if manifest is None:
+        return None
+    return next(m for m, word in _MANIFEST_STATE.items() if word == manifest["frozen_state"])
 
 
 @dataclass(frozen=True)

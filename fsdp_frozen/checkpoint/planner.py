@@ -24,9 +24,20 @@ from .. import _torch_compat as compat
 from ..errors import CheckpointLayoutError
 from .checksum import checksums, fingerprint
 from .keys import BUFFERS, FROZEN, OPTIMIZER, OPTIMIZER_GROUPS, TRAINABLE, checkpoint_key, model_kinds, split_key
-from .layout import FORMAT, FORMAT_VERSION, compare, metadata_specs, quantization_of, tensor_spec, write_manifest
+from .layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    FROZEN_SAVES,
+    FrozenSave,
+    compare,
+    manifest_frozen_state,
+    manifest_stored,
+    metadata_specs,
+    quantization_of,
+    tensor_spec,
+    write_manifest,
+)
 
-FROZEN_MODES = ("include", "reference", "skip")
 
 
 def model_checksums(model: nn.Module) -> dict[str, str]:
@@ -67,6 +78,9 @@ class FrozenSavePlanner(DefaultSavePlanner):
         frozen: ``"include"`` writes the frozen parameters; ``"skip"`` does not; ``"reference"`` does
             not and records ``base`` (used by `save_checkpoint(frozen="auto")`).
         base: ``{"path": ..., "fingerprint": ...}`` of the checkpoint holding the frozen state.
+        checksums_by_fqn / param_entries / fingerprint: the model's checksums, manifest entries of its
+            parameters and frozen fingerprint, when the caller has computed them already
+            (`save_checkpoint` does); otherwise computed here (one all-reduce for the checksums).
         enable_plan_caching: DCP's save-plan caching (default True where DCP has it, torch 2.7+; the
             other keyword arguments go to ``DefaultSavePlanner`` too). Repeated saves of the same
             layout then skip DCP's global planning and send empty plans (~100 ms of a 450 ms trainable-
@@ -79,23 +93,27 @@ class FrozenSavePlanner(DefaultSavePlanner):
         self,
         model: nn.Module,
         *,
-        frozen: str = "include",
+        frozen: FrozenSave = "include",
         base: dict[str, str] | None = None,
         checksums_by_fqn: dict[str, str] | None = None,
+        param_entries: dict[str, dict[str, Any]] | None = None,
+        fingerprint: str | None = None,
         **kwargs: Any,
     ) -> None:
         if compat.SAVE_PLAN_CACHING_SUPPORTED:
             kwargs.setdefault("enable_plan_caching", True)
         self.plan_caching = bool(kwargs.get("enable_plan_caching", False))
         super().__init__(**kwargs)
-        if frozen not in FROZEN_MODES:
-            raise CheckpointLayoutError(f"frozen must be one of {FROZEN_MODES}, got {frozen!r}")
+        if frozen not in FROZEN_SAVES:
+            raise CheckpointLayoutError(f"frozen must be one of {FROZEN_SAVES}, got {frozen!r}")
         if (frozen == "reference") != (base is not None):
             raise CheckpointLayoutError("a base is given exactly when frozen='reference'")
         self.kinds = model_kinds(model)
         self.frozen_mode = frozen
         self.base = base
         self.checksums_by_fqn = checksums_by_fqn if checksums_by_fqn is not None else model_checksums(model)
+        # Computed once by save_checkpoint, which needs them first to decide between include and reference.
+        self.param_entries, self.fingerprint = param_entries, fingerprint
         self.manifest: dict[str, Any] | None = None
         self.checkpoint_dir: str | None = None
 
@@ -132,13 +150,15 @@ class FrozenSavePlanner(DefaultSavePlanner):
         return f"{type(self).__name__}:{h.hexdigest()[:24]}"
 
     def _manifest(self, entries: dict[str, Any]) -> dict[str, Any]:
-        stored = {"include": "here", "reference": "base", "skip": "no"}[self.frozen_mode]
+        stored = manifest_stored(self.frozen_mode)
         params, buffers, optimizer, extra = {}, {}, {}, {}
         for key, value in entries.items():
             kind, name = split_key(key)
             if kind in (FROZEN, TRAINABLE):
-                where = stored if kind == FROZEN else "here"
-                params[name] = entry(value, self.checksums_by_fqn[name], kind=kind, stored=where)
+                where = stored if kind == FROZEN else manifest_stored("include")
+                known = self.param_entries.get(name) if self.param_entries is not None else None
+                params[name] = ({**known, "stored": where} if known is not None
+                                else entry(value, self.checksums_by_fqn[name], kind=kind, stored=where))
             elif kind == BUFFERS:
                 buffers[name] = entry(value, self.checksums_by_fqn.get(name, ""))
             elif kind in (OPTIMIZER, OPTIMIZER_GROUPS):
@@ -151,8 +171,8 @@ class FrozenSavePlanner(DefaultSavePlanner):
             "torch_version": torch.__version__,
             "fsdp_frozen_version": __version__,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-            "frozen_state": {"include": "included", "reference": "referenced", "skip": "skipped"}[self.frozen_mode],
-            "frozen_fingerprint": frozen_fingerprint(params),
+            "frozen_state": manifest_frozen_state(self.frozen_mode),
+            "frozen_fingerprint": self.fingerprint if self.fingerprint is not None else frozen_fingerprint(params),
             "base": self.base,
             "params": params,
             "buffers": buffers,
