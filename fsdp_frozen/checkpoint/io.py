@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -183,7 +184,7 @@ def _with_quantization(metadata: Metadata, manifest: dict[str, Any], keep: Any) 
 
 
 def _nf4_resharded(
-    sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]], template: dict[str, tuple[str, Any]],
+    sources: dict[str, Source], template: dict[str, tuple[str, Any]],
     key_map: dict[str, str],
 ) -> list[str]:
     """Template keys of NF4 weights saved in another number of shards. DCP cannot reshard them
@@ -311,21 +312,38 @@ def load_checkpoint(
     fresh_optimizer = optimizer is not None and not optimizer.state
     optim_sd = get_optimizer_state_dict(model, optimizer) if optimizer is not None else None
     try:
-        return _load(path, model, optimizer, manifest, metadata, kinds, model_sd, optim_sd,
-                     allow_freezing_change=allow_freezing_change, cast=cast, strict=strict)
+        return _load(Source(path, metadata, manifest), model, optimizer, kinds, model_sd, optim_sd,
+                     _LoadOptions(allow_freezing_change=allow_freezing_change, cast=cast, strict=strict))
     except BaseException:
         if fresh_optimizer:
             optimizer.state.clear()
         raise
 
 
-def _load(
-    path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None, manifest: dict[str, Any] | None,
-    metadata: Metadata, kinds: dict[str, str], model_sd: dict[str, Any], optim_sd: dict[str, Any] | None,
-    *, allow_freezing_change: bool, cast: bool, strict: bool,
-) -> dict[str, Any]:
+class Source(NamedTuple):
+    """One checkpoint directory a load reads: its path, DCP metadata and manifest (None: plain DCP)."""
 
-    sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]] = {"own": (path, metadata, manifest)}
+    path: str
+    metadata: Metadata
+    manifest: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class _LoadOptions:
+    allow_freezing_change: bool
+    cast: bool
+    strict: bool
+
+
+def _load(
+    own: Source, model: nn.Module, optimizer: torch.optim.Optimizer | None, kinds: dict[str, str],
+    model_sd: dict[str, Any], optim_sd: dict[str, Any] | None, options: _LoadOptions,
+) -> dict[str, Any]:
+    """The load proper: layouts compared, files checked, tensors read into staging, checksums
+    verified, then copied into the model and optimizer (see `load_checkpoint`)."""
+    path, metadata, manifest = own
+    allow_freezing_change, cast, strict = options.allow_freezing_change, options.cast, options.strict
+    sources: dict[str, Source] = {"own": own}
     raw: dict[str, str] = {}  # plain checkpoints: our key -> the key DCP stored
     if manifest is None:
         saved = {}
@@ -348,7 +366,7 @@ def _load(
         elif frozen_save(manifest) == "reference":
             base_path, base_manifest = _resolve_base(path, manifest)
             base_metadata = _read_metadata(base_path)
-            sources["base"] = (base_path, base_metadata, base_manifest)
+            sources["base"] = Source(base_path, base_metadata, base_manifest)
             saved.update(_with_quantization(base_metadata, base_manifest, lambda kind: kind == FROZEN))
         frozen_not_stored = frozen_save(manifest) == "skip"
 
@@ -429,7 +447,7 @@ def _source_of(saved_key: str, sources: dict[str, Any]) -> str:
 
 
 def _verify_checksums(
-    sources: dict[str, tuple[str, Metadata, dict[str, Any] | None]],
+    sources: dict[str, Source],
     template: dict[str, tuple[str, Any]],
     match: Any,
 ) -> None:
