@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -31,12 +30,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
+from runtime import init_runtime  # noqa: E402
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # noqa: E402
@@ -176,7 +175,7 @@ def checkpoint_bench(model: nn.Module, opt, plain: nn.Module, plain_opt, root: P
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
@@ -193,56 +192,21 @@ def main() -> None:
                     help="only the checkpoint saves (plain FSDP2 and after_forward/bf16; no training steps): "
                          "for model sizes where CPU steps are too slow")
     args = ap.parse_args()
-
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
-    mesh = init_device_mesh(device.type, (world,))
-    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, hidden_dim=int(args.dim * 8 / 3) // 32 * 32)
-
     chosen, dtypes = args.variants.split(","), args.frozen_dtypes.split(",")
     if set(chosen) - set(POLICIES) or "after_forward" not in chosen:
         ap.error(f"--variants: a comma list of {POLICIES} including after_forward, got {args.variants!r}")
     if set(dtypes) - set(DTYPES) or "bf16" not in dtypes:
         ap.error(f"--frozen-dtypes: a comma list of {list(DTYPES)} including bf16, got {args.frozen_dtypes!r}")
-    variants = ["plain"] + [variant_name(p, d) for d in DTYPES if d in dtypes for p in POLICIES if p in chosen]
-    if args.checkpoint_only:
-        variants = ["plain", "after_forward"]
-    models = {v: build(v, cfg, mesh, device) for v in variants}
-    opts = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
-    if args.checkpoint_only:
-        for v in variants:  # AdamW state as after a step (DCP initialises it: zero grads, lr 0)
-            get_optimizer_state_dict(models[v], opts[v])
-        ckpt = checkpoint_bench(models["after_forward"], opts["after_forward"], models["plain"], opts["plain"],
-                                Path(args.out) / "ckpt", args.save_repeats)
-        if rank == 0:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-            (Path(args.out) / "checkpoint.json").write_text(json.dumps({"config": vars(cfg), "checkpoint": ckpt}, indent=2))
-            print(render_checkpoint(ckpt, args.save_repeats))
-        dist.destroy_process_group()
-        return
-    models[FLOOR] = build_compute_floor(cfg, device)
-    opts[FLOOR] = torch.optim.AdamW([p for p in models[FLOOR].parameters() if p.requires_grad], lr=1e-4)
-    g = torch.Generator().manual_seed(rank)
-    data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(4)]
+    args.variant_list = (["plain", "after_forward"] if args.checkpoint_only else
+                         ["plain"] + [variant_name(p, d) for d in DTYPES if d in dtypes for p in POLICIES if p in chosen])
+    return args
 
-    def step(v: str, i: int) -> float:
-        tokens = data[i % len(data)]
-        logits = models[v](tokens[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
-        opts[v].step()
-        opts[v].zero_grad(set_to_none=True)
-        return loss.item()
 
-    times: dict[str, list[float]] = {v: [] for v in [*variants, FLOOR]}
-    for i in range(args.warmup + args.steps):
-        for v in times:
+def time_round_robin(step, names: list[str], warmup: int, steps: int, cuda: bool) -> dict[str, list[float]]:
+    """Seconds per step of every variant, the variants interleaved step by step (one round = each once)."""
+    times: dict[str, list[float]] = {v: [] for v in names}
+    for i in range(warmup + steps):
+        for v in names:
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -250,9 +214,14 @@ def main() -> None:
             step(v, i)
             if cuda:
                 torch.cuda.synchronize()
-            if i >= args.warmup:
+            if i >= warmup:
                 times[v].append(time.perf_counter() - t0)
+    return times
 
+
+def measure(step, models: dict, opts: dict, times: dict, variants: list[str], tokens: int, cuda: bool) -> dict:
+    """Per variant: median step time, collective bytes of one step, persistent and peak bytes; the
+    ratios against plain FSDP2."""
     results = {}
     for v in variants:
         counter = CommCounter()
@@ -268,7 +237,7 @@ def main() -> None:
             cuda_max = torch.cuda.max_memory_allocated()
         results[v] = {
             "step_time_s": statistics.median(times[v]),
-            "tokens_per_s": args.batch * args.seq * world / statistics.median(times[v]),
+            "tokens_per_s": tokens / statistics.median(times[v]),
             "all_gather_bytes": counter.total("all_gather"),
             "frozen_all_gather_bytes": counter.total("all_gather", fpgs),
             "reduce_scatter_bytes": counter.total("reduce_scatter"),
@@ -286,32 +255,70 @@ def main() -> None:
         r["step_time_ratio"] = r["step_time_s"] / plain["step_time_s"]
         r["frozen_all_gather_ratio"] = r["frozen_all_gather_bytes"] / plain["frozen_all_gather_bytes"]
         r["frozen_persistent_ratio"] = r["frozen_persistent_bytes"] / plain["frozen_persistent_bytes"]
+    return results
 
+
+def report(results: dict, meta: dict, ckpt: dict, layout: str, args: argparse.Namespace, out: Path) -> None:
+    """benchmark.json, the tables and the chart (rank 0)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps({"meta": meta, "results": results, "checkpoint": ckpt}, indent=2))
+    print(f"describe() of the after_forward model, rank 0:\n{layout}\n")
+    print(render(results, meta))
+    cross = results["plain"]["fsdp_mem_tracker_peak_bytes"]
+    if cross:
+        print(f"\nPeak memory cross-check on plain FSDP2: PeakTensorMemory {results['plain']['peak_bytes'] / 2**20:.2f} "
+              f"MiB, torch's FSDPMemTracker {cross / 2**20:.2f} MiB.")
+    print(render_nf4(results))
+    print(render_checkpoint(ckpt, args.save_repeats))
+    if not args.no_plot:
+        print(plot(results, meta, out / "benchmark.png"))
+    print(f"\nJSON: {out / 'benchmark.json'}")
+
+
+def main() -> None:
+    args = parse_args()
+    device, mesh = init_runtime()
+    rank, world, cuda = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
+    cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, hidden_dim=int(args.dim * 8 / 3) // 32 * 32)
+    variants, out = args.variant_list, Path(args.out)
+    models = {v: build(v, cfg, mesh, device) for v in variants}
+    opts = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
+    if args.checkpoint_only:
+        for v in variants:  # AdamW state as after a step (DCP initialises it: zero grads, lr 0)
+            get_optimizer_state_dict(models[v], opts[v])
+        ckpt = checkpoint_bench(models["after_forward"], opts["after_forward"], models["plain"], opts["plain"],
+                                out / "ckpt", args.save_repeats)
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "checkpoint.json").write_text(json.dumps({"config": vars(cfg), "checkpoint": ckpt}, indent=2))
+            print(render_checkpoint(ckpt, args.save_repeats))
+        dist.destroy_process_group()
+        return
+    models[FLOOR] = build_compute_floor(cfg, device)
+    opts[FLOOR] = torch.optim.AdamW([p for p in models[FLOOR].parameters() if p.requires_grad], lr=1e-4)
+    g = torch.Generator().manual_seed(rank)
+    data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(4)]
+
+    def step(v: str, i: int) -> float:
+        tokens = data[i % len(data)]
+        logits = models[v](tokens[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        opts[v].step()
+        opts[v].zero_grad(set_to_none=True)
+        return loss.item()
+
+    times = time_round_robin(step, [*variants, FLOOR], args.warmup, args.steps, cuda)
+    results = measure(step, models, opts, times, variants, args.batch * args.seq * world, cuda)
     layout = str(describe(models["after_forward"]))
-    out = Path(args.out)
-    ckpt = checkpoint_bench(
-        models["after_forward"], opts["after_forward"], models["plain"], opts["plain"], out / "ckpt", args.save_repeats
-    )
+    ckpt = checkpoint_bench(models["after_forward"], opts["after_forward"], models["plain"], opts["plain"],
+                            out / "ckpt", args.save_repeats)
     if rank == 0:
         floor_s = statistics.median(times[FLOOR])
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / plain["step_time_s"]}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark.json").write_text(
-            json.dumps({"meta": meta, "results": results, "checkpoint": ckpt}, indent=2)
-        )
-        print(f"describe() of the after_forward model, rank 0:\n{layout}\n")
-        print(render(results, meta))
-        cross = results["plain"]["fsdp_mem_tracker_peak_bytes"]
-        if cross:
-            print(f"\nPeak memory cross-check on plain FSDP2: PeakTensorMemory {results['plain']['peak_bytes'] / 2**20:.2f} "
-                  f"MiB, torch's FSDPMemTracker {cross / 2**20:.2f} MiB.")
-        print(render_nf4(results))
-        print(render_checkpoint(ckpt, args.save_repeats))
-        if not args.no_plot:
-            print(plot(results, meta, out / "benchmark.png"))
-        print(f"\nJSON: {out / 'benchmark.json'}")
+                "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / results["plain"]["step_time_s"]}
+        report(results, meta, ckpt, layout, args, out)
     dist.destroy_process_group()
 
 

@@ -7,6 +7,7 @@ names it, its section and the closest valid key. Values are type-checked against
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 import difflib
 import typing
 from pathlib import Path
@@ -15,6 +16,33 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ sections every recipe shares
+@dataclass
+class DataConfig:
+    batch_size: int = 8
+    seq_len: int = 64
+    n_sentences: int = 4000
+    seed: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 50  #: 0: only at the end
+    output_dir: str = "runs/lora"
+    resume: bool = False
+    export_adapter: bool = False  #: hf: write OUTPUT_DIR/adapter in PEFT's format at the end
+
+
 
 
 class ConfigError(ValueError):

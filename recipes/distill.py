@@ -22,10 +22,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from config import parse_recipe_args  # noqa: E402
+from config import DataConfig, OptimizerConfig, TrainConfig, parse_recipe_args  # noqa: E402
 from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
-from lora_finetune import DataConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from runtime import init_runtime, random_base, resume_step, run_recipe, train_loop  # noqa: E402
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from config import parse_recipe_args  # noqa: E402
+from config import DataConfig, OptimizerConfig, TrainConfig, parse_recipe_args  # noqa: E402
 from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
 from runtime import init_runtime, random_base, resume_step, run_recipe, train_loop  # noqa: E402
 
@@ -49,30 +49,6 @@ class ModelConfig:
     #: Base weights to load: a Hugging Face safetensors model directory (or a DCP checkpoint); None:
     #: a random base is written to OUTPUT_DIR/base (once) and loaded from there.
     pretrained: str | None = None
-
-
-@dataclass
-class DataConfig:
-    batch_size: int = 8
-    seq_len: int = 64
-    n_sentences: int = 4000
-    seed: int = 0
-
-
-@dataclass
-class OptimizerConfig:
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    log_every: int = 10
-    checkpoint_every: int = 50  #: 0: only at the end
-    output_dir: str = "runs/lora"
-    resume: bool = False
-    export_adapter: bool = False  #: hf: write OUTPUT_DIR/adapter in PEFT's format at the end
 
 
 @dataclass

@@ -9,7 +9,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,10 @@ def init_runtime() -> tuple[torch.device, DeviceMesh]:
 
 class ProgressBar:
     """One line on rank 0: step, loss, tokens/s. Redrawn in place on a terminal, printed every
-    `every` steps otherwise (logs, CI)."""
+    `every` steps otherwise (logs, CI).
+
+    Not tqdm: off a terminal tqdm still writes carriage-return redraws (throttled by time, not by
+    step), which land in a CI log as one long line; this prints one clean line per `every` steps."""
 
     def __init__(self, total: int, every: int, enabled: bool) -> None:
         self.total, self.every, self.enabled = total, max(1, every), enabled
@@ -109,13 +112,22 @@ def random_base(directory: Path, write: Any) -> str:
     return str(directory)
 
 
-def train_loop(recipe: Any) -> list[float]:
-    """The step loop every recipe shares.
+class Recipe(Protocol):
+    """What `train_loop` needs of a recipe (each recipe's one class provides it)."""
 
-    `recipe` provides ``cfg.train`` (steps, log_every, checkpoint_every), ``cfg.data`` (batch_size,
-    seq_len), ``out``, ``rank``, ``world``, ``start`` (last finished step), ``optimizer``, ``trained``
-    (the module checkpointed with the optimizer) and ``loss(step)``. Returns the mean loss per step.
-    """
+    cfg: Any  #: has ``train`` (a config.TrainConfig) and ``data`` (a config.DataConfig)
+    out: Path  #: OUTPUT_DIR
+    rank: int
+    world: int
+    start: int  #: the last finished step (0, or the step resumed from)
+    optimizer: torch.optim.Optimizer
+    trained: torch.nn.Module  #: the module checkpointed with the optimizer
+
+    def loss(self, step: int) -> torch.Tensor: ...
+
+
+def train_loop(recipe: Recipe) -> list[float]:
+    """The step loop every recipe shares; returns the mean loss per step (all ranks)."""
     from fsdp_frozen.checkpoint import save_checkpoint
 
     cfg = recipe.cfg.train
