@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 
@@ -20,7 +20,8 @@ QUANTIZED_DTYPES = ("nf4", "float8_e4m3fn")
 #: Mixed-precision dtypes of `param_dtype` / `reduce_dtype`.
 MP_DTYPES = ("bfloat16", "float16", "float32")
 
-ReshardValue = Union[str, int]
+#: A frozen_reshard value: one of FROZEN_RESHARD_NAMES, or an int N (reshard to N-rank groups).
+ReshardValue = Union[Literal["after_forward", "after_backward", "never", "auto"], int]
 
 
 def _dtype_name(key: str, value: Any, allowed: tuple[str, ...]) -> str | None:

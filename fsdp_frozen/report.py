@@ -100,8 +100,8 @@ def describe(model: nn.Module) -> Description:
                 unit=g.unit, kind=g.kind, params=g.params, numel=g.numel,
                 storage_dtype=g.storage_dtype, gathered_dtype=g.gathered_dtype, reshard=reshard,
                 sharded_bytes=sum(
-                    _shard_bytes(state.fsdp_params[p]) if p in state.fsdp_params
-                    else storage_nbytes(model.get_parameter(plan.path(p)))  # not managed by FSDP (NF4 at shard size 1)
+                    storage_nbytes(model.get_parameter(plan.path(p))) if p in plan.unmanaged  # kept out of FSDP
+                    else _shard_bytes(state.fsdp_params[p])
                     for p in g.params
                 ),
                 unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=gathers,

@@ -32,6 +32,7 @@ from .._torch_compat import flatten_state_dict, host_like, is_host_staged, local
 from ..errors import CheckpointLayoutError
 from ..storage import is_nf4
 from .atomic import replace_dir, temp_dir_for
+from .base import base_usable, frozen_base, record_base, resolve_base, set_frozen_base
 from .checksum import checksums
 from .collectives import barrier, broadcast, rank
 from .convert_on_load import load_converted
@@ -39,18 +40,9 @@ from .keys import BUFFERS, EXTRA, FROZEN, TRAINABLE, checkpoint_key, model_kinds
 from .layout import FrozenSave, Spec, compare, frozen_save, metadata_specs, quantization_label, read_manifest, tensor_spec
 from .planner import FrozenLoadPlanner, FrozenSavePlanner, entry, frozen_fingerprint
 
-_BASE_ATTR = "_fsdp_frozen_checkpoint_base"
 #: save_checkpoint's frozen= choices: a `FrozenSave`, or "auto" (decided per save, see there).
 SaveChoice = Literal["auto", "include", "skip"]
 SAVE_CHOICES: tuple[SaveChoice, ...] = ("auto", "include", "skip")
-
-
-def frozen_base(model: nn.Module) -> dict[str, str] | None:
-    """``{"path", "fingerprint"}`` of the checkpoint holding this model's frozen state, if known.
-
-    Set by a save that wrote the frozen state and by a load that read it.
-    """
-    return getattr(model, _BASE_ATTR, None)
 
 
 def save_checkpoint(
@@ -108,34 +100,22 @@ def save_checkpoint(
     if frozen == "auto" and known is not None and known["path"] != path and any(
         p["kind"] == FROZEN for p in params.values()
     ):
-        usable = _base_usable(known["path"], fingerprint_now) if rank() == 0 else None
+        usable = base_usable(known["path"], fingerprint_now) if rank() == 0 else None
         if broadcast(usable):
             mode = "reference"
             base = {"path": os.path.relpath(known["path"], path), "fingerprint": fingerprint_now}
 
     tmp = temp_dir_for(path)
     planner = FrozenSavePlanner(model, frozen=mode, base=base, checksums_by_fqn=sums, param_entries=params,
-                                fingerprint=fingerprint_now)
+                                fingerprint=fingerprint_now, kinds=kinds)
     dcp.save(state, checkpoint_id=tmp, planner=planner)
     barrier()
     if rank() == 0:
         replace_dir(tmp, path)
     barrier()
     if mode == "include":
-        setattr(model, _BASE_ATTR, {"path": path, "fingerprint": fingerprint_now})
+        set_frozen_base(model, {"path": path, "fingerprint": fingerprint_now})
     return path
-
-
-def _base_usable(base_path: str, fingerprint_now: str) -> bool:
-    try:
-        manifest = read_manifest(base_path)
-    except CheckpointLayoutError:
-        return False
-    return (
-        manifest is not None
-        and frozen_save(manifest) == "include"
-        and manifest.get("frozen_fingerprint") == fingerprint_now
-    )
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -144,29 +124,6 @@ def _read_metadata(path: str) -> Metadata:
         return FileSystemReader(path).read_metadata()
     except Exception as e:  # noqa: BLE001 - any failure to read it means the same to the user
         raise CheckpointLayoutError(f"cannot read DCP metadata {os.path.join(path, '.metadata')!r}: {e}") from e
-
-
-def _resolve_base(path: str, manifest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    ref = manifest.get("base") or {}
-    base_path = os.path.normpath(os.path.join(path, ref.get("path", "")))
-    if not os.path.isdir(base_path):
-        raise CheckpointLayoutError(
-            f"checkpoint {path!r} takes its frozen parameters from base checkpoint {base_path!r}, which is "
-            f"missing (deleted or moved?); restore it there, or load with a model whose frozen weights come "
-            f"from elsewhere after saving with frozen='include'"
-        )
-    try:
-        base_manifest = read_manifest(base_path)
-    except CheckpointLayoutError as e:
-        raise CheckpointLayoutError(f"base checkpoint {base_path!r} of {path!r} is not usable: {e}") from e
-    if frozen_save(base_manifest) != "include":
-        raise CheckpointLayoutError(f"base checkpoint {base_path!r} of {path!r} holds no frozen state")
-    if base_manifest.get("frozen_fingerprint") != ref.get("fingerprint"):
-        raise CheckpointLayoutError(
-            f"base checkpoint {base_path!r} of {path!r} has changed: its frozen-state fingerprint is "
-            f"{base_manifest.get('frozen_fingerprint')}, the reference expects {ref.get('fingerprint')}"
-        )
-    return base_path, base_manifest
 
 
 def _with_quantization(metadata: Metadata, manifest: dict[str, Any], keep: Any) -> dict[str, Spec]:
@@ -364,7 +321,7 @@ def _load(
         if frozen_save(manifest) == "include":
             saved.update(_with_quantization(metadata, manifest, lambda kind: kind == FROZEN))
         elif frozen_save(manifest) == "reference":
-            base_path, base_manifest = _resolve_base(path, manifest)
+            base_path, base_manifest = resolve_base(path, manifest)
             base_metadata = _read_metadata(base_path)
             sources["base"] = Source(base_path, base_metadata, base_manifest)
             saved.update(_with_quantization(base_metadata, base_manifest, lambda kind: kind == FROZEN))
@@ -437,7 +394,7 @@ def _load(
             local_tensor(model_sd[k]).copy_(local_tensor(v))
     if optimizer is not None and "optimizer" in staged:
         set_optimizer_state_dict(model, optimizer, staged["optimizer"])
-    _record_base(model, path, manifest, sources)
+    record_base(model, path, manifest, sources)
     return dict(staged.get("extra", {}))
 
 
@@ -471,13 +428,3 @@ def _verify_checksums(
             f"checksum mismatch: data of {len(bad)} tensor(s) differs from what was saved (corrupted file?): "
             f"{', '.join(bad)}; the model was not changed"
         )
-
-
-def _record_base(model: nn.Module, path: str, manifest: dict[str, Any] | None, sources: dict[str, Any]) -> None:
-    if manifest is None:
-        setattr(model, _BASE_ATTR, None)
-    elif frozen_save(manifest) == "include":
-        setattr(model, _BASE_ATTR, {"path": path, "fingerprint": manifest["frozen_fingerprint"]})
-    elif frozen_save(manifest) == "reference":
-        base_path, _, base_manifest = sources["base"]
-        setattr(model, _BASE_ATTR, {"path": base_path, "fingerprint": base_manifest["frozen_fingerprint"]})

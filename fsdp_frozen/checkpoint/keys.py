@@ -20,7 +20,7 @@ wrapper prefixes (``_checkpoint_wrapped_module.``, ``_orig_mod.``); FSDP2 adds n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch.nn as nn
 
@@ -30,7 +30,9 @@ from ..plan import FROZEN, TRAINABLE
 
 BUFFERS = "buffers"
 OPTIMIZER, OPTIMIZER_GROUPS, EXTRA = "optimizer", "optimizer_groups", "extra"
-MODEL_KINDS = (FROZEN, TRAINABLE, BUFFERS)
+#: What a model entry of a state dict is (the first segment of its checkpoint key).
+ModelKind = Literal["frozen", "trainable", "buffers"]
+MODEL_KINDS: tuple[ModelKind, ...] = (FROZEN, TRAINABLE, BUFFERS)
 
 
 class ModelKinds(dict):

@@ -78,8 +78,8 @@ class FrozenSavePlanner(DefaultSavePlanner):
         frozen: ``"include"`` writes the frozen parameters; ``"skip"`` does not; ``"reference"`` does
             not and records ``base`` (used by `save_checkpoint(frozen="auto")`).
         base: ``{"path": ..., "fingerprint": ...}`` of the checkpoint holding the frozen state.
-        checksums_by_fqn / param_entries / fingerprint: the model's checksums, manifest entries of its
-            parameters and frozen fingerprint, when the caller has computed them already
+        checksums_by_fqn / param_entries / fingerprint / kinds: the model's checksums, manifest entries
+            of its parameters, frozen fingerprint and `model_kinds`, when the caller has them already
             (`save_checkpoint` does); otherwise computed here (one all-reduce for the checksums).
         enable_plan_caching: DCP's save-plan caching (default True where DCP has it, torch 2.7+; the
             other keyword arguments go to ``DefaultSavePlanner`` too). Repeated saves of the same
@@ -98,6 +98,7 @@ class FrozenSavePlanner(DefaultSavePlanner):
         checksums_by_fqn: dict[str, str] | None = None,
         param_entries: dict[str, dict[str, Any]] | None = None,
         fingerprint: str | None = None,
+        kinds: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         if compat.SAVE_PLAN_CACHING_SUPPORTED:
@@ -108,7 +109,7 @@ class FrozenSavePlanner(DefaultSavePlanner):
             raise CheckpointLayoutError(f"frozen must be one of {FROZEN_SAVES}, got {frozen!r}")
         if (frozen == "reference") != (base is not None):
             raise CheckpointLayoutError("a base is given exactly when frozen='reference'")
-        self.kinds = model_kinds(model)
+        self.kinds = kinds if kinds is not None else model_kinds(model)
         self.frozen_mode = frozen
         self.base = base
         self.checksums_by_fqn = checksums_by_fqn if checksums_by_fqn is not None else model_checksums(model)

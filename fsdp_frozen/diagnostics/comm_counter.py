@@ -56,5 +56,5 @@ def frozen_group_names(model: nn.Module) -> set[str]:
     names = set()
     for group, _ in sharded_state(model).frozen_settings:
         for info in compat.group_mesh_infos(group):
-            names.add(info.shard_process_group.group_name)
+            names.add(compat.mesh_info_groups(info)[0].group_name)  # the shard group
     return names
