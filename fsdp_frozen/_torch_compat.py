@@ -318,3 +318,39 @@ def fsdp_mem_tracker(model: nn.Module, optimizer: Any) -> Any:
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     return FSDPMemTracker(mod=model, optm=optimizer)
+
+
+# --- nn.Module, DTensor and dispatch internals the package uses (stable since 2.0; checked on 2.6 and 2.13)
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass  # noqa: E402,F401
+from torch.utils._pytree import tree_leaves  # noqa: E402,F401
+
+#: The state-dict suffix of a module's ``get_extra_state`` (``nn.modules.module._EXTRA_STATE_KEY_SUFFIX``).
+EXTRA_STATE_SUFFIX: str = nn.modules.module._EXTRA_STATE_KEY_SUFFIX
+
+
+def chunk_list(t: torch.Tensor) -> list[Any]:
+    """This rank's chunks of a DTensor (offsets and sizes in the global tensor): DTensor's
+    ``__create_chunk_list__``, the protocol DCP plans with."""
+    return t.__create_chunk_list__()  # type: ignore[attr-defined]
+
+
+def swap_parameter(module: nn.Module, name: str, new: nn.Parameter) -> nn.Parameter:
+    """Put `new` in ``module._parameters[name]`` (no hooks, no FSDP bookkeeping) and return the old one."""
+    old = module._parameters[name]
+    module._parameters[name] = new
+    return old  # type: ignore[return-value]
+
+
+def set_buffer(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Replace a registered buffer in place of its registration (keeps persistence)."""
+    module._buffers[name] = tensor
+
+
+def own_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers registered on `module` itself (not its children), None entries left out."""
+    return {n: b for n, b in module._buffers.items() if b is not None}
+
+
+def is_persistent_buffer(module: nn.Module, name: str) -> bool:
+    """False for a buffer registered with ``persistent=False`` (not in state dicts)."""
+    return name not in module._non_persistent_buffers_set

@@ -81,7 +81,9 @@ def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:
     weight) into `target` (an NF4Tensor or a DTensor of one). A plain `whole` is first quantized with
     torchao at `target`'s block sizes, on `target`'s device: bitwise the storage sharding a model that
     holds `whole` there would give. An NF4 `whole` must have `target`'s block sizes."""
-    local = target._local_tensor if isinstance(target, DTensor) else target  # type: ignore[attr-defined]
+    from ._torch_compat import local_tensor
+
+    local = local_tensor(target)
     if type(whole).__name__ == "NF4Tensor":
         quantized = whole
     else:

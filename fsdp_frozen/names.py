@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import _torch_compat as compat
 
-_EXTRA_STATE = nn.modules.module._EXTRA_STATE_KEY_SUFFIX  # "_extra_state"
+_EXTRA_STATE = compat.EXTRA_STATE_SUFFIX  # "_extra_state"
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
+from .. import _torch_compat as compat
 from .._torch_compat import collective_device, local_tensor
 from ..storage import NF4_PACKED, is_nf4
 
@@ -53,7 +54,7 @@ def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
             f"checksums need tensors sharded along dim 0 (FSDP's layout); got placements {t.placements} "
             f"for a tensor of shape {tuple(t.shape)}"
         )
-    chunks = t.__create_chunk_list__()
+    chunks = compat.chunk_list(t)
     row_bytes = math.prod(t.shape[1:]) * t.element_size() if t.dim() else 0
     first_row = chunks[0].offsets[0] if chunks and t.dim() else 0
     return local, first_row * row_bytes, counts
@@ -88,7 +89,7 @@ def _nf4_sums(local: torch.Tensor, whole: torch.Tensor) -> tuple[int, int]:
     The replicated scalar ``scaler_mean`` is added by the first shard only.
     """
     rows = whole.shape[0]
-    first = whole.__create_chunk_list__()[0].offsets[0] if isinstance(whole, DTensor) else 0
+    first = compat.chunk_list(whole)[0].offsets[0] if isinstance(whole, DTensor) else 0
     plain = weighted = 0
     base = 0
     for attr in NF4_PACKED:

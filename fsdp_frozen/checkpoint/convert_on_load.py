@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, Tenso
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from .. import _torchao_compat as ao
+from .. import _torch_compat as compat
 from .._torch_compat import local_tensor
 from ..errors import CheckpointLayoutError
 from ..storage import is_nf4
@@ -151,7 +152,7 @@ def _fill(target: torch.Tensor, whole: torch.Tensor) -> None:
     if hasattr(target, "device_mesh"):
         if not local.numel():
             return
-        (chunk,) = target.__create_chunk_list__()
+        (chunk,) = compat.chunk_list(target)
         plain = plain[tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))]
     local.copy_(plain.to(local.dtype))
 

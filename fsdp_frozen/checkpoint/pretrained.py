@@ -267,7 +267,7 @@ def _chunk_index(t: torch.Tensor) -> tuple[slice, ...] | None:
     local = local_tensor(t)
     if local.numel() == 0:
         return None
-    (chunk,) = t.__create_chunk_list__()
+    (chunk,) = compat.chunk_list(t)
     return tuple(slice(o, o + s) for o, s in zip(chunk.offsets, chunk.sizes))
 
 
@@ -424,7 +424,7 @@ def _initialisers(model: nn.Module, targets: list[_Target]) -> tuple[
             if not _is_meta(_tensor(model, target)):
                 continue  # a real buffer (params-only meta build): kept as it is
             module = model.get_submodule(target.path.rpartition(".")[0])
-            persistent = target.path.rpartition(".")[2] not in module._non_persistent_buffers_set
+            persistent = compat.is_persistent_buffer(module, target.path.rpartition(".")[2])
             init = None if persistent else _buffer_initialiser(model, target)
             if init is None:
                 problems.append(
@@ -480,9 +480,9 @@ def _init_unsharded(model: nn.Module, paths: list[str], init: Callable[[], None]
     for path in paths:
         parent, _, leaf = path.rpartition(".")
         module = model.get_submodule(parent)
-        param = module._parameters[leaf]
+        param = module.get_parameter(leaf)
         whole = nn.Parameter(torch.empty(param.shape, dtype=param.dtype), requires_grad=param.requires_grad)
-        module._parameters[leaf] = whole
+        compat.swap_parameter(module, leaf, whole)
         swapped.append((module, leaf, param, whole))
     try:
         with torch.random.fork_rng(devices=[]):
@@ -490,7 +490,7 @@ def _init_unsharded(model: nn.Module, paths: list[str], init: Callable[[], None]
             init()
     finally:
         for module, leaf, param, _ in swapped:
-            module._parameters[leaf] = param
+            compat.swap_parameter(module, leaf, param)
     for _, _, param, whole in swapped:
         index = _chunk_index(param)
         if index is not None:
@@ -518,12 +518,12 @@ def _materialize(model: nn.Module, device: torch.device) -> None:
         return
     real = {}
     for module_path, module in model.named_modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and not buf.is_meta:
+        for name, buf in compat.own_buffers(module).items():
+            if not buf.is_meta:
                 real[(module_path, name)] = buf
     model.to_empty(device=device)
     for (module_path, name), buf in real.items():
-        model.get_submodule(module_path)._buffers[name] = buf.to(device)
+        compat.set_buffer(model.get_submodule(module_path), name, buf.to(device))
     for p in model.parameters():  # torchao's NF4Tensor: to_empty allocates only the packed tensors
         local = local_tensor(p)
         if is_nf4(local):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import _torch_compat as compat
 
@@ -23,7 +22,7 @@ _OPS = {
 }
 
 
-class CommCounter(TorchDispatchMode):
+class CommCounter(compat.TorchDispatchMode):
     """``with CommCounter() as c: step()`` records ``(kind, process_group_name, bytes)`` per collective."""
 
     def __init__(self) -> None:

@@ -25,13 +25,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_leaves
 
 from .. import _torch_compat as compat
 
 
-class PeakTensorMemory(TorchDispatchMode):
+class PeakTensorMemory(compat.TorchDispatchMode):
     """``with PeakTensorMemory(baseline) as m: step()``; then ``m.peak`` (bytes) and ``m.current``.
 
     Args:
@@ -49,7 +47,7 @@ class PeakTensorMemory(TorchDispatchMode):
         self._sample()
 
     def _track(self, t: torch.Tensor) -> None:
-        if is_traceable_wrapper_subclass(t):
+        if compat.is_traceable_wrapper_subclass(t):
             for name in t.__tensor_flatten__()[0]:
                 inner = getattr(t, name)
                 if isinstance(inner, torch.Tensor):
@@ -69,7 +67,7 @@ class PeakTensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves((args, kwargs, out)):
+        for t in compat.tree_leaves((args, kwargs, out)):
             if isinstance(t, torch.Tensor):
                 self._track(t)
         self._sample()
