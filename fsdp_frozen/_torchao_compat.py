@@ -34,9 +34,8 @@ def to_nf4(tensor: torch.Tensor, block_size: int, scaler_block_size: int) -> tor
     return _to_nf4(tensor, block_size, scaler_block_size)
 
 
-#: Inner tensors of an NF4Tensor that are replicated in every dim-0 chunk (torchao 0.18).
-NF4_REPLICATED = ("scaler_mean", "nf4")
-#: The packed ones, which FSDP (torchao's split) cuts into equal dim-0 chunks.
+#: The packed inner tensors of an NF4Tensor, which FSDP (torchao's split) cuts into equal dim-0 chunks;
+#: the others (``scaler_mean``, the ``nf4`` lookup table) are replicated in every chunk (torchao 0.18).
 NF4_PACKED = ("quantized_data", "quantized_scalers", "quantization_factor")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -560,9 +559,4 @@ def _fill_dora(magnitude: torch.Tensor, base_name: str, fan_in_fan_out: bool, in
     local.copy_(torch.linalg.norm(weight, dim=1).to(local.dtype))
 
 
-def pretrained_nbytes(path: str | os.PathLike) -> int:
-    """Bytes of every tensor of a pretrained model (headers / metadata only)."""
-    return sum(math.prod(t.shape) * t.dtype.itemsize for t in pretrained_index(path).values())
-
-
-__all__ = ["file_candidates", "load_pretrained", "pretrained_index", "pretrained_nbytes", "safetensors_index"]
+__all__ = ["file_candidates", "load_pretrained", "pretrained_index", "safetensors_index"]
