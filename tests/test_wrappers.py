@@ -196,9 +196,8 @@ def test_extra_state_is_model_state():
 def _hf_gradient_checkpointing(rank: int, world: int, tmp: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    out = {}
-    for gc in (False, True):
-        torch.manual_seed(0)
+    def build(gc: bool, seed: int = 0):
+        torch.manual_seed(seed)
         cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
         model = LlamaForCausalLM(cfg)
@@ -208,9 +207,11 @@ def _hf_gradient_checkpointing(rank: int, world: int, tmp: str) -> dict:
         for n, p in model.named_parameters():
             p.requires_grad_("mlp" in n)
         model = shard_with_freezing(model, mesh_1d(world), FreezePolicy(units=["model.layers.*"]))
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    def steps(model, opt, start: int, n: int) -> list[float]:
         losses = []
-        for step in range(2):
+        for step in range(start, start + n):
             g = torch.Generator().manual_seed(step * 10 + rank)
             ids = torch.randint(0, 32, (2, 8), generator=g)
             loss = model(input_ids=ids, labels=ids).loss
@@ -218,9 +219,18 @@ def _hf_gradient_checkpointing(rank: int, world: int, tmp: str) -> dict:
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
+        return losses
+
+    out = {}
+    for gc in (False, True):
+        model, opt = build(gc)
+        losses = steps(model, opt, 0, 2)
         first = save_checkpoint(os.path.join(tmp, f"gc{gc}", "a"), model, opt)
         second = save_checkpoint(os.path.join(tmp, f"gc{gc}", "b"), model, opt)
-        out[gc] = {"losses": losses, "keys": _keys(first), "second_keys": _keys(second)}
+        fresh, fresh_opt = build(gc, seed=1)
+        load_checkpoint(second, fresh, fresh_opt)
+        resumed = steps(fresh, fresh_opt, 2, 2) == steps(model, opt, 2, 2)
+        out[gc] = {"losses": losses, "keys": _keys(first), "second_keys": _keys(second), "resume_bitwise": resumed}
     return out
 
 
@@ -230,4 +240,5 @@ def test_transformers_gradient_checkpointing(tmp_path):
     assert result[True]["keys"] == result[False]["keys"]
     assert any(k.startswith("frozen/model.layers.0.self_attn.") for k in result[True]["keys"])
     assert not any(k.startswith("frozen/") for k in result[True]["second_keys"])
+    assert result[True]["resume_bitwise"] and result[False]["resume_bitwise"]
     assert result[True]["losses"] == result[False]["losses"]
