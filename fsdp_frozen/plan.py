@@ -5,7 +5,7 @@ Nothing here calls torch.distributed, so a plan can be built and printed in one 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -39,6 +39,7 @@ class GroupPlan:
     all_gathers_per_step: int  #: expected in steady state (0 at shard size 1)
     unsharded_bytes: int  #: bytes of the gathered parameters
     modules: tuple[str, ...] = ()  #: canonical FQNs of frozen-only submodules (structural fallback, torch < 2.13)
+    why: str = ""  #: why the group got its reshard (the policy field, the root rule, auto's budget)
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,19 @@ def _check_int_reshard(key: str, value: object, shard_size: int) -> None:
             f"FreezePolicy.{key}={value} must be a divisor of the mesh's shard size {shard_size} "
             f"other than 1 and {shard_size}; allowed here: {divisors or 'none (use a named policy)'}"
         )
+
+
+def _frozen_why(unit: str, reshard: str | int) -> str:
+    """Why a frozen group got `reshard` from the policy (auto's groups say more, see `_resolve_auto`)."""
+    if unit == "" and reshard == "after_forward":
+        return "frozen_reshard='after_forward'; the root's is kept until backward ends (FSDP's root rule)"
+    return f"frozen_reshard={reshard!r}"
+
+
+def _trainable_why(policy: FreezePolicy, unit: str) -> str:
+    if policy.trainable_reshard is not None:
+        return f"trainable_reshard={policy.trainable_reshard!r}"
+    return "FSDP's default: resharded after forward, except the root's" + (" (this is the root)" if unit == "" else "")
 
 
 def _frozen_reshard(unit: str, reshard: str | int) -> str | int:
@@ -319,17 +333,22 @@ def _groups(
             trainable_fqns = [f for f in owned if f not in in_modules]
             frozen_fqns = in_modules
         if frozen_fqns:
-            groups.append(make_group(unit, FROZEN, frozen_fqns, _frozen_reshard(unit, policy.frozen_reshard), modules))
+            group = make_group(unit, FROZEN, frozen_fqns, _frozen_reshard(unit, policy.frozen_reshard), modules)
+            groups.append(replace(group, why=_frozen_why(unit, policy.frozen_reshard)))
         if trainable_fqns:
-            groups.append(make_group(unit, TRAINABLE, trainable_fqns, _trainable_reshard(policy, unit)))
+            group = make_group(unit, TRAINABLE, trainable_fqns, _trainable_reshard(policy, unit))
+            groups.append(replace(group, why=_trainable_why(policy, unit)))
     return groups, unsplit
 
 
 def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list[GroupPlan]:
     """Keep gathered the frozen groups that fit in `budget`, largest saving (= largest group) first."""
     keep: set[int] = set()
+    total = budget
     frozen = sorted((i for i, g in enumerate(groups) if g.kind == FROZEN), key=lambda i: -groups[i].unsharded_bytes)
+    left_at: dict[int, int] = {}
     for i in frozen:
+        left_at[i] = budget
         if groups[i].unsharded_bytes <= budget:
             keep.add(i)
             budget -= groups[i].unsharded_bytes
@@ -337,6 +356,11 @@ def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list
     for i, g in enumerate(groups):
         if g.kind == FROZEN:
             reshard = "never" if i in keep else _frozen_reshard(g.unit, "after_forward")
-            g = GroupPlan(**{**g.__dict__, "reshard": reshard, "all_gathers_per_step": _gathers(FROZEN, reshard, shard_size)})
+            need = f"{g.unsharded_bytes:,} unsharded bytes"
+            why = (f"auto: kept gathered, {need} fit the {left_at[i]:,} left of frozen_budget_bytes={total:,}"
+                   if i in keep else
+                   f"auto: {need} exceed the {left_at[i]:,} left of frozen_budget_bytes={total:,}; "
+                   + _frozen_why(g.unit, "after_forward").replace("frozen_reshard=", "as "))
+            g = replace(g, reshard=reshard, all_gathers_per_step=_gathers(FROZEN, reshard, shard_size), why=why)
         out.append(g)
     return out

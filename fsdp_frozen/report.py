@@ -28,6 +28,7 @@ class GroupRecord:
     unsharded_bytes: int  #: bytes of the gathered parameters
     all_gathers_per_step: int  #: expected in steady state
     note: str = ""  #: e.g. frozen parameters a torch < 2.13 could not split off
+    why: str = ""  #: why the group got its reshard: the policy field, the root rule, auto's budget, a setter
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,8 +53,9 @@ class Description(list):
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "-+-".join("-" * w for w in widths))
+        whys = [f"why ({r.unit or '<root>'} {r.kind}): {r.why}" for r in self if r.why]
         notes = [f"note ({r.unit or '<root>'} {r.kind}): {r.note}" for r in self if r.note]
-        return "\n".join(lines + notes)
+        return "\n".join(lines + whys + notes)
 
     def __str__(self) -> str:
         return self.table()
@@ -105,6 +107,7 @@ def describe(model: nn.Module) -> Description:
                     for p in g.params
                 ),
                 unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=gathers,
+                why=g.why if reshard == str(g.reshard) else f"set by FSDP's set_reshard_after_* (planned: {g.why})",
                 note=" | ".join(notes),
             )
         )

@@ -125,6 +125,12 @@ def test_auto_keeps_largest_groups_within_budget():
     # backward ends (1 gather per step), as with frozen_reshard="after_forward".
     rest = {g.unit: (g.reshard, g.all_gathers_per_step) for g in plan.groups if g.kind == FROZEN and g.unit != largest}
     assert rest == {u: ("after_backward", 1) if u == "" else ("after_forward", 2) for u in rest}
+    # describe() says why: the budget for each group, the root rule for the root's.
+    whys = {g.unit: g.why for g in plan.groups if g.kind == FROZEN}
+    assert whys[largest].startswith(f"auto: kept gathered, {sizes[largest]:,} unsharded bytes fit the {budget:,} left")
+    assert all(w.startswith("auto: ") and "exceed" in w for u, w in whys.items() if u != largest)
+    if "" != largest:
+        assert "FSDP's root rule" in whys[""]
     none = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=0), shard_size=2)
     fixed = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="after_forward"), shard_size=2)
     assert [(g.reshard, g.all_gathers_per_step) for g in none.groups] == [

@@ -51,6 +51,7 @@ def _setters(rank: int, world: int) -> dict:
                 "frozen_after": [(r.unit, r.reshard, r.all_gathers_per_step) for r in after if r.kind == "frozen"],
                 "trainable_before": [(r.unit, r.reshard) for r in before if r.kind == "trainable"],
                 "trainable_after": [(r.unit, r.reshard) for r in after if r.kind == "trainable"],
+                "trainable_why": [r.why for r in after if r.kind == "trainable"],
                 "describe_ag": (sum(r.all_gathers_per_step for r in after if r.kind == "frozen"),
                                 sum(r.all_gathers_per_step for r in after if r.kind == "trainable")),
             }
@@ -75,6 +76,8 @@ def test_fsdp_setters_keep_the_frozen_policy():
     assert all(reshard == "False" for _, reshard in kept["trainable_after"]), kept["trainable_after"]
     assert kept["trainable_before"] != kept["trainable_after"]
     assert kept["describe_ag"][1] == 3  # 3 units with trainables (2 blocks + root), 1 gather each
+    # describe() says the blocks' trainable groups were changed by a setter (the root's already kept).
+    assert sum("set by FSDP's set_reshard_after_*" in w for w in kept["trainable_why"]) == 2, kept["trainable_why"]
     one = never["layers.0.set_reshard_after_forward(False, recurse=False)"]["trainable_after"]
     assert dict(one) == {"layers.0": "False", "layers.1": "True", "": "False"}, one
     backward = never["root.set_reshard_after_backward(False)"]
