@@ -160,11 +160,12 @@ def configure_group(group: Any, post_forward_mesh: Any, reshard_after_backward: 
             fp._init_sharded_post_forward_param_metadata(torch.empty(fp._orig_size, device="meta"))
 
 
-def reshard_settings(group: Any) -> tuple[Any, bool, tuple[Any, ...]]:
-    """A param group's reshard behaviour: (post-forward mesh info, reshard after backward, the
-    per-parameter post-forward mesh infos). Attributes of FSDPParamGroup / FSDPParam, 2.4-2.13."""
-    return (group.post_forward_mesh_info, group.reshard_after_backward,
-            tuple(fp.post_forward_mesh_info for fp in group.fsdp_params))
+def reshard_settings(group: Any, per_param: bool = True) -> tuple[Any, ...]:
+    """A param group's reshard behaviour: (post-forward mesh info, reshard after backward[, the
+    per-parameter post-forward mesh infos]). Attributes of FSDPParamGroup / FSDPParam, 2.4-2.13; FSDP's
+    public setters write the first two."""
+    head = (group.post_forward_mesh_info, group.reshard_after_backward)
+    return head + (tuple(fp.post_forward_mesh_info for fp in group.fsdp_params),) if per_param else head
 
 
 def set_reshard_settings(group: Any, settings: tuple[Any, bool, tuple[Any, ...]]) -> None:

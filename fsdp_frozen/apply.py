@@ -33,9 +33,13 @@ class ShardedModelState:
     frozen_settings: list[tuple[Any, Any]]  #: (frozen FSDPParamGroup, its reshard settings as applied)
 
     def restore_frozen_policy(self) -> None:
-        """Undo whatever FSDP's public setters did to the frozen groups (see [Note: setters])."""
+        """Undo whatever FSDP's public setters did to the frozen groups (see [Note: setters]).
+
+        Runs before every forward: per frozen group it compares the two group-level attributes the
+        setters write (a few attribute reads), and restores everything only on a difference.
+        """
         for group, settings in self.frozen_settings:
-            if compat.reshard_settings(group) != settings:
+            if compat.reshard_settings(group, per_param=False) != settings[:2]:
                 compat.set_reshard_settings(group, settings)
 
 

@@ -92,10 +92,12 @@ def _reduce_itemsize(local: torch.Tensor, policy: FreezePolicy) -> int:
     return dtype.itemsize
 
 
-def measure(model: nn.Module, world: int, replicate: int = 1) -> Estimate:
+def measure(model: nn.Module) -> Estimate:
     """The numbers of a model already sharded by `shard_with_freezing` (on a fake or a real group)."""
     state = sharded_state(model)
     policy, plan = state.policy, state.plan
+    world = state.mesh.size()
+    replicate = state.mesh.size(0) if state.mesh.ndim == 2 else 1
     shard_size = plan.shard_size
     records = describe(model)
     frozen = sum(r.sharded_bytes for r in records if r.kind == FROZEN)
@@ -211,7 +213,7 @@ def estimate(
             raise PolicyError("estimate: build() must return a model on the meta device "
                               "(with torch.device('meta'): ...), so that nothing is allocated")
         model = shard_with_freezing(model, mesh, policy)
-        return measure(model, world, replicate)
+        return measure(model)
 
 
 # ------------------------------------------------------------------------------------ Hugging Face

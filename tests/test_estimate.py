@@ -83,7 +83,7 @@ def _real(rank: int, world: int, tmp: str) -> dict:
             "steady": steps[-1],
             "checkpoint_full": sum(v for k, v in saved.items() if not k.startswith("extra/")),
             "checkpoint_trainable": sum(v for k, v in saved.items() if k.split("/")[0] in ("trainable", "optimizer")),
-            "measured_here": measure(model, world).to_dict(),  # the same function on real gloo ranks
+            "measured_here": measure(model).to_dict(),  # the same function on real gloo ranks
         }
     return out
 
