@@ -141,18 +141,17 @@ def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     it on every rank with the same keys. Cost: one read of each local shard.
     """
     names = list(tensors)
-    # On the process group's device: NCCL all-reduces CUDA tensors only, gloo CPU ones.
-    values = torch.zeros(2 * len(names), dtype=torch.int64, device=collective_device())
-    for i, name in enumerate(names):
+    sums = []
+    for name in names:
         local, start, counts = _local_view(tensors[name])
-        if counts:
-            plain, weighted = _nf4_sums(local, tensors[name]) if is_nf4(local) else _sums(local, start)
-            values[2 * i] = _wrap(plain)
-            values[2 * i + 1] = _wrap(weighted)
+        plain, weighted = (_nf4_sums(local, tensors[name]) if is_nf4(local) else _sums(local, start)) if counts else (0, 0)
+        sums += [_wrap(plain), _wrap(weighted)]
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values)
-    values = values.tolist()
-    return {name: _hex(values[2 * i], values[2 * i + 1]) for i, name in enumerate(names)}
+        # One tensor on the process group's device (NCCL all-reduces CUDA tensors only, gloo CPU ones).
+        reduced = torch.tensor(sums, dtype=torch.int64, device=collective_device())
+        dist.all_reduce(reduced)
+        sums = reduced.tolist()
+    return {name: _hex(sums[2 * i], sums[2 * i + 1]) for i, name in enumerate(names)}
 
 
 def local_checksum(t: torch.Tensor) -> str:
