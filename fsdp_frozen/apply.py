@@ -189,7 +189,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
     if any(g.kind == FROZEN for g in plan.groups):
         frozen_mesh_info = process_groups.frozen_mesh_info(mesh)  # created once per mesh, then reused
 
-    for unit in plan.units:
+    for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
         module = model.get_submodule(plan.path(unit))
         frozen_group = plan.frozen_group(unit)
         unmanaged = set(_unmanaged_nf4(plan, unit))
@@ -221,7 +221,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
 
 def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
     """torch < 2.13: frozen-only submodules of each unit become one extra FSDP group (public API)."""
-    for unit in plan.units:
+    for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
         frozen_group = plan.frozen_group(unit)
         if frozen_group is not None:
             modules = [model.get_submodule(plan.path(m)) for m in frozen_group.modules]

@@ -38,6 +38,9 @@ class GroupPlan:
     reshard: str | int | bool  #: frozen: policy name or int; trainable: FSDP reshard_after_forward
     all_gathers_per_step: int  #: expected in steady state (0 at shard size 1)
     unsharded_bytes: int  #: bytes of the gathered parameters
+    #: reduce-scatters per step (one per trainable group at shard size > 1, none for frozen groups;
+    #: HSDP adds one all-reduce over the replicas per reduce-scatter)
+    reduce_scatters_per_step: int = 0
     modules: tuple[str, ...] = ()  #: canonical FQNs of frozen-only submodules (structural fallback, torch < 2.13)
     why: str = ""  #: why the group got its reshard (the policy field, the root rule, auto's budget)
 
@@ -61,6 +64,20 @@ class ShardingPlan:
     unmanaged: frozenset[str] = frozenset()
     #: Each unit's ``reshard_after_forward`` for its fully_shard call (its trainable group's, FSDP's root rule).
     unit_reshard: dict[str, bool | int] = field(default_factory=dict)
+    trainable_grouping: str = "per_unit"  #: FreezePolicy.trainable_grouping as planned
+
+    @property
+    def apply_order(self) -> tuple[str, ...]:
+        """Units in the order fully_shard is applied. [Note: root grouping] FSDP2 collects a
+        module's parameters by walking its submodules and stops at modules already sharded, so
+        the root can only take the trainable parameters inside other units if it is sharded first:
+        with ``trainable_grouping="root"`` the root goes first, ignoring every parameter other units
+        own (`ignored`), and the units follow bottom-up, ignoring their trainable parameters. Only
+        the public ``ignored_params`` is used; FSDP2 needs no bottom-up order when every parameter
+        has exactly one owner."""
+        if self.trainable_grouping == "root":
+            return ("", *self.units[:-1])
+        return self.units
 
     def path(self, fqn: str) -> str:
         """The path (``get_submodule`` / ``get_parameter`` name) of a canonical parameter or module FQN."""
@@ -139,9 +156,12 @@ def _frozen_why(unit: str, reshard: str | int) -> str:
 
 
 def _trainable_why(policy: FreezePolicy, unit: str) -> str:
+    grouped = ("trainable_grouping='root': every unit's trainable parameters are in this group, reduce-scattered "
+               "once at the end of backward; " if policy.trainable_grouping == "root" else "")
     if policy.trainable_reshard is not None:
-        return f"trainable_reshard={policy.trainable_reshard!r}"
-    return "FSDP's default: resharded after forward, except the root's" + (" (this is the root)" if unit == "" else "")
+        return grouped + f"trainable_reshard={policy.trainable_reshard!r}"
+    return grouped + ("FSDP's default: resharded after forward, except the root's"
+                      + (" (this is the root)" if unit == "" else ""))
 
 
 def _frozen_reshard(unit: str, reshard: str | int) -> str | int:
@@ -219,7 +239,13 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         if name not in holders.setdefault(param, []):
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
-    params, owner, ignored = _ownership(holders, units)
+    root_grouping = policy.trainable_grouping == "root"
+    if root_grouping and not compat.IGNORED_PARAMS_SUPPORTED:
+        raise PolicyError(
+            f"FreezePolicy.trainable_grouping='root' needs fully_shard(ignored_params=...), torch >= 2.7 "
+            f"(found {torch.__version__}); use trainable_grouping='per_unit'"
+        )
+    params, owner, ignored = _ownership(holders, units, frozen if root_grouping else None)
     quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
     groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split)
     if policy.frozen_reshard == "auto":
@@ -230,6 +256,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
         names=names, unmanaged=frozenset(quantized) if shard_size == 1 else frozenset(),
         unit_reshard={u: _trainable_reshard(policy, u) for u in units},
+        trainable_grouping=policy.trainable_grouping,
     )
 
 
@@ -239,12 +266,14 @@ def _trainable_reshard(policy: FreezePolicy, unit: str) -> bool | int:
 
 
 def _ownership(
-    holders: dict[nn.Parameter, list[str]], units: list[str]
+    holders: dict[nn.Parameter, list[str]], units: list[str], root_grouping_frozen: set[str] | None = None,
 ) -> tuple[dict[str, nn.Parameter], dict[str, str], dict[str, list[str]]]:
-    """(canonical FQN -> Parameter, FQN -> owning unit, unit -> tied params it must ignore).
+    """(canonical FQN -> Parameter, FQN -> owning unit, unit -> params its fully_shard must ignore).
 
     A tied parameter is owned by the innermost unit that holds every module using it; the inner
-    units that use it get it through ``ignored_params``.
+    units that use it get it through ``ignored_params``. With ``trainable_grouping="root"``
+    (`root_grouping_frozen` is then the frozen set) every trainable parameter is owned by the root,
+    and the root, sharded first, ignores what the other units own (see [Note: root grouping]).
     """
     owner: dict[str, str] = {}
     ignored: dict[str, list[str]] = {}
@@ -256,7 +285,9 @@ def _ownership(
         params[fqn] = param
         enclosing = {_enclosing_unit(_parent(n), units) for n in tied}
         outer = min(enclosing, key=len)
-        if not all(_within(u, outer) for u in enclosing):
+        if root_grouping_frozen is not None and fqn not in root_grouping_frozen:
+            outer = ""
+        elif not all(_within(u, outer) for u in enclosing):
             raise PolicyError(
                 f"tied parameter {fqn!r} is used under units {sorted(enclosing)}, none of which contains "
                 f"the others; make one unit hold every module that uses it (names: {tied})"
@@ -269,6 +300,8 @@ def _ownership(
                     f"fully_shard(ignored_params=...), torch >= 2.7 (found {torch.__version__})"
                 )
             ignored.setdefault(u, []).append(fqn)
+    if root_grouping_frozen is not None and any(o != "" for o in owner.values()):
+        ignored[""] = [f for f, o in owner.items() if o != ""]
     return params, owner, ignored
 
 
@@ -317,6 +350,7 @@ def _groups(
             storage_dtype=_label(labels), gathered_dtype=_label(gathered_labels),
             reshard=reshard, all_gathers_per_step=_gathers(kind, reshard, shard_size),
             unsharded_bytes=sum(nbytes), modules=tuple(modules),
+            reduce_scatters_per_step=int(kind != FROZEN and shard_size > 1),
         )
 
     groups: list[GroupPlan] = []
@@ -342,9 +376,17 @@ def _groups(
 
 
 def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list[GroupPlan]:
-    """Keep gathered the frozen groups that fit in `budget`, largest saving (= largest group) first."""
-    keep: set[int] = set()
+    """Keep gathered the frozen groups that fit in `budget`, largest saving (= largest group) first.
+
+    Trainable groups kept gathered for the whole step (``reshard_after_forward=False``: the root's,
+    which holds every adapter under ``trainable_grouping="root"``) are charged to the budget first;
+    the other trainable groups are gathered one unit at a time, like FSDP's own working set.
+    """
     total = budget
+    reserved = sum(g.unsharded_bytes for g in groups if g.kind == TRAINABLE and g.reshard is False) if shard_size > 1 else 0
+    budget = max(budget - reserved, 0)
+    charged = f" after {reserved:,} of trainable groups kept gathered for the step" if reserved else ""
+    keep: set[int] = set()
     frozen = sorted((i for i, g in enumerate(groups) if g.kind == FROZEN), key=lambda i: -groups[i].unsharded_bytes)
     left_at: dict[int, int] = {}
     for i in frozen:
@@ -357,10 +399,9 @@ def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list
         if g.kind == FROZEN:
             reshard = "never" if i in keep else _frozen_reshard(g.unit, "after_forward")
             need = f"{g.unsharded_bytes:,} unsharded bytes"
-            why = (f"auto: kept gathered, {need} fit the {left_at[i]:,} left of frozen_budget_bytes={total:,}"
-                   if i in keep else
-                   f"auto: {need} exceed the {left_at[i]:,} left of frozen_budget_bytes={total:,}; "
-                   + _frozen_why(g.unit, "after_forward").replace("frozen_reshard=", "as "))
+            left = f"the {left_at[i]:,} left of frozen_budget_bytes={total:,}{charged}"
+            why = (f"auto: kept gathered, {need} fit {left}" if i in keep else
+                   f"auto: {need} exceed {left}; " + _frozen_why(g.unit, "after_forward").replace("frozen_reshard=", "as "))
             g = replace(g, reshard=reshard, all_gathers_per_step=_gathers(FROZEN, reshard, shard_size), why=why)
         out.append(g)
     return out

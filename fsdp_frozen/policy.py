@@ -20,6 +20,9 @@ QUANTIZED_DTYPES = ("nf4", "float8_e4m3fn")
 #: Mixed-precision dtypes of `param_dtype` / `reduce_dtype`.
 MP_DTYPES = ("bfloat16", "float16", "float32")
 
+#: Where trainable parameters live (see `FreezePolicy.trainable_grouping`).
+TRAINABLE_GROUPINGS = ("per_unit", "root")
+
 #: A frozen_reshard value: one of FROZEN_RESHARD_NAMES, or an int N (reshard to N-rank groups).
 ReshardValue = Union[Literal["after_forward", "after_backward", "never", "auto"], int]
 
@@ -64,9 +67,23 @@ class FreezePolicy:
             N (reshard to N-rank groups after forward, as FSDP's int ``reshard_after_forward``), or
             ``"auto"`` (keep gathered the groups that fit in ``frozen_budget_bytes``, largest saving
             first; ``"after_forward"`` for the rest).
-        frozen_budget_bytes: Per-rank bytes ``"auto"`` may spend on kept-gathered frozen weights.
+        frozen_budget_bytes: Per-rank bytes of gathered weights ``"auto"`` may keep: trainable
+            groups gathered for the whole step (the root's; every adapter under
+            ``trainable_grouping="root"``) are charged first, the rest goes to frozen groups kept
+            gathered (``"never"``), largest first. `describe` says what each group got and why.
         trainable_reshard: FSDP's ``reshard_after_forward`` for trainable groups (None: True for
             non-root units, False for the root).
+        trainable_grouping: Where trainable parameters live. ``"per_unit"`` (default, plain FSDP2's
+            layout: each unit's trainable group is gathered in its forward, resharded, re-gathered in
+            its backward and reduce-scattered there, overlapping with compute; right for large
+            trainable sets such as full fine-tuning) or ``"root"``: every unit's trainable
+            parameters form one group owned by the root, gathered once per step (twice with
+            ``trainable_reshard=True``) and reduce-scattered once at the end of backward. For
+            adapters (LoRA, DoRA, IA3) this removes all per-unit trainable collectives and hooks;
+            it costs the unsharded trainable bytes on every rank for the whole step (`describe`
+            shows them) and gives up the overlap of gradient reduction with backward. Frozen
+            groups keep their units and policies. Needs ``fully_shard(ignored_params=...)``,
+            torch >= 2.7. The checkpoint layout does not depend on it.
         frozen_dtype: Storage dtype of frozen shards, converted once at sharding time (None keeps the
             original dtype). Must equal ``param_dtype`` unless it is ``"float32"`` or ``"nf4"``.
             ``"nf4"``: frozen ``nn.Linear`` weights are quantized once with torchao (`to_nf4`),
@@ -87,6 +104,7 @@ class FreezePolicy:
     frozen_reshard: ReshardValue = "after_forward"
     frozen_budget_bytes: int | None = None
     trainable_reshard: bool | int | None = None
+    trainable_grouping: Literal["per_unit", "root"] = "per_unit"
     frozen_dtype: str | None = None
     param_dtype: str | None = None
     reduce_dtype: str | None = None
@@ -115,6 +133,11 @@ class FreezePolicy:
         if not (tr is None or isinstance(tr, bool) or (_is_int(tr) and tr > 1)):
             raise PolicyError(
                 f"FreezePolicy.trainable_reshard={tr!r} is not allowed; use None, True, False or an int > 1"
+            )
+        if self.trainable_grouping not in TRAINABLE_GROUPINGS:
+            raise PolicyError(
+                f"FreezePolicy.trainable_grouping={self.trainable_grouping!r} is not allowed; use one of "
+                f"{list(TRAINABLE_GROUPINGS)}"
             )
         set_("frozen_dtype", _dtype_name("frozen_dtype", self.frozen_dtype, FROZEN_DTYPES))
         set_("param_dtype", _dtype_name("param_dtype", self.param_dtype, MP_DTYPES))

@@ -27,6 +27,7 @@ class GroupRecord:
     sharded_bytes: int  #: bytes of this rank's shards (FSDP's padded storage)
     unsharded_bytes: int  #: bytes of the gathered parameters
     all_gathers_per_step: int  #: expected in steady state
+    reduce_scatters_per_step: int = 0  #: expected per step (trainable groups at shard size > 1)
     note: str = ""  #: e.g. frozen parameters a torch < 2.13 could not split off
     why: str = ""  #: why the group got its reshard: the policy field, the root rule, auto's budget, a setter
 
@@ -41,12 +42,13 @@ class Description(list):
         return [r.to_dict() for r in self]
 
     def table(self) -> str:
-        header = ("unit", "group", "params", "numel", "dtype", "reshard", "bytes/rank", "unsharded", "AG/step")
+        header = ("unit", "group", "params", "numel", "dtype", "reshard", "bytes/rank", "unsharded", "AG/step", "RS/step")
         rows = [header] + [
             (
                 r.unit or "<root>", r.kind, str(len(r.params)), f"{r.numel:,}",
                 r.storage_dtype if r.storage_dtype == r.gathered_dtype else f"{r.storage_dtype}->{r.gathered_dtype}",
                 r.reshard, f"{r.sharded_bytes:,}", f"{r.unsharded_bytes:,}", str(r.all_gathers_per_step),
+                str(r.reduce_scatters_per_step),
             )
             for r in self
         ]
@@ -107,6 +109,7 @@ def describe(model: nn.Module) -> Description:
                     for p in g.params
                 ),
                 unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=gathers,
+                reduce_scatters_per_step=g.reduce_scatters_per_step,
                 why=g.why if reshard == str(g.reshard) else f"set by FSDP's set_reshard_after_* (planned: {g.why})",
                 note=" | ".join(notes),
             )

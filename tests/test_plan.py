@@ -127,7 +127,10 @@ def test_auto_keeps_largest_groups_within_budget():
     assert rest == {u: ("after_backward", 1) if u == "" else ("after_forward", 2) for u in rest}
     # describe() says why: the budget for each group, the root rule for the root's.
     whys = {g.unit: g.why for g in plan.groups if g.kind == FROZEN}
-    assert whys[largest].startswith(f"auto: kept gathered, {sizes[largest]:,} unsharded bytes fit the {budget:,} left")
+    root_trainable = next(g.unsharded_bytes for g in base.groups if g.kind == TRAINABLE and g.unit == "")
+    assert whys[largest] == (f"auto: kept gathered, {sizes[largest]:,} unsharded bytes fit the {budget - root_trainable:,} "
+                             f"left of frozen_budget_bytes={budget:,} after {root_trainable:,} of trainable groups "
+                             f"kept gathered for the step")
     assert all(w.startswith("auto: ") and "exceed" in w for u, w in whys.items() if u != largest)
     if "" != largest:
         assert "FSDP's root rule" in whys[""]
@@ -135,6 +138,26 @@ def test_auto_keeps_largest_groups_within_budget():
     fixed = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="after_forward"), shard_size=2)
     assert [(g.reshard, g.all_gathers_per_step) for g in none.groups] == [
         (g.reshard, g.all_gathers_per_step) for g in fixed.groups]
+
+
+def test_auto_charges_the_root_trainable_group_first():
+    """Under trainable_grouping="root" the adapters stay gathered all step: auto charges them before
+    any frozen group, so a budget the largest frozen group alone fits keeps nothing once they are added."""
+    model = make_model()
+    base = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root"), shard_size=2)
+    adapters = next(g.unsharded_bytes for g in base.groups if g.kind == TRAINABLE)
+    largest = max(g.unsharded_bytes for g in base.groups if g.kind == FROZEN)
+    for budget, kept in ((largest, False), (largest + adapters - 1, False), (largest + adapters, True)):
+        policy = FreezePolicy(units=["layers.*"], trainable_grouping="root", frozen_reshard="auto",
+                              frozen_budget_bytes=budget)
+        plan = build_plan(model, policy, shard_size=2)
+        # is the largest frozen group kept gathered? (smaller ones may still fit what is left)
+        assert any(g.reshard == "never" and g.unsharded_bytes == largest for g in plan.groups) == kept, budget
+        assert all(f"after {adapters:,} of trainable groups kept gathered" in g.why
+                   for g in plan.groups if g.kind == FROZEN), budget
+    at_one = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root", frozen_reshard="auto",
+                                            frozen_budget_bytes=largest), shard_size=1)
+    assert any(g.reshard == "never" for g in at_one.groups)  # shard size 1: nothing is gathered, nothing charged
 
 
 def test_bf16_storage_and_gathered_bytes():

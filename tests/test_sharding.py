@@ -13,7 +13,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from fsdp_frozen import FreezePolicy, FreezingChangedError, PolicyError, describe, shard_with_freezing
 from fsdp_frozen import _torch_compat as compat
 
-from .common import full_state, mesh_1d, plain_fsdp, train
+from .common import CommCounter, full_state, mesh_1d, plain_fsdp, train
 from .dist_harness import RankFailure, run_ranks
 from .models import batch, make_model
 
@@ -123,12 +123,16 @@ def _fallback(rank: int, world_size: int) -> dict:
     ref = plain_fsdp(make_model(), mesh, tuple(UNITS))
     ref_losses = train(ref, 4, rank)
     out = {}
-    for reshard in ("after_forward", "never"):
+    for reshard, grouping in (("after_forward", "per_unit"), ("never", "per_unit"), ("after_forward", "root")):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = shard_with_freezing(make_model(), mesh, FreezePolicy(units=UNITS, frozen_reshard=reshard))
-        losses = train(model, 4, rank)
-        out[reshard] = {
+            policy = FreezePolicy(units=UNITS, frozen_reshard=reshard, trainable_grouping=grouping)
+            model = shard_with_freezing(make_model(), mesh, policy)
+        counter = CommCounter()
+        with counter:
+            losses = train(model, 4, rank)
+        out[(reshard, grouping)] = {
+            "reduce_scatters": counter.total("reduce_scatter", count=True),
             "warnings": [str(w.message) for w in caught if "cannot hold two param groups" in str(w.message)],
             "equal": losses == ref_losses and all(torch.equal(a, b) for a, b in zip(full_state(ref).values(), full_state(model).values())),
             "table": str(describe(model)),
@@ -138,8 +142,11 @@ def _fallback(rank: int, world_size: int) -> dict:
 
 
 def test_structural_fallback_without_split_groups():
-    for reshard, r in run_ranks(_fallback, 2, fresh=True)[0].items():
-        assert r["equal"], reshard
+    for (reshard, grouping), r in run_ranks(_fallback, 2, fresh=True)[0].items():
+        assert r["equal"], (reshard, grouping)
+        # 4 steps; per_unit: the root and the 2 blocks with trainable parameters reduce-scatter; root: the root only,
+        # and the blocks' unsplit frozen weights (proj.weight) stay in their own groups, which reduce-scatter nothing
+        assert r["reduce_scatters"] == 4 * {"per_unit": 3, "root": 1}[grouping], (reshard, grouping)
         assert len(r["warnings"]) == 1
         assert "layers.0.proj.weight" in r["warnings"][0] and "layers.1.proj.weight" in r["warnings"][0]
         assert "not split off" in r["table"]
