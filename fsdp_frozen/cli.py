@@ -186,6 +186,7 @@ def _size(n: int) -> str:
 
 def render_estimates(info: dict[str, Any]) -> str:
     head = ("| policy | frozen | frozen/rank | trainable/rank | grads/rank | AdamW/rank | kept gathered | "
+            "trainable gathered all step | "
             "largest unit gather | persistent/rank | peak/rank | AG/step frozen / trainable | RS/step | "
             "checkpoint full / trainable |")
     lines = [f"{info['model']} at world {info['world']}" + (f" (HSDP {info['replicate']} x "
@@ -196,7 +197,8 @@ def render_estimates(info: dict[str, Any]) -> str:
         ag = r["all_gather_bytes_per_step"]
         cells = [r["frozen_reshard"], r["frozen_dtype"], *map(_size, (
             r["frozen_shard_bytes"], r["trainable_shard_bytes"], r["gradient_bytes"], r["optimizer_bytes"],
-            r["kept_gathered_bytes"], r["largest_unit_gather_bytes"], r["persistent_bytes"], r["peak_bytes"])),
+            r["kept_gathered_bytes"], r["trainable_step_gathered_bytes"], r["largest_unit_gather_bytes"],
+            r["persistent_bytes"], r["peak_bytes"])),
             f"{_size(ag['frozen'])} / {_size(ag['trainable'])}", _size(r["reduce_scatter_bytes_per_step"]),
             f"{_size(r['checkpoint_full_bytes'])} / {_size(r['checkpoint_trainable_bytes'])}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -205,8 +207,9 @@ def render_estimates(info: dict[str, Any]) -> str:
         lines += ["", f"Activations per rank at batch {acts['batch']} x {acts['seq']} (add to peak): "
                   f"{_size(acts['no_checkpointing_bytes'])} without activation checkpointing, "
                   f"{_size(acts['checkpointing_bytes'])} with it; method: {acts['method']}."]
-    lines += ["", "Per rank, exact from the sharding (fake process group); peak = persistent + the two largest units' "
-              "all-gathers (FSDP prefetches one unit ahead). Not counted: CUDA context, allocator fragmentation, "
+    lines += ["", "Per rank, exact from the sharding (fake process group); peak = persistent + the root's all-gather "
+              "(gathered from its forward to the end of backward) + the two largest other units' (FSDP prefetches "
+              "one unit ahead). Not counted: CUDA context, allocator fragmentation, "
               "NCCL buffers, one unit's unsharded gradients before reduce-scatter."]
     return "\n".join(lines)
 

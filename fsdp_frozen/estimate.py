@@ -12,7 +12,7 @@ gloo ranks). Only activations are a formula; their method is stated with them.
 dtype: FSDP reduce-scatters into the sharded gradient) and AdamW state (``exp_avg``, ``exp_avg_sq``
 in the parameter's dtype, plus a 4-byte ``step`` per parameter) are exact per rank. The transient
 peak adds the largest unit's all-gather output (FSDP prefetches the next unit, so up to two are
-alive). Not counted: the CUDA context and allocator fragmentation, NCCL buffers, optimizer
+alive) beside the root's, which FSDP keeps gathered from its forward to the end of backward. Not counted: the CUDA context and allocator fragmentation, NCCL buffers, optimizer
 temporaries, the gathered gradients of one unit before reduce-scatter (``reduce_scatter_bytes``
 of that unit), and anything the model keeps besides its parameters.
 """
@@ -55,10 +55,14 @@ class Estimate:
     gradient_bytes: int  #: sharded gradients of the trainable parameters
     optimizer_bytes: int  #: AdamW state of this rank's trainable shards
     kept_gathered_bytes: int  #: unsharded frozen weights kept between steps ("never" groups)
+    #: unsharded trainable weights gathered for the whole step (groups with reshard_after_forward=False:
+    #: the root's, which holds every adapter under trainable_grouping="root")
+    trainable_step_gathered_bytes: int
     largest_unit_gather_bytes: int  #: the largest all-gather output of one unit (transient)
     largest_unit: str
     persistent_bytes: int  #: shards + gradients + optimizer + kept-gathered
-    peak_bytes: int  #: persistent + two units' all-gathers (FSDP prefetches one ahead)
+    peak_bytes: int  #: persistent + the root's all-gather (alive all step) + the two largest other units'
+    #: (FSDP prefetches one ahead)
     all_gather_bytes_per_step: dict[str, int]  #: by group kind ("frozen", "trainable"), output bytes
     reduce_scatter_bytes_per_step: int  #: input bytes (the unsharded gradients)
     all_reduce_bytes_per_step: int  #: HSDP: the reduce-scattered gradients, all-reduced over replicas
@@ -133,9 +137,13 @@ def measure(model: nn.Module) -> Estimate:
     for (unit, kind), nbytes in gather.items():
         if not (kind == FROZEN and by_record[(unit, kind)].reshard == "never"):
             units[unit] = units.get(unit, 0) + nbytes
+    step_gathered = sum(nbytes for (unit, kind), nbytes in gather.items()
+                        if kind != FROZEN and by_record[(unit, kind)].reshard.startswith("False"))
     largest_unit = max(units, key=units.get) if units else ""
     largest = units.get(largest_unit, 0) if shard_size > 1 else 0
-    second = sorted(units.values())[-2] if len(units) > 1 and shard_size > 1 else 0
+    others = sorted(v for u, v in units.items() if u != "")
+    # FSDP's root stays gathered from its forward to the end of backward; two other units may be gathered beside it
+    transient = (units.get("", 0) + sum(others[-2:])) if shard_size > 1 else 0
     persistent = frozen + 2 * trainable + optimizer + (kept if shard_size > 1 else 0)
 
     def global_bytes(p: torch.Tensor) -> int:
@@ -153,8 +161,9 @@ def measure(model: nn.Module) -> Estimate:
         world=world, replicate=replicate, frozen_reshard=str(policy.frozen_reshard),
         frozen_dtype=str(policy.frozen_dtype), frozen_shard_bytes=frozen, trainable_shard_bytes=trainable,
         gradient_bytes=trainable, optimizer_bytes=optimizer, kept_gathered_bytes=kept if shard_size > 1 else 0,
+        trainable_step_gathered_bytes=step_gathered if shard_size > 1 else 0,
         largest_unit_gather_bytes=largest, largest_unit=largest_unit or "<root>",
-        persistent_bytes=persistent, peak_bytes=persistent + largest + second,
+        persistent_bytes=persistent, peak_bytes=persistent + transient,
         all_gather_bytes_per_step=all_gather, reduce_scatter_bytes_per_step=reduce,
         all_reduce_bytes_per_step=reduce // shard_size if replicate > 1 else 0,
         checkpoint_full_bytes=full, checkpoint_trainable_bytes=trainable_global + optimizer_global,

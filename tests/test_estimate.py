@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint import FileSystemReader
 
 from fsdp_frozen import FreezePolicy, PolicyError, shard_with_freezing
+from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen._torch_compat import local_tensor
 from fsdp_frozen.checkpoint import save_checkpoint
 from fsdp_frozen.estimate import estimate, measure
@@ -28,6 +29,7 @@ POLICIES = {
     "after_backward": dict(frozen_reshard="after_backward", frozen_dtype="bfloat16", param_dtype="bfloat16"),
     "never": dict(frozen_reshard="never"),
     "nf4": dict(frozen_dtype="nf4", param_dtype="bfloat16", nf4_block_size=32, nf4_scaler_block_size=4),
+    "root": dict(frozen_reshard="never", trainable_grouping="root", param_dtype="bfloat16"),
 }
 
 
@@ -66,13 +68,15 @@ def _real(rank: int, world: int, tmp: str) -> dict:
                 counter.clear()
                 x, y = batch(step, rank)
                 logits = model(x)
+                gathered = _storage(compat.unsharded_param_if_any(fp) for _, g, fp in compat.iter_all_fsdp_params(model)
+                                    if compat.sharded_param(fp).requires_grad and g.is_unsharded)
                 F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).backward()
                 grads = _storage(p.grad for p in model.parameters() if p.grad is not None)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 frozen_ag = counter.total("all_gather", frozen_pgs)
                 steps.append({"frozen_ag": frozen_ag, "trainable_ag": counter.total("all_gather") - frozen_ag,
-                              "rs": counter.total("reduce_scatter"), "grads": grads})
+                              "rs": counter.total("reduce_scatter"), "grads": grads, "gathered_after_forward": gathered})
         path = save_checkpoint(os.path.join(tmp, f"{name}-{world}"), model, opt, frozen="include")
         md = FileSystemReader(path).read_metadata().state_dict_metadata
         saved = {k: v.size.numel() * v.properties.dtype.itemsize for k, v in md.items() if hasattr(v, "size")}
@@ -106,6 +110,9 @@ def test_estimate_equals_real_ranks(tmp_path, world):
                                                     r["steady"]["trainable_ag"]),
                 "reduce-scatter bytes/step": (est.reduce_scatter_bytes_per_step if world > 1 else 0, r["steady"]["rs"]),
             }
+            if world > 1:  # trainable groups still gathered after forward: the root's (every one under "root")
+                checks["trainable gathered all step"] = (est.trainable_step_gathered_bytes,
+                                                         r["steady"]["gathered_after_forward"])
             if name != "nf4":  # DCP metadata holds NF4 weights by their logical shape, not their packed bytes
                 checks["checkpoint bytes (full)"] = (est.checkpoint_full_bytes, r["checkpoint_full"])
             checks["checkpoint bytes (trainable + AdamW)"] = (est.checkpoint_trainable_bytes, r["checkpoint_trainable"])
