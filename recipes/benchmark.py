@@ -4,10 +4,12 @@
 
 Builds the Llama-style LoRA model (recipes/llama.py: >= 4 blocks, width >= 512, LoRA rank 8 on every
 linear) once per variant: plain FSDP2 (one unit per block) and shard_with_freezing under every frozen
-policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen storage, all computing in bf16
-(reduce in fp32). Times the variants round-robin (one step of each per round) so that machine noise
-hits all of them alike, alongside a compute floor (the same model in bf16 on each rank without FSDP:
-no communication, no hooks; what no sharding can beat). Counts collective bytes per step, persistent
+policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen storage, each with the
+adapters per unit (FSDP2's layout) and in one root group (``trainable_grouping="root"``; bf16 and NF4),
+all computing in bf16 (reduce in fp32), fused AdamW. Times the variants round-robin (one step of each
+per round) so that machine noise hits all of them alike, alongside a compute floor (the same model in
+bf16 on each rank without FSDP: no communication, no hooks; what no sharding can beat) and the
+collectives of the one trainable group alone. `--profile-nf4` adds where an NF4 step's time goes. Counts collective bytes per step, persistent
 bytes per rank, peak memory (fsdp_frozen.diagnostics.PeakTensorMemory for every variant, cross-checked
 against torch's FSDPMemTracker on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated
 on CUDA) and tokens/s. Then times a trainable-only checkpoint save against full dcp.saves. Prints
@@ -49,28 +51,56 @@ from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "nf4": "nf4"}  #: frozen storage; compute is bf16 in every variant
+GROUPINGS = ["per_unit", "root"]  #: FreezePolicy.trainable_grouping
 FLOOR = "compute floor"  #: timed only: the model in bf16 on each rank, no FSDP
+COLLECTIVES = "collectives of one trainable group"  #: timed only: one all-gather + one reduce-scatter, no model
 
 
-def variant_name(policy: str, dtype: str) -> str:
-    return policy if dtype == "bf16" else f"{policy} ({dtype} frozen)"
+def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters; ``fused``: one kernel (one DTensor dispatch) per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if kind == "fused" else {"foreach": True}))
 
 
-def build(variant: str, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
+def collectives_step(model: nn.Module, device: torch.device):
+    """What a one-trainable-group layout must communicate per step, alone: one all-gather of the
+    trainable bytes in bf16 and one reduce-scatter of their gradients in fp32 (sizes read from
+    `describe` of `model`). Its time is the communication floor of ``trainable_grouping="root"``."""
+    record = next(r for r in describe(model) if r.kind == "trainable")
+    world = dist.get_world_size()
+    numel = math.ceil(record.numel / world) * world
+    shard = torch.zeros(numel // world, dtype=torch.bfloat16, device=device)
+    gathered = torch.empty(numel, dtype=torch.bfloat16, device=device)
+    grads = torch.zeros(numel, dtype=torch.float32, device=device)
+    out = torch.empty(numel // world, dtype=torch.float32, device=device)
+
+    def step() -> None:
+        dist.all_gather_into_tensor(gathered, shard)
+        dist.reduce_scatter_tensor(out, grads)
+
+    return step
+
+
+def variant_name(policy: str, dtype: str, grouping: str = "per_unit") -> str:
+    name = policy if dtype == "bf16" else f"{policy} ({dtype} frozen)"
+    return name if grouping == "per_unit" else f"{name}, root trainable"
+
+
+def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
+    """`variant`: (frozen policy, frozen dtype key, trainable grouping), or None for plain FSDP2."""
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaLoRA(cfg)
-    if variant == "plain":
+    if variant is None:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.layers:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
-    policy_name, _, dtype = variant.partition(" (")
-    dtype = dtype.split()[0] if dtype else "bf16"
+    policy_name, dtype, grouping = variant
     policy = FreezePolicy(
         units=["layers.*"], frozen_reshard=policy_name, frozen_dtype=DTYPES[dtype],
-        param_dtype="bfloat16", reduce_dtype="float32",
+        param_dtype="bfloat16", reduce_dtype="float32", trainable_grouping=grouping,
     )
     return shard_with_freezing(model, mesh, policy)
 
@@ -116,6 +146,28 @@ def fsdp_mem_tracker_peak(model: nn.Module, opt, step_fn) -> int | None:
         return max(v.get("Total", 0) for v in snap.values())
     except Exception:  # noqa: BLE001 - refuses several param groups per module
         return None
+
+
+def profile_step(step, variant: str, top: int = 8) -> list[dict]:
+    """Where one step of `variant` spends its time: torch.profiler's operators by self CPU time
+    (CUDA time too on CUDA), the `top` largest with their share of the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step(variant, 0)
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    events.sort(key=lambda e: -e.self_cpu_time_total)
+    return [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
+             "calls": e.count} for e in events[:top]]
+
+
+def render_profile(variant: str, rows: list[dict]) -> str:
+    lines = [f"\nProfile of one step of '{variant}' (rank 0, self CPU time by operator):", "",
+             "| operator | calls | self ms | share |", "|---|---|---|---|"]
+    lines += [f"| {r['op']} | {r['calls']} | {r['self_cpu_ms']:.1f} | {r['share']:.0%} |" for r in rows]
+    return "\n".join(lines)
 
 
 def dir_bytes(path: Path) -> int:
@@ -187,6 +239,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--save-repeats", type=int, default=5, help="timed checkpoint saves of each kind")
     ap.add_argument("--variants", default=",".join(POLICIES), help="frozen policies to run (after_forward always)")
     ap.add_argument("--frozen-dtypes", default=",".join(DTYPES), help="frozen storage dtypes to run (bf16 always)")
+    ap.add_argument("--groupings", default=",".join(GROUPINGS),
+                    help="trainable groupings to run (per_unit always; root is run for bf16 and nf4 frozen)")
+    ap.add_argument("--optimizer", choices=["fused", "foreach"], default="fused",
+                    help="AdamW implementation of every variant and of the compute floor")
+    ap.add_argument("--profile-nf4", action="store_true",
+                    help="profile one step of the NF4 after_forward variant and print where its time goes")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     ap.add_argument("--checkpoint-only", action="store_true",
                     help="only the checkpoint saves (plain FSDP2 and after_forward/bf16; no training steps): "
@@ -197,8 +255,19 @@ def parse_args() -> argparse.Namespace:
         ap.error(f"--variants: a comma list of {POLICIES} including after_forward, got {args.variants!r}")
     if set(dtypes) - set(DTYPES) or "bf16" not in dtypes:
         ap.error(f"--frozen-dtypes: a comma list of {list(DTYPES)} including bf16, got {args.frozen_dtypes!r}")
-    args.variant_list = (["plain", "after_forward"] if args.checkpoint_only else
-                         ["plain"] + [variant_name(p, d) for d in DTYPES if d in dtypes for p in POLICIES if p in chosen])
+    groupings = args.groupings.split(",")
+    if set(groupings) - set(GROUPINGS) or "per_unit" not in groupings:
+        ap.error(f"--groupings: a comma list of {GROUPINGS} including per_unit, got {args.groupings!r}")
+    specs: dict[str, tuple[str, str, str] | None] = {"plain": None}
+    for g in GROUPINGS:
+        for d in DTYPES:
+            for p in POLICIES:
+                if g in groupings and d in dtypes and p in chosen and (g == "per_unit" or d != "fp32"):
+                    specs[variant_name(p, d, g)] = (p, d, g)
+    if args.checkpoint_only:
+        specs = {"plain": None, "after_forward": specs["after_forward"]}
+    args.specs = specs
+    args.variant_list = list(specs)
     return args
 
 
@@ -241,6 +310,9 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
             "all_gather_bytes": counter.total("all_gather"),
             "frozen_all_gather_bytes": counter.total("all_gather", fpgs),
             "reduce_scatter_bytes": counter.total("reduce_scatter"),
+            "all_gathers": counter.total("all_gather", count=True),
+            "frozen_all_gathers": counter.total("all_gather", fpgs, count=True),
+            "reduce_scatters": counter.total("reduce_scatter", count=True),
             "frozen_persistent_bytes": frozen_b + kept,
             "total_persistent_bytes": total_b + kept,
             "peak_bytes": peak_bytes(models[v], opts[v], lambda v=v: step(v, 0)),
@@ -251,8 +323,10 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
     plain = results["plain"]
     trainable_ag = results["after_forward"]["all_gather_bytes"] - results["after_forward"]["frozen_all_gather_bytes"]
     plain["frozen_all_gather_bytes"] = plain["all_gather_bytes"] - trainable_ag  # same trainable groups as ours
+    floor_s = statistics.median(times[FLOOR]) if FLOOR in times else None
     for r in results.values():
         r["step_time_ratio"] = r["step_time_s"] / plain["step_time_s"]
+        r["compute_floor_ratio"] = r["step_time_s"] / floor_s if floor_s else None
         r["frozen_all_gather_ratio"] = r["frozen_all_gather_bytes"] / plain["frozen_all_gather_bytes"]
         r["frozen_persistent_ratio"] = r["frozen_persistent_bytes"] / plain["frozen_persistent_bytes"]
     return results
@@ -281,8 +355,8 @@ def main() -> None:
     rank, world, cuda = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, hidden_dim=int(args.dim * 8 / 3) // 32 * 32)
     variants, out = args.variant_list, Path(args.out)
-    models = {v: build(v, cfg, mesh, device) for v in variants}
-    opts = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
+    models = {v: build(args.specs[v], cfg, mesh, device) for v in variants}
+    opts = {v: make_optimizer(m, args.optimizer) for v, m in models.items()}
     if args.checkpoint_only:
         for v in variants:  # AdamW state as after a step (DCP initialises it: zero grads, lr 0)
             get_optimizer_state_dict(models[v], opts[v])
@@ -295,11 +369,16 @@ def main() -> None:
         dist.destroy_process_group()
         return
     models[FLOOR] = build_compute_floor(cfg, device)
-    opts[FLOOR] = torch.optim.AdamW([p for p in models[FLOOR].parameters() if p.requires_grad], lr=1e-4)
+    opts[FLOOR] = make_optimizer(models[FLOOR], args.optimizer)
+    grouped = variant_name("never", "bf16", "root")
+    comm_only = collectives_step(models[grouped], device) if grouped in models else None
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(4)]
 
     def step(v: str, i: int) -> float:
+        if v == COLLECTIVES:
+            comm_only()
+            return 0.0
         tokens = data[i % len(data)]
         logits = models[v](tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
@@ -308,17 +387,25 @@ def main() -> None:
         opts[v].zero_grad(set_to_none=True)
         return loss.item()
 
-    times = time_round_robin(step, [*variants, FLOOR], args.warmup, args.steps, cuda)
+    timed = [*variants, FLOOR] + ([COLLECTIVES] if comm_only else [])
+    times = time_round_robin(step, timed, args.warmup, args.steps, cuda)
     results = measure(step, models, opts, times, variants, args.batch * args.seq * world, cuda)
     layout = str(describe(models["after_forward"]))
+    nf4_variant = variant_name("after_forward", "nf4")
+    profile = profile_step(step, nf4_variant) if args.profile_nf4 and nf4_variant in models else None
     ckpt = checkpoint_bench(models["after_forward"], opts["after_forward"], models["plain"], opts["plain"],
                             out / "ckpt", args.save_repeats)
     if rank == 0:
         floor_s = statistics.median(times[FLOOR])
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / results["plain"]["step_time_s"]}
+                "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / results["plain"]["step_time_s"],
+                "optimizer": args.optimizer,
+                "collectives_step_time_s": statistics.median(times[COLLECTIVES]) if comm_only else None}
         report(results, meta, ckpt, layout, args, out)
+        if profile:
+            print(render_profile(nf4_variant, profile))
+            (out / "nf4_profile.json").write_text(json.dumps(profile, indent=2))
     dist.destroy_process_group()
 
 
@@ -330,15 +417,17 @@ def render(results: dict, meta: dict) -> str:
         f"dim {meta['config']['dim']}, LoRA r{meta['config']['lora_rank']}, bf16 compute, batch {meta['batch']}x{meta['seq']}, "
         f"median of {meta['steps']} steps",
         "",
-        "| variant | step ms | vs plain | tok/s | AG MiB/step | frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
+        "| variant | step ms | vs plain | vs floor | tok/s | AG/step (frozen) | RS/step | AG MiB/step "
+        "| frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
         "| frozen MiB/rank | frozen vs plain | total MiB/rank | peak MiB |" + (" CUDA max alloc MiB |" if cuda else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
     for v, r in results.items():
         cuda_col = f" {mib(r['cuda_max_memory_allocated'])} |" if cuda else ""
         lines.append(
             f"| {'plain FSDP2' if v == 'plain' else v} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_ratio']:.2f}x "
-            f"| {r['tokens_per_s']:,.0f} "
+            f"| {r['compute_floor_ratio']:.2f}x | {r['tokens_per_s']:,.0f} "
+            f"| {r['all_gathers']} ({'-' if v == 'plain' else r['frozen_all_gathers']}) | {r['reduce_scatters']} "
             f"| {mib(r['all_gather_bytes'])} | {mib(r['frozen_all_gather_bytes'])} | {r['frozen_all_gather_ratio']:.2f}x "
             f"| {mib(r['reduce_scatter_bytes'])} | {mib(r['frozen_persistent_bytes'])} | {r['frozen_persistent_ratio']:.2f}x "
             f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'])} |{cuda_col}"
@@ -346,6 +435,12 @@ def render(results: dict, meta: dict) -> str:
     lines.append(f"\nCompute floor (the same model in bf16 on each rank, no FSDP, no communication, timed in the "
                  f"same rounds): {meta['compute_floor_step_time_s'] * 1e3:.1f} ms = {meta['compute_floor_ratio']:.2f}x "
                  f"plain FSDP2.")
+    if meta.get("collectives_step_time_s"):
+        c, f = meta["collectives_step_time_s"], meta["compute_floor_step_time_s"]
+        lines.append(f"Collectives of the one trainable group alone (one all-gather in bf16 + one reduce-scatter in fp32 "
+                     f"of its bytes, no model, same rounds): {c * 1e3:.1f} ms; compute floor + them = "
+                     f"{(f + c) * 1e3:.1f} ms = {(f + c) / f:.2f}x the floor, the best a layout that communicates "
+                     f"them without overlap can do.")
     return "\n".join(lines)
 
 

@@ -146,18 +146,25 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
     """The benchmark end to end on a tiny model: every variant measured, counts consistent with the
     policies, peak memory for every variant and close to torch's FSDPMemTracker on plain FSDP2."""
     out = run_ok("benchmark.py", "--dim", "256", "--layers", "2", "--steps", "1", "--warmup", "0",
-                 "--save-repeats", "1", "--no-plot", "--frozen-dtypes", "bf16,nf4", "--out", str(tmp_path),
-                 runner=launch)
+                 "--save-repeats", "1", "--no-plot", "--frozen-dtypes", "bf16,nf4", "--variants", "after_forward,never",
+                 "--out", str(tmp_path), runner=launch)
     assert "| plain FSDP2 |" in out.stdout and "Peak memory cross-check" in out.stdout, out.stdout[-3000:]
     data = json.loads((tmp_path / "benchmark.json").read_text())
     assert "Compute floor (" in out.stdout and data["meta"]["compute_floor_step_time_s"] > 0, out.stdout[-3000:]
     r = data["results"]
-    assert set(r) == {"plain", "after_forward", "after_backward", "never", "after_forward (nf4 frozen)",
-                      "after_backward (nf4 frozen)", "never (nf4 frozen)"}
+    per_unit = ["after_forward", "never", "after_forward (nf4 frozen)", "never (nf4 frozen)"]
+    assert set(r) == {"plain", *per_unit, *(f"{v}, root trainable" for v in per_unit)}
     for name, v in r.items():
         assert v["total_persistent_bytes"] < v["peak_bytes"], name
+        assert v["compute_floor_ratio"] > 0, name
+        # trainable collectives per step: one each way in one root group; per unit, one reduce-scatter per block
+        assert v["reduce_scatters"] == (1 if name.endswith("root trainable") else 2), name
+        if name.endswith("root trainable"):
+            assert v["all_gathers"] - v["frozen_all_gathers"] == 1, name
+    assert data["meta"]["collectives_step_time_s"] > 0
+    assert "Collectives of the one trainable group alone" in out.stdout
     assert r["never"]["frozen_all_gather_bytes"] == 0 and r["after_forward"]["frozen_all_gather_bytes"] > 0
-    assert r["after_backward"]["frozen_all_gather_bytes"] < r["after_forward"]["frozen_all_gather_bytes"]
+    assert r["never, root trainable"]["all_gathers"] == 1  # steady state: the adapters' one all-gather, nothing frozen
     assert r["after_forward (nf4 frozen)"]["frozen_persistent_bytes"] < r["after_forward"]["frozen_persistent_bytes"]
     cross = r["plain"]["fsdp_mem_tracker_peak_bytes"]
     assert cross and 0.5 < r["plain"]["peak_bytes"] / cross < 2, (r["plain"]["peak_bytes"], cross)
