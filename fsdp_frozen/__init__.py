@@ -2,7 +2,7 @@
 
 Public API::
 
-    from fsdp_frozen import FreezePolicy, shard_with_freezing, describe, PolicyError
+    from fsdp_frozen import FreezePolicy, shard_with_freezing, describe, refreeze, PolicyError
 """
 
 from .apply import shard_with_freezing
@@ -10,6 +10,7 @@ from .errors import FreezingChangedError, PolicyError
 from .estimate import Estimate, estimate
 from .policy import FreezePolicy
 from .process_groups import release_process_groups
+from .refreeze import refreeze
 from .report import GroupRecord, describe
 
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ __all__ = [
     "PolicyError",
     "describe",
     "estimate",
+    "refreeze",
     "release_process_groups",
     "shard_with_freezing",
     "__version__",

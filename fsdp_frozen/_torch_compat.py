@@ -355,3 +355,54 @@ def own_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
 def is_persistent_buffer(module: nn.Module, name: str) -> bool:
     """False for a buffer registered with ``persistent=False`` (not in state dicts)."""
     return name not in module._non_persistent_buffers_set
+
+
+def remove_fully_shard(root: nn.Module) -> None:
+    """Undo ``fully_shard`` on every module under `root`, leaving each module's *sharded* parameters
+    (DTensors) registered on it, so that the caller can replace them and shard again (`refreeze`).
+
+    What ``fully_shard`` adds and this removes (checked on torch 2.13; the same names in the 2.11
+    source): the forward hooks (``FSDPState._pre_forward_hook_handle`` / ``_post_forward_hook_handle``),
+    each param group's state-dict hooks (``_module_to_pre_save/load_state_dict_hook_handle``), the
+    composable API's state and registry entries (``contract.STATE_KEY`` / ``REGISTRY_KEY`` in the
+    module ``__dict__``) and its module -> state map (``_composable_state._module_state_mapping``), the
+    swapped class (``FSDP<Cls>``: the original is at
+    ``FSDPModule._orig_cls_mro_index`` of its MRO) and the ``_is_fsdp_managed_module`` /
+    ``_fsdp_use_orig_params`` marks. Groups are resharded first, so no unsharded parameter stays
+    registered. Communication state (streams, process groups) is left to the garbage collector.
+    """
+    import importlib
+
+    from torch.distributed.fsdp import FSDPModule
+
+    contract = importlib.import_module("torch.distributed._composable.contract")  # the module, not the function
+    from torch.distributed import _composable_state
+
+    modules = [m for m in root.modules() if has_fsdp_state(m)]
+    for module in modules:
+        module.reshard()  # type: ignore[operator]
+    seen: set[int] = set()
+    for module in modules:
+        state = fully_shard.state(module)
+        if id(state) not in seen:
+            seen.add(id(state))
+            for attr in ("_pre_forward_hook_handle", "_post_forward_hook_handle"):
+                handle = getattr(state, attr, None)
+                if handle is not None:
+                    handle.remove()
+            for group in param_groups(module):
+                for attr in ("_module_to_pre_save_state_dict_hook_handle", "_module_to_pre_load_state_dict_hook_handle"):
+                    for handle in getattr(group, attr, {}).values():
+                        handle.remove()
+                    getattr(group, attr, {}).clear()
+        all_state = module.__dict__.get(contract.STATE_KEY, {})
+        for key in [k for k, v in all_state.items() if v is state]:
+            del all_state[key]
+        module.__dict__.get(contract.REGISTRY_KEY, {}).pop("fully_shard", None)
+        _composable_state._module_state_mapping.pop(module, None)
+        cls = type(module)
+        if issubclass(cls, FSDPModule):
+            module.__class__ = cls.__mro__[FSDPModule._orig_cls_mro_index]
+    for module in root.modules():
+        for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
+            module.__dict__.pop(attr, None)

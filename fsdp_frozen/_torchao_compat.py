@@ -120,3 +120,10 @@ def nf4_clone(t: torch.Tensor) -> torch.Tensor:
     if isinstance(t, DTensor):
         return DTensor.from_local(copy, t.device_mesh, t.placements, run_check=False, shape=t.shape, stride=t.stride())
     return copy
+
+
+def nf4_dequantize(t: torch.Tensor) -> torch.Tensor:
+    """The dense values of an NF4Tensor (``get_original_weight``, torchao 0.18), in its dtype. On a
+    shard it is exact and local: each element needs only its own block's scaler and the stored
+    factors, which every shard carries."""
+    return t.get_original_weight()

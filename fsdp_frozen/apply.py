@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -31,6 +32,11 @@ class ShardedModelState:
     fsdp_params: dict[str, Any]  #: canonical parameter FQN -> FSDP's per-parameter record
     param_groups: dict[tuple[str, str], Any]  #: (unit, kind) -> the FSDPParamGroup built for that plan group
     frozen_settings: list[tuple[Any, Any]]  #: (frozen FSDPParamGroup, its reshard settings as applied)
+    #: canonical FQN -> dtype the parameter had before frozen storage (what it becomes if unfrozen)
+    original_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)  #: handles of the hooks shard_with_freezing registered
+    #: True from a forward run with grad enabled until its backward starts (`refreeze` refuses then)
+    backward_pending: bool = False
 
     def restore_frozen_policy(self) -> None:
         """Undo whatever FSDP's public setters did to the frozen groups (see [Note: setters]).
@@ -115,6 +121,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
             stacklevel=2,
         )
 
+    original_dtypes = {plan.names.canonical(path): p.dtype for path, p in model.named_parameters()}
     for path, param in model.named_parameters():
         param.requires_grad_(plan.names.canonical(path) not in plan.frozen)
     if plan.quantized:
@@ -136,11 +143,44 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     frozen_settings = [(group, compat.reshard_settings(group))
                        for (_, kind), group in param_groups.items() if kind == FROZEN]
     state = ShardedModelState(policy=policy, plan=plan, mesh=mesh, fsdp_params=fsdp_params, param_groups=param_groups,
-                              frozen_settings=frozen_settings)
+                              frozen_settings=frozen_settings, original_dtypes=original_dtypes)
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
-    model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True)
+    state.hooks = [model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True),
+                   model.register_forward_hook(_track_backward(state))]
     return model
+
+
+def _track_backward(state: ShardedModelState):
+    """Root forward hook: mark a forward whose backward has not started yet (`refreeze` refuses to
+    regroup then: the autograd graph holds the current parameters)."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        tensors = [t for t in compat.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not tensors:
+            return
+        state.backward_pending = True
+
+        def started(_grad: Any) -> None:
+            state.backward_pending = False
+
+        torch.autograd.graph.register_multi_grad_hook(tensors, started, mode="any")
+
+    return hook
+
+
+def unshard_with_freezing(model: nn.Module) -> ShardedModelState:
+    """Remove what `shard_with_freezing` applied (FSDP2 and this package's hooks and setters), leaving
+    the sharded parameters registered; returns the state it had. Used by `refreeze` only."""
+    state = sharded_state(model)
+    for handle in state.hooks:
+        handle.remove()
+    for module in model.modules():
+        for name in _RESHARD_SETTERS:
+            module.__dict__.pop(name, None)
+    compat.remove_fully_shard(model)
+    delattr(model, _STATE_ATTR)
+    return state
 
 
 #: FSDP setters that rewrite the reshard behaviour of every param group of the modules they reach.

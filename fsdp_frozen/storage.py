@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from . import _torchao_compat as ao
+from ._torch_compat import local_tensor, own_buffers, set_buffer
 from ._torchao_compat import NF4_PACKED, nf4_on_meta, to_nf4  # noqa: F401 (NF4_PACKED re-exported)
 
 NF4 = "nf4"
@@ -86,3 +89,30 @@ def storage_nbytes(t: torch.Tensor) -> int:
     if is_nf4(t):
         return sum(getattr(t, name).untyped_storage().nbytes() for name in NF4_PACKED)
     return t.untyped_storage().nbytes()
+
+
+def shard_device(mesh: Any) -> torch.device:
+    """The device a mesh's shards live on (the current CUDA device for a CUDA mesh)."""
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
+def materialize_meta(model: nn.Module, device: torch.device) -> None:
+    """Allocate meta parameters and buffers on `device` (only this rank's shards); real buffers stay.
+    Values are left uninitialised: the caller fills them (`load_pretrained`, `refreeze`)."""
+    if not any((ao.nf4_is_meta(t) if is_nf4(t) else t.is_meta)
+               for t in (*map(local_tensor, model.parameters()), *model.buffers())):
+        return
+    real = {}
+    for module_path, module in model.named_modules():
+        for name, buf in own_buffers(module).items():
+            if not buf.is_meta:
+                real[(module_path, name)] = buf
+    model.to_empty(device=device)
+    for (module_path, name), buf in real.items():
+        set_buffer(model.get_submodule(module_path), name, buf.to(device))
+    for p in model.parameters():  # torchao's NF4Tensor: to_empty allocates only the packed tensors
+        local = local_tensor(p)
+        if is_nf4(local):
+            ao.nf4_materialize_(local, device)

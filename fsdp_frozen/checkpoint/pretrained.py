@@ -36,7 +36,7 @@ from .. import _torchao_compat as ao
 from .._torch_compat import local_tensor
 from ..apply import sharded_state
 from ..errors import CheckpointLayoutError
-from ..storage import is_nf4
+from ..storage import is_nf4, materialize_meta, shard_device
 
 logger = logging.getLogger("fsdp_frozen")
 
@@ -252,13 +252,6 @@ def _buffer_initialiser(model: nn.Module, target: _Target) -> Callable[[], None]
     return None
 
 
-def _mesh_device(state: Any) -> torch.device:
-    device_type = state.mesh.device_type
-    if device_type == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device_type)
-
-
 def _chunk_index(t: torch.Tensor) -> tuple[slice, ...] | None:
     """This rank's slice of the global tensor (None: nothing here); the whole tensor if not a DTensor."""
     if not isinstance(t, DTensor):
@@ -349,8 +342,8 @@ def load_pretrained(
             f"cannot load pretrained weights from {path!r} into {type(model).__name__} ({len(problems)} "
             f"problem(s); nothing was allocated or written):\n  - " + "\n  - ".join(problems))
 
-    device = _mesh_device(state)
-    _materialize(model, device)
+    device = shard_device(state.mesh)
+    materialize_meta(model, device)
     for module in model.modules():  # kept-gathered groups must re-gather from the new shards
         if compat.has_fsdp_state(module):
             module.reshard()
@@ -509,24 +502,6 @@ def _dora_base(model: nn.Module, magnitude: _Target, targets: list[_Target]) -> 
     if base is None:
         return f"DoRA magnitude {magnitude.names[0]!r}: its base weight {base_path!r} is not loaded from the file"
     return base.file_name, bool(getattr(layer, "fan_in_fan_out", False))
-
-
-def _materialize(model: nn.Module, device: torch.device) -> None:
-    """Allocate meta parameters and buffers on `device` (only this rank's shards); real buffers stay."""
-    if not any(_is_meta(t) for t in (*model.parameters(), *model.buffers())):
-        return
-    real = {}
-    for module_path, module in model.named_modules():
-        for name, buf in compat.own_buffers(module).items():
-            if not buf.is_meta:
-                real[(module_path, name)] = buf
-    model.to_empty(device=device)
-    for (module_path, name), buf in real.items():
-        compat.set_buffer(model.get_submodule(module_path), name, buf.to(device))
-    for p in model.parameters():  # torchao's NF4Tensor: to_empty allocates only the packed tensors
-        local = local_tensor(p)
-        if is_nf4(local):
-            ao.nf4_materialize_(local, device)
 
 
 def _fill(tensor: torch.Tensor, info: _FileTensor, name: str, device: torch.device) -> None:
