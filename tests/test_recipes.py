@@ -85,6 +85,19 @@ def test_partial_freeze(tmp_path):
     assert frozen == sorted(["tok_embeddings.weight"] + [n for n in params if n.startswith(("layers.0.", "layers.1."))])
 
 
+def test_lora_stages_refreeze_and_resume_across_the_boundary(tmp_path):
+    """Stage 2 (from step 7) opens block 1 with refreeze; a run resumed from step 6 refreezes at 7 and
+    logs the same losses as the uninterrupted run."""
+    stage = "stages=[{step: 7, freeze: {units: ['layers.*'], frozen_reshard: after_backward, unfreeze: ['layers.1.**']}}]"
+    check_recipe(tmp_path, "lora_finetune.py", "lora_stages.yaml", [*TINY, stage])
+    before = json.loads((tmp_path / "full" / "step_6" / "fsdp_frozen.json").read_text())
+    after = json.loads((tmp_path / "full" / "step_12" / "fsdp_frozen.json").read_text())
+    kind = lambda m, n: m["params"][n]["kind"]  # noqa: E731
+    assert kind(before, "layers.1.wq.base_layer.weight") == "frozen" and kind(after, "layers.1.wq.base_layer.weight") == "trainable"
+    assert kind(after, "layers.0.wq.base_layer.weight") == "frozen"
+    assert after["frozen_state"] == "included"  # the frozen set changed: a new base, not a reference
+
+
 def test_distill(tmp_path):
     tiny = ["teacher.dim=32", "teacher.n_heads=2", "teacher.hidden_dim=64", "student.dim=32", "student.n_heads=2",
             "student.hidden_dim=64", "data.batch_size=4", "data.seq_len=32", "train.log_every=5", "optimizer.lr=0.01"]
