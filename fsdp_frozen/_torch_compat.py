@@ -48,6 +48,11 @@ IGNORED_PARAMS_SUPPORTED = TORCH_VERSION >= (2, 7)
 #: DCP's `HuggingFaceStorageWriter` with consolidation (safetensors export); public from 2.8 on.
 HF_STORAGE_WRITER_SUPPORTED = TORCH_VERSION >= (2, 8)
 
+#: Tensor collectives under their current names: torch 2.13 deprecates ``all_gather_into_tensor`` /
+#: ``reduce_scatter_tensor`` for ``all_gather_single`` / ``reduce_scatter_single`` (same arguments).
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 #: DCP save-plan caching: repeated saves of one layout skip DCP's global planning.
 SAVE_PLAN_CACHING_SUPPORTED = "enable_plan_caching" in inspect.signature(DefaultSavePlanner.__init__).parameters
 

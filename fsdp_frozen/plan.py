@@ -64,7 +64,8 @@ class ShardingPlan:
     unmanaged: frozenset[str] = frozenset()
     #: Each unit's ``reshard_after_forward`` for its fully_shard call (its trainable group's, FSDP's root rule).
     unit_reshard: dict[str, bool | int] = field(default_factory=dict)
-    trainable_grouping: str = "per_unit"  #: FreezePolicy.trainable_grouping as planned
+    trainable_grouping: str = "per_unit"  #: "per_unit" or "root", as planned ("auto" resolved)
+    grouping_why: str = ""  #: why trainable parameters got that grouping
 
     @property
     def apply_order(self) -> tuple[str, ...]:
@@ -155,9 +156,8 @@ def _frozen_why(unit: str, reshard: str | int) -> str:
     return f"frozen_reshard={reshard!r}"
 
 
-def _trainable_why(policy: FreezePolicy, unit: str) -> str:
-    grouped = ("trainable_grouping='root': every unit's trainable parameters are in this group, reduce-scattered "
-               "once at the end of backward; " if policy.trainable_grouping == "root" else "")
+def _trainable_why(policy: FreezePolicy, unit: str, grouping_why: str) -> str:
+    grouped = f"{grouping_why}; " if grouping_why else ""
     if policy.trainable_reshard is not None:
         return grouped + f"trainable_reshard={policy.trainable_reshard!r}"
     return grouped + ("FSDP's default: resharded after forward, except the root's"
@@ -239,15 +239,12 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         if name not in holders.setdefault(param, []):
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
-    root_grouping = policy.trainable_grouping == "root"
-    if root_grouping and not compat.IGNORED_PARAMS_SUPPORTED:
-        raise PolicyError(
-            f"FreezePolicy.trainable_grouping='root' needs fully_shard(ignored_params=...), torch >= 2.7 "
-            f"(found {torch.__version__}); use trainable_grouping='per_unit'"
-        )
+    grouping, grouping_why = _resolve_grouping(model, policy, names, units, holders, frozen)
+    root_grouping = grouping == "root"
     params, owner, ignored = _ownership(holders, units, frozen if root_grouping else None)
     quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
-    groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split)
+    groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split,
+                              grouping_why)
     if policy.frozen_reshard == "auto":
         groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
     return ShardingPlan(
@@ -256,8 +253,48 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
         names=names, unmanaged=frozenset(quantized) if shard_size == 1 else frozenset(),
         unit_reshard={u: _trainable_reshard(policy, u) for u in units},
-        trainable_grouping=policy.trainable_grouping,
+        trainable_grouping=grouping, grouping_why=grouping_why,
     )
+
+
+def _resolve_grouping(model: nn.Module, policy: FreezePolicy, names: ModelNames, units: list[str],
+                      holders: dict[nn.Parameter, list[str]], frozen: set[str]) -> tuple[str, str]:
+    """("per_unit" or "root", why). [Note: auto grouping] ``"auto"`` takes ``"root"`` when all
+    trainable parameters, gathered, take no more bytes than the largest unit: then keeping them
+    gathered for the step costs at most one more unit's gather (adapters: LoRA, DoRA, IA3), and the
+    per-unit trainable collectives and hooks go. A large trainable set (full fine-tuning, trained
+    blocks) stays per unit. Bytes are counted in the gathered dtype (``param_dtype``, else the
+    parameter's), frozen weights at their stored size; NF4 is not known yet here and counts as dense."""
+    choice = policy.trainable_grouping
+    needs = "fully_shard(ignored_params=...), torch >= 2.7"
+    if choice == "root" and not compat.IGNORED_PARAMS_SUPPORTED:
+        raise PolicyError(f"FreezePolicy.trainable_grouping='root' needs {needs} (found {torch.__version__}); "
+                          f"use trainable_grouping='per_unit' or 'auto'")
+    if choice == "root":
+        return "root", "trainable_grouping='root': every unit's trainable parameters in the root's group"
+    if choice == "per_unit" or len(units) == 1:
+        return "per_unit", ""
+    if not compat.IGNORED_PARAMS_SUPPORTED:
+        return "per_unit", f"trainable_grouping='auto': per unit (one root group needs {needs})"
+    mp = policy.torch_param_dtype
+    frozen_dtype = policy.torch_frozen_dtype
+    unit_bytes: dict[str, int] = {}
+    trainable = 0
+    for param, tied in holders.items():
+        dtype = param.dtype
+        if tied[0] in frozen and frozen_dtype is not None and param.is_floating_point():
+            dtype = frozen_dtype
+        nbytes = param.numel() * (mp.itemsize if mp is not None and param.is_floating_point() else dtype.itemsize)
+        unit = _enclosing_unit(_parent(tied[0]), units)
+        unit_bytes[unit] = unit_bytes.get(unit, 0) + nbytes
+        if tied[0] not in frozen:
+            trainable += nbytes
+    largest = max(unit_bytes, key=unit_bytes.get)
+    fits = trainable <= unit_bytes[largest]
+    relation = "fit within" if fits else "exceed"
+    why = (f"trainable_grouping='auto': the trainable parameters' {trainable:,} gathered bytes {relation} the "
+           f"largest unit's ({largest or '<root>'}: {unit_bytes[largest]:,})")
+    return ("root", why + ": one root group") if fits else ("per_unit", why + ": per unit")
 
 
 def _trainable_reshard(policy: FreezePolicy, unit: str) -> bool | int:
@@ -331,7 +368,7 @@ def _quantization(
 
 def _groups(
     model: nn.Module, policy: FreezePolicy, names: ModelNames, units: list[str], params: dict[str, nn.Parameter],
-    owner: dict[str, str], frozen: set[str], quantized: set[str], shard_size: int, split: bool,
+    owner: dict[str, str], frozen: set[str], quantized: set[str], shard_size: int, split: bool, grouping_why: str = "",
 ) -> tuple[list[GroupPlan], list[str]]:
     """Each unit's frozen and trainable groups (frozen first), and the frozen params left unsplit
     (structural fallback, torch < 2.13)."""
@@ -371,7 +408,7 @@ def _groups(
             groups.append(replace(group, why=_frozen_why(unit, policy.frozen_reshard)))
         if trainable_fqns:
             group = make_group(unit, TRAINABLE, trainable_fqns, _trainable_reshard(policy, unit))
-            groups.append(replace(group, why=_trainable_why(policy, unit)))
+            groups.append(replace(group, why=_trainable_why(policy, unit, grouping_why)))
     return groups, unsplit
 
 

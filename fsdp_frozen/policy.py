@@ -21,7 +21,7 @@ QUANTIZED_DTYPES = ("nf4", "float8_e4m3fn")
 MP_DTYPES = ("bfloat16", "float16", "float32")
 
 #: Where trainable parameters live (see `FreezePolicy.trainable_grouping`).
-TRAINABLE_GROUPINGS = ("per_unit", "root")
+TRAINABLE_GROUPINGS = ("auto", "per_unit", "root")
 
 #: A frozen_reshard value: one of FROZEN_RESHARD_NAMES, or an int N (reshard to N-rank groups).
 ReshardValue = Union[Literal["after_forward", "after_backward", "never", "auto"], int]
@@ -73,7 +73,9 @@ class FreezePolicy:
             gathered (``"never"``), largest first. `describe` says what each group got and why.
         trainable_reshard: FSDP's ``reshard_after_forward`` for trainable groups (None: True for
             non-root units, False for the root).
-        trainable_grouping: Where trainable parameters live. ``"per_unit"`` (default, plain FSDP2's
+        trainable_grouping: Where trainable parameters live. ``"auto"`` (default): ``"root"`` when
+            all trainable parameters, gathered, take no more bytes than the largest unit (adapters),
+            else ``"per_unit"``; `describe` says which and why. ``"per_unit"`` (plain FSDP2's
             layout: each unit's trainable group is gathered in its forward, resharded, re-gathered in
             its backward and reduce-scattered there, overlapping with compute; right for large
             trainable sets such as full fine-tuning) or ``"root"``: every unit's trainable
@@ -104,7 +106,7 @@ class FreezePolicy:
     frozen_reshard: ReshardValue = "after_forward"
     frozen_budget_bytes: int | None = None
     trainable_reshard: bool | int | None = None
-    trainable_grouping: Literal["per_unit", "root"] = "per_unit"
+    trainable_grouping: Literal["auto", "per_unit", "root"] = "auto"
     frozen_dtype: str | None = None
     param_dtype: str | None = None
     reduce_dtype: str | None = None

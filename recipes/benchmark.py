@@ -75,8 +75,8 @@ def collectives_step(model: nn.Module, device: torch.device):
     out = torch.empty(numel // world, dtype=torch.float32, device=device)
 
     def step() -> None:
-        dist.all_gather_into_tensor(gathered, shard)
-        dist.reduce_scatter_tensor(out, grads)
+        compat.all_gather_single(gathered, shard)
+        compat.reduce_scatter_single(out, grads)
 
     return step
 

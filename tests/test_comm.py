@@ -25,7 +25,8 @@ def _padded_numel(shape, world_size: int) -> int:
 def _count(rank: int, world_size: int) -> dict:
     out = {}
     for reshard in POLICIES:
-        model = shard_with_freezing(make_model(), mesh_1d(world_size), FreezePolicy(units=["layers.*"], frozen_reshard=reshard))
+        model = shard_with_freezing(make_model(), mesh_1d(world_size), FreezePolicy(units=["layers.*"], frozen_reshard=reshard,
+                                                                                  trainable_grouping="per_unit"))
         frozen_pgs = frozen_group_names(model)
         counter = CommCounter()
         per_step = []

@@ -236,15 +236,28 @@ def test_root_grouping_plan_and_refusals(monkeypatch):
                                         "layers.0.mlp.lora_A.weight", "layers.0.mlp.lora_B.weight",
                                         "layers.0.proj.bias")
     assert set(plan.ignored[""]) == {f for g in plan.groups if g.unit != "" for f in g.params}
-    per_unit = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2)
+    per_unit = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="per_unit"), shard_size=2)
     assert per_unit.apply_order == per_unit.units == ("layers.0", "layers.1", "layers.2", "")
     assert "" not in per_unit.ignored
+    # "auto" (the default): the adapters fit within the largest unit -> root; every weight trainable -> per unit
+    auto = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2)
+    assert auto.trainable_grouping == "root" and [g.unit for g in auto.groups if g.kind == TRAINABLE] == [""]
+    assert "trainable_grouping='auto': the trainable parameters' " in auto.grouping_why
+    assert "fit within the largest unit's" in auto.grouping_why and auto.grouping_why.endswith("one root group")
+    full = make_model()
+    for p in full.parameters():
+        p.requires_grad_(True)
+    full_plan = build_plan(full, FreezePolicy(units=["layers.*"]), shard_size=2)
+    assert full_plan.trainable_grouping == "per_unit" and "exceed" in full_plan.grouping_why
+    assert all(full_plan.grouping_why in g.why for g in full_plan.groups if g.kind == TRAINABLE)
 
-    with pytest.raises(PolicyError, match=r"trainable_grouping='by_block' is not allowed; use one of \['per_unit', 'root'\]"):
+    with pytest.raises(PolicyError, match=r"trainable_grouping='by_block' is not allowed; use one of \['auto', 'per_unit', 'root'\]"):
         FreezePolicy(trainable_grouping="by_block")
     monkeypatch.setattr(compat, "IGNORED_PARAMS_SUPPORTED", False)
     with pytest.raises(PolicyError, match=r"trainable_grouping='root' needs fully_shard\(ignored_params=\.\.\.\), torch >= 2\.7"):
         build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root"), shard_size=2)
+    old = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2)  # auto falls back, and says so
+    assert old.trainable_grouping == "per_unit" and "needs fully_shard(ignored_params=...)" in old.grouping_why
 
 
 # ------------------------------------------------------------- transformers + PEFT, on the users' path

@@ -32,7 +32,8 @@ def test_unmatched_unit_pattern_names_it():
 
 
 def test_groups_are_pure_and_split_per_parameter():
-    plan = build_plan(make_model(), FreezePolicy(units=["layers.*"]), shard_size=2, split=True)
+    plan = build_plan(make_model(), FreezePolicy(units=["layers.*"], trainable_grouping="per_unit"), shard_size=2,
+                      split=True)
     model = make_model()
     params = dict(model.named_parameters())
     for g in plan.groups:
@@ -62,7 +63,8 @@ def test_freeze_and_unfreeze_patterns():
 
 
 def test_peft_shaped_model():
-    plan = build_plan(make_model(peft_style=True), FreezePolicy(units=["layers.*"]), shard_size=2)
+    plan = build_plan(make_model(peft_style=True), FreezePolicy(units=["layers.*"], trainable_grouping="per_unit"),
+                      shard_size=2)
     trainable = next(g for g in plan.groups_of("layers.0") if g.kind == TRAINABLE)
     assert "layers.0.attn.lora_A.default.weight" in trainable.params
     assert "layers.0.attn.base_layer.weight" in plan.frozen_group("layers.0").params
@@ -70,7 +72,7 @@ def test_peft_shaped_model():
 
 def test_tied_parameter_owned_by_outer_unit():
     model = make_model(tied=True)
-    plan = build_plan(model, FreezePolicy(units=["tok", "layers.*"]), shard_size=2)
+    plan = build_plan(model, FreezePolicy(units=["tok", "layers.*"], trainable_grouping="per_unit"), shard_size=2)
     # tok.weight is used by unit "tok" and by the root's head: the root owns it, "tok" ignores it.
     assert plan.ignored == {"tok": ("tok.weight",)}
     assert "tok.weight" in plan.frozen_group("").params
@@ -161,7 +163,8 @@ def test_auto_charges_the_root_trainable_group_first():
 
 
 def test_bf16_storage_and_gathered_bytes():
-    policy = FreezePolicy(units=["layers.*"], frozen_dtype="bfloat16", param_dtype="bfloat16")
+    policy = FreezePolicy(units=["layers.*"], frozen_dtype="bfloat16", param_dtype="bfloat16",
+                          trainable_grouping="per_unit")
     plan = build_plan(make_model(), policy, shard_size=2)
     fg = plan.frozen_group("layers.0")
     assert (fg.storage_dtype, fg.gathered_dtype) == ("bfloat16", "bfloat16")

@@ -28,7 +28,8 @@ def _setters(rank: int, world: int) -> dict:
     for frozen_reshard in ("never", "after_backward"):
         for name, call in SETTERS.items():
             model = shard_with_freezing(make_model(), mesh_1d(world),
-                                        FreezePolicy(units=["layers.*"], frozen_reshard=frozen_reshard))
+                                        FreezePolicy(units=["layers.*"], frozen_reshard=frozen_reshard,
+                                                     trainable_grouping="per_unit"))
             opt = adamw(model)
             train(model, 1, rank, opt=opt)  # warm-up: "never" groups gathered once
             before = describe(model)
