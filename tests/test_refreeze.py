@@ -10,6 +10,7 @@ changes nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -40,11 +41,12 @@ def _cases(world: int) -> list[tuple[str, dict, dict, str]]:
              for r in ("after_forward", "after_backward", "never")]
     cases.append(("after_forward->never, root grouping", {}, {"frozen_reshard": "never", "trainable_grouping": "root",
                                                               **STAGE2}, "1d"))
+    # NF4: stage 1 trains block 2 (dense), stage 2 freezes it again: its weights are quantized whole
+    # (world 1: NF4 weights are kept out of FSDP, plain tensors)
+    cases.append(("nf4 refrozen", {**NF4, "unfreeze": ["layers.2.**"]}, {**NF4, "freeze": ["layers.2.**"]}, "1d"))
     if world >= 2:
         cases.append(("auto", {"frozen_reshard": "auto", "frozen_budget_bytes": 4000},
                       {"frozen_reshard": "auto", "frozen_budget_bytes": 4000, **STAGE2}, "1d"))
-        # NF4: stage 1 trains block 2 (dense), stage 2 freezes it again: its weights are quantized whole
-        cases.append(("nf4 refrozen", {**NF4, "unfreeze": ["layers.2.**"]}, {**NF4, "freeze": ["layers.2.**"]}, "1d"))
     if world == 4:
         cases += [("int 2", {"frozen_reshard": 2}, {"frozen_reshard": 2, **STAGE2}, "1d"),
                   ("hsdp never", {"frozen_reshard": "never"}, {"frozen_reshard": "never", **STAGE2}, "hsdp")]
@@ -227,8 +229,13 @@ def _refusals(rank: int, world: int) -> dict:
             before=_snapshot(model, opt))  # mid-step, the root's groups are gathered: compare with that
     loss.backward()  # the step finishes as if nothing had been tried
     opt.zero_grad()
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)  # bound before the refreeze
     refreeze(model, opt, FreezePolicy(units=UNITS, unfreeze=["layers.2.**"]))  # and now it works
     out["after"] = model.get_parameter("layers.2.proj.weight").requires_grad
+    lr = opt.param_groups[0]["lr"]
+    scheduler.step()
+    out["scheduler"] = (opt.param_groups[0]["lr"] == lr / 2 and scheduler.optimizer is opt
+                        and any(p is model.get_parameter("layers.2.proj.weight") for p in opt.param_groups[0]["params"]))
     return out
 
 
@@ -248,6 +255,7 @@ def test_refreeze_refusals_change_nothing():
         assert text in msg, (key, msg)
         assert unchanged, f"{key}: the model or the optimizer changed"
     assert r["after"]
+    assert r["scheduler"]  # an LR scheduler made before the refreeze still drives the group, new parameters included
 
 
 def _base(rank: int, world: int, tmp: str) -> dict:
@@ -274,3 +282,64 @@ def test_checkpoints_follow_refreeze(tmp_path):
     for r in run_ranks(_base, 2, str(tmp_path)):
         assert r["frozen_state"] == ["included", "referenced", "included"]
         assert r["resume"]
+
+
+def _hf(rank: int, world: int, tmp: str) -> dict:
+    """The users' path: transformers Llama + PEFT LoRA built on meta, gradient checkpointing, compiled
+    blocks, load_pretrained; refreeze opens the last decoder layer. Against save + rebuild + load."""
+    import torch.distributed as dist
+
+    from fsdp_frozen.checkpoint import load_pretrained
+
+    from .test_pretrained import VOCAB, _build_meta, _peft, save_tiny
+
+    base = os.path.join(tmp, "base")
+    if rank == 0:
+        save_tiny(base, "llama")
+    dist.barrier()
+    units = ["base_model.model.model.layers.*"]
+    stage1 = FreezePolicy(units=units)
+    stage2 = FreezePolicy(units=units, unfreeze=["base_model.model.model.layers.1.**"])
+
+    def build(policy, seed=0):
+        model = _peft(_build_meta("llama", False, "meta"), "lora", "llama")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.base_model.model.model.layers:
+            layer.compile(backend="eager")
+        model = shard_with_freezing(model, mesh_1d(world), policy)
+        load_pretrained(model, base, seed=seed)
+        model.train()
+        return model, adamw(model)
+
+    def steps(model, opt, start, n):
+        out = []
+        for step in range(start, start + n):
+            ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(10 * step + rank))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out
+
+    model, opt = build(stage1)
+    head = steps(model, opt, 0, 2)
+    path = save_checkpoint(os.path.join(tmp, "ck"), model, opt, frozen="include")
+    refreeze(model, opt, stage2)
+    tail = steps(model, opt, 2, 2)
+    ref, ref_opt = build(stage2, seed=3)
+    load_checkpoint(path, ref, ref_opt, allow_freezing_change=True)
+    ref_tail = steps(ref, ref_opt, 2, 2)
+    return {"losses": head + tail, "ref_losses": head + ref_tail, "params": _trainable_state(model),
+            "ref_params": _trainable_state(ref),
+            "opened": model.get_parameter("base_model.model.model.layers.1.mlp.up_proj.weight").requires_grad}
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("transformers", "peft")),
+                    reason="needs the 'hf' extra: pip install -e '.[hf]'")
+def test_refreeze_on_a_transformers_peft_model(tmp_path):
+    for r in run_ranks(_hf, 2, str(tmp_path)):
+        assert r["opened"]
+        assert r["losses"] == r["ref_losses"]
+        assert r["params"].keys() == r["ref_params"].keys()
+        assert all(torch.equal(v, r["ref_params"][k]) for k, v in r["params"].items())
