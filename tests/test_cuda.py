@@ -136,3 +136,35 @@ def test_cuda_load_pretrained_bf16_and_nf4(tmp_path, world):
             assert got["devices"] == ["cuda"], (dtype, got)
             assert got["frozen_bitwise"], (dtype, got)
             assert got["logits_diff"] == 0.0, (dtype, got)
+
+
+def _refreeze(rank: int, world: int, tmp: str) -> dict:
+    """refreeze on CUDA + NCCL: every new shard on the device, equal to save + rebuild + load."""
+    from fsdp_frozen import refreeze
+
+    stage1 = FreezePolicy(units=["layers.*"], frozen_dtype="bfloat16", param_dtype="bfloat16")
+    stage2 = FreezePolicy(units=["layers.*"], frozen_dtype="bfloat16", param_dtype="bfloat16",
+                          unfreeze=["layers.2.**"], freeze=["layers.0.attn.lora_A.weight"])
+    with torch.device("cuda"):
+        model = shard_with_freezing(make_model(), _mesh(world), stage1)
+    losses, opt = _train(model, 2, rank)
+    path = save_checkpoint(os.path.join(tmp, "ck"), model, opt, frozen="include")
+    refreeze(model, opt, stage2)
+    devices = sorted({str(local_tensor(p).device.type) for p in model.parameters()})
+    state_devices = sorted({str(local_tensor(v).device.type) for s in opt.state.values() for v in s.values()
+                            if isinstance(v, torch.Tensor) and v.dim() > 0})
+    tail, _ = _train(model, 2, rank, opt)
+    with torch.device("cuda"):
+        ref = shard_with_freezing(make_model(seed=3), _mesh(world), stage2)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+    load_checkpoint(path, ref, ref_opt, allow_freezing_change=True, cast=True)
+    ref_tail, _ = _train(ref, 2, rank, ref_opt)
+    return {"devices": devices, "state_devices": state_devices, "equal": tail == ref_tail,
+            "grouping": __import__("fsdp_frozen.apply", fromlist=["x"]).sharded_state(model).plan.trainable_grouping}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_cuda_refreeze(tmp_path, world):
+    for r in run_ranks(_refreeze, world, str(tmp_path), backend="nccl", timeout=300):
+        assert r["devices"] == ["cuda"] and r["state_devices"] in ([], ["cuda"]), r
+        assert r["equal"], r

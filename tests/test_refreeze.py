@@ -343,3 +343,21 @@ def test_refreeze_on_a_transformers_peft_model(tmp_path):
         assert r["losses"] == r["ref_losses"]
         assert r["params"].keys() == r["ref_params"].keys()
         assert all(torch.equal(v, r["ref_params"][k]) for k, v in r["params"].items())
+
+
+def _structural(rank: int, world: int, tmp: str) -> dict:
+    """torch < 2.13's structural fallback (frozen-only submodules as their own FSDP groups)."""
+    compat.SPLIT_GROUPS_SUPPORTED = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's "cannot hold two param groups" warning
+        return _parity(rank, world, tmp)
+
+
+def test_refreeze_in_the_structural_fallback(tmp_path):
+    results = run_ranks(_structural, 2, str(tmp_path), fresh=True)
+    for name in ("after_forward", "never", "after_forward->never, root grouping"):
+        for r in results:
+            r = r[name]
+            assert r["losses"] == r["ref_losses"], name
+            assert all(torch.equal(v, r["ref_params"][k]) for k, v in r["params"].items()), name
+            assert r["steady"] == r["ref_steady"], name
