@@ -103,15 +103,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
             raise PolicyError(
                 f"module {name or '<root>'!r} already has fully_shard applied; pass an unsharded model"
             )
-    if policy.frozen_dtype == "float8_e4m3fn":
-        backend = dist.get_backend(mesh.get_group(mesh.ndim - 1))
-        raise PolicyError(
-            "FreezePolicy.frozen_dtype='float8_e4m3fn' is not supported: "
-            + (f"the {backend} backend cannot all-gather float8 tensors (it fails with 'Invalid scalar type' "
-               f"inside the collective); " if backend == "gloo" else "")
-            + "float8 frozen storage is not implemented (torchao's float8 FSDP2 support targets trainable "
-            "weights); use frozen_dtype='bfloat16' or 'nf4'"
-        )
+    check_supported(policy, mesh)
     plan = build_plan(model, policy, shard_size=mesh.size(mesh.ndim - 1))
     if plan.unsplit:
         warnings.warn(
@@ -149,6 +141,19 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     state.hooks = [model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True),
                    model.register_forward_hook(_track_backward(state))]
     return model
+
+
+def check_supported(policy: FreezePolicy, mesh: DeviceMesh) -> None:
+    """Refuse what validates as a policy but cannot be built on this mesh (before anything changes)."""
+    if policy.frozen_dtype == "float8_e4m3fn":
+        backend = dist.get_backend(mesh.get_group(mesh.ndim - 1))
+        raise PolicyError(
+            "FreezePolicy.frozen_dtype='float8_e4m3fn' is not supported: "
+            + (f"the {backend} backend cannot all-gather float8 tensors (it fails with 'Invalid scalar type' "
+               f"inside the collective); " if backend == "gloo" else "")
+            + "float8 frozen storage is not implemented (torchao's float8 FSDP2 support targets trainable "
+            "weights); use frozen_dtype='bfloat16' or 'nf4'"
+        )
 
 
 def _track_backward(state: ShardedModelState):

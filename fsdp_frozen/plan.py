@@ -387,7 +387,8 @@ def _groups(
             storage_dtype=_label(labels), gathered_dtype=_label(gathered_labels),
             reshard=reshard, all_gathers_per_step=_gathers(kind, reshard, shard_size),
             unsharded_bytes=sum(nbytes), modules=tuple(modules),
-            reduce_scatters_per_step=int(kind != FROZEN and shard_size > 1),
+            # a trainable group holding only frozen params (torch < 2.13 fallback) has no gradient to reduce
+            reduce_scatters_per_step=int(kind != FROZEN and shard_size > 1 and any(f not in frozen for f in fqns)),
         )
 
     groups: list[GroupPlan] = []

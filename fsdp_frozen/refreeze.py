@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from . import _torch_compat as compat
 from . import _torchao_compat as ao
-from .apply import shard_with_freezing, sharded_state, unshard_with_freezing
+from .apply import check_supported, shard_with_freezing, sharded_state, unshard_with_freezing
 from .errors import PolicyError
 from .plan import build_plan
 from .policy import FreezePolicy
@@ -82,6 +82,7 @@ def refreeze(
     old_plan = state.plan
     if not isinstance(policy, FreezePolicy):
         raise PolicyError(f"policy must be a FreezePolicy, got {type(policy).__name__}")
+    check_supported(policy, state.mesh)
     if state.backward_pending:
         raise PolicyError(
             "refreeze was called after a forward whose backward has not run: the autograd graph holds the "

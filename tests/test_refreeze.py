@@ -219,6 +219,7 @@ def _refusals(rank: int, world: int) -> dict:
     attempt("pattern", lambda: refreeze(model, opt, FreezePolicy(units=UNITS, unfreeze=["layers.9.**"])))
     attempt("units", lambda: refreeze(model, opt, FreezePolicy(units=["layers.0", "layers.1"])))
     attempt("policy", lambda: refreeze(model, opt, {"units": UNITS}))
+    attempt("float8", lambda: refreeze(model, opt, FreezePolicy(units=UNITS, frozen_dtype="float8_e4m3fn")))
     attempt("param_group", lambda: refreeze(model, opt, FreezePolicy(units=UNITS), param_group=3))
     other = torch.nn.Parameter(torch.zeros(3))
     foreign = torch.optim.AdamW([*model.parameters(), other])
@@ -246,6 +247,7 @@ def test_refreeze_refusals_change_nothing():
         "units": "refreeze keeps the units: FreezePolicy.units gives ['layers.0', 'layers.1'], the model was sharded "
                  "with ['layers.0', 'layers.1', 'layers.2']",
         "policy": "policy must be a FreezePolicy, got dict",
+        "float8": "FreezePolicy.frozen_dtype='float8_e4m3fn' is not supported",
         "param_group": "param_group=3 is not an index of the optimizer's 1 param group(s)",
         "foreign": "the optimizer holds 1 parameter(s) that are not the model's (shapes [(3,)])",
         "mid-step": "refreeze was called after a forward whose backward has not run",
