@@ -53,6 +53,8 @@ POLICIES = ["after_forward", "after_backward", "never"]
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "nf4": "nf4"}  #: frozen storage; compute is bf16 in every variant
 GROUPINGS = ["per_unit", "root"]  #: FreezePolicy.trainable_grouping
 FLOOR = "compute floor"  #: timed only: the model in bf16 on each rank, no FSDP
+#: no units at all: one frozen and one trainable group, both the root's (the least FSDP2 can do per step)
+NO_UNITS = "never, no units"
 COLLECTIVES = "collectives of one trainable group"  #: timed only: one all-gather + one reduce-scatter, no model
 
 
@@ -87,7 +89,8 @@ def variant_name(policy: str, dtype: str, grouping: str = "per_unit") -> str:
 
 
 def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
-    """`variant`: (frozen policy, frozen dtype key, trainable grouping), or None for plain FSDP2."""
+    """`variant`: (frozen policy, frozen dtype key, trainable grouping or "none": no units), or None for
+    plain FSDP2."""
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaLoRA(cfg)
@@ -99,8 +102,9 @@ def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: 
         return model
     policy_name, dtype, grouping = variant
     policy = FreezePolicy(
-        units=["layers.*"], frozen_reshard=policy_name, frozen_dtype=DTYPES[dtype],
-        param_dtype="bfloat16", reduce_dtype="float32", trainable_grouping=grouping,
+        units=[] if grouping == "none" else ["layers.*"], frozen_reshard=policy_name, frozen_dtype=DTYPES[dtype],
+        param_dtype="bfloat16", reduce_dtype="float32",
+        trainable_grouping="auto" if grouping == "none" else grouping,
     )
     return shard_with_freezing(model, mesh, policy)
 
@@ -264,6 +268,8 @@ def parse_args() -> argparse.Namespace:
             for p in POLICIES:
                 if g in groupings and d in dtypes and p in chosen and (g == "per_unit" or d != "fp32"):
                     specs[variant_name(p, d, g)] = (p, d, g)
+    if "root" in groupings and "never" in chosen:
+        specs[NO_UNITS] = ("never", "bf16", "none")
     if args.checkpoint_only:
         specs = {"plain": None, "after_forward": specs["after_forward"]}
     args.specs = specs

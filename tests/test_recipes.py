@@ -166,13 +166,14 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
     assert "Compute floor (" in out.stdout and data["meta"]["compute_floor_step_time_s"] > 0, out.stdout[-3000:]
     r = data["results"]
     per_unit = ["after_forward", "never", "after_forward (nf4 frozen)", "never (nf4 frozen)"]
-    assert set(r) == {"plain", *per_unit, *(f"{v}, root trainable" for v in per_unit)}
+    assert set(r) == {"plain", *per_unit, *(f"{v}, root trainable" for v in per_unit), "never, no units"}
     for name, v in r.items():
         assert v["total_persistent_bytes"] < v["peak_bytes"], name
         assert v["compute_floor_ratio"] > 0, name
         # trainable collectives per step: one each way in one root group; per unit, one reduce-scatter per block
-        assert v["reduce_scatters"] == (1 if name.endswith("root trainable") else 2), name
-        if name.endswith("root trainable"):
+        one_group = name.endswith(("root trainable", "no units"))
+        assert v["reduce_scatters"] == (1 if one_group else 2), name
+        if one_group:
             assert v["all_gathers"] - v["frozen_all_gathers"] == 1, name
     assert data["meta"]["collectives_step_time_s"] > 0
     assert "Collectives of the one trainable group alone" in out.stdout
