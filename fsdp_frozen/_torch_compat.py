@@ -404,10 +404,10 @@ def remove_fully_shard(root: nn.Module) -> None:
         for key in [k for k, v in all_state.items() if v is state]:
             del all_state[key]
         module.__dict__.get(contract.REGISTRY_KEY, {}).pop("fully_shard", None)
-        _composable_state._module_state_mapping.pop(module, None)
+        getattr(_composable_state, "_module_state_mapping", {}).pop(module, None)
         cls = type(module)
         if issubclass(cls, FSDPModule):
-            module.__class__ = cls.__mro__[FSDPModule._orig_cls_mro_index]
+            module.__class__ = cls.__mro__[getattr(FSDPModule, "_orig_cls_mro_index", 2)]
     for module in root.modules():
         for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
             module.__dict__.pop(attr, None)

@@ -239,7 +239,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         if name not in holders.setdefault(param, []):
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
-    grouping, grouping_why = _resolve_grouping(model, policy, names, units, holders, frozen)
+    grouping, grouping_why = _resolve_grouping(policy, units, holders, frozen)
     root_grouping = grouping == "root"
     params, owner, ignored = _ownership(holders, units, frozen if root_grouping else None)
     quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
@@ -257,13 +257,14 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
     )
 
 
-def _resolve_grouping(model: nn.Module, policy: FreezePolicy, names: ModelNames, units: list[str],
-                      holders: dict[nn.Parameter, list[str]], frozen: set[str]) -> tuple[str, str]:
+def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.Parameter, list[str]],
+                      frozen: set[str]) -> tuple[str, str]:
     """("per_unit" or "root", why). [Note: auto grouping] ``"auto"`` takes ``"root"`` when all
-    trainable parameters, gathered, take no more bytes than the largest unit: then keeping them
-    gathered for the step costs at most one more unit's gather (adapters: LoRA, DoRA, IA3), and the
-    per-unit trainable collectives and hooks go. A large trainable set (full fine-tuning, trained
-    blocks) stays per unit. Bytes are counted in the gathered dtype (``param_dtype``, else the
+    trainable parameters, gathered, take no more bytes than the largest unit other than the root (a
+    block): then keeping them gathered for the step costs at most one more block's gather (adapters:
+    LoRA, DoRA, IA3), and the per-unit trainable collectives and hooks go. A large trainable set
+    (full fine-tuning, trained blocks) stays per unit. The root is left out of the comparison: it
+    often holds the embedding and the head, larger than several blocks. Bytes are counted in the gathered dtype (``param_dtype``, else the
     parameter's), frozen weights at their stored size; NF4 is not known yet here and counts as dense."""
     choice = policy.trainable_grouping
     needs = "fully_shard(ignored_params=...), torch >= 2.7"
@@ -289,11 +290,12 @@ def _resolve_grouping(model: nn.Module, policy: FreezePolicy, names: ModelNames,
         unit_bytes[unit] = unit_bytes.get(unit, 0) + nbytes
         if tied[0] not in frozen:
             trainable += nbytes
-    largest = max(unit_bytes, key=unit_bytes.get)
-    fits = trainable <= unit_bytes[largest]
+    blocks = {u: b for u, b in unit_bytes.items() if u != ""} or unit_bytes
+    largest = max(blocks, key=blocks.get)
+    fits = trainable <= blocks[largest]
     relation = "fit within" if fits else "exceed"
     why = (f"trainable_grouping='auto': the trainable parameters' {trainable:,} gathered bytes {relation} the "
-           f"largest unit's ({largest or '<root>'}: {unit_bytes[largest]:,})")
+           f"largest unit's ({largest or '<root>'}: {blocks[largest]:,})")
     return ("root", why + ": one root group") if fits else ("per_unit", why + ": per unit")
 
 

@@ -74,7 +74,7 @@ class FreezePolicy:
         trainable_reshard: FSDP's ``reshard_after_forward`` for trainable groups (None: True for
             non-root units, False for the root).
         trainable_grouping: Where trainable parameters live. ``"auto"`` (default): ``"root"`` when
-            all trainable parameters, gathered, take no more bytes than the largest unit (adapters),
+            all trainable parameters, gathered, take no more bytes than the largest unit other than the root (adapters),
             else ``"per_unit"``; `describe` says which and why. ``"per_unit"`` (plain FSDP2's
             layout: each unit's trainable group is gathered in its forward, resharded, re-gathered in
             its backward and reduce-scattered there, overlapping with compute; right for large
