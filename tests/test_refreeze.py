@@ -47,6 +47,9 @@ def _cases(world: int) -> list[tuple[str, dict, dict, str]]:
     if world >= 2:
         cases.append(("auto", {"frozen_reshard": "auto", "frozen_budget_bytes": 4000},
                       {"frozen_reshard": "auto", "frozen_budget_bytes": 4000, **STAGE2}, "1d"))
+        # a tied embedding = head (the toy's tied variant), unfrozen: one parameter under two names
+        cases.append(("tied unfrozen", {"frozen_reshard": "never"},
+                      {"frozen_reshard": "never", "unfreeze": ["tok.weight"], "freeze": STAGE2["freeze"]}, "1d"))
     if world == 4:
         cases += [("int 2", {"frozen_reshard": 2}, {"frozen_reshard": 2, **STAGE2}, "1d"),
                   ("hsdp never", {"frozen_reshard": "never"}, {"frozen_reshard": "never", **STAGE2}, "hsdp")]
@@ -79,7 +82,8 @@ def _parity(rank: int, world: int, tmp: str) -> dict:
     for name, first, second, mesh_kind in _cases(world):
         mesh = _mesh(mesh_kind, world)
         p1, p2 = FreezePolicy(units=UNITS, **first), FreezePolicy(units=UNITS, **second)
-        model = shard_with_freezing(make_model(), mesh, p1)
+        kwargs = {"tied": True} if name.startswith("tied") else {}
+        model = shard_with_freezing(make_model(**kwargs), mesh, p1)
         opt = adamw(model)
         head = train(model, K, rank, opt=opt)
         path = os.path.join(tmp, name.replace(" ", "_").replace(">", ""))
@@ -89,7 +93,7 @@ def _parity(rank: int, world: int, tmp: str) -> dict:
         refreeze(model, opt, p2)
         tail = _counted(model, rank, opt)
 
-        ref = shard_with_freezing(make_model(seed=9), mesh, p2)
+        ref = shard_with_freezing(make_model(seed=9, **kwargs), mesh, p2)
         ref_opt = adamw(ref)
         # NF4: the checkpoint holds block 2 dense (it was trainable), so the reference quantizes it on load
         load_checkpoint(path, ref, ref_opt, allow_freezing_change=True, cast=name.startswith("nf4"))
