@@ -68,3 +68,18 @@ def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
         t = p.full_tensor() if isinstance(p, DTensor) else p
         out[name] = t.detach().float().clone()
     return out
+
+
+def hf_train(model: nn.Module, opt, rank: int, start: int, steps: int, vocab: int, on_step=None) -> list[float]:
+    """`steps` steps of a transformers causal LM on seeded random ids (labels = inputs); the losses."""
+    losses = []
+    for step in range(start, start + steps):
+        ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(10 * step + rank))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step)
+    return losses

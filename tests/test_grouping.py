@@ -22,7 +22,7 @@ from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import load_checkpoint, save_checkpoint
 from fsdp_frozen.plan import FROZEN, TRAINABLE, build_plan
 
-from .common import CommCounter, adamw, frozen_group_names, full_state, mesh_1d, plain_fsdp, train
+from .common import CommCounter, adamw, frozen_group_names, full_state, hf_train, mesh_1d, plain_fsdp, train
 from .dist_harness import run_ranks
 from .models import batch, make_model
 from .test_parity import _auto_budget
@@ -297,17 +297,14 @@ def _hf(rank: int, world: int, tmp: str) -> dict:
             model.train()
             if arch == "gpt2":
                 model.eval()  # no dropout: both groupings see the same computation
-            opt, counter, losses, rs = adamw(model), CommCounter(), [], []
+            opt, counter, rs = adamw(model), CommCounter(), []
+
+            def count(step, counter=counter, rs=rs):
+                rs.append(counter.total("reduce_scatter", count=True))
+                counter.clear()
+
             with counter:
-                for step in range(3):
-                    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(10 * step + rank))
-                    loss = model(input_ids=ids, labels=ids).loss
-                    loss.backward()
-                    opt.step()
-                    opt.zero_grad()
-                    losses.append(loss.item())
-                    rs.append(counter.total("reduce_scatter", count=True))
-                    counter.clear()
+                losses = hf_train(model, opt, rank, 0, 3, VOCAB, on_step=count)
             trainable = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
             groups = [g.unit for g in sharded_state(model).plan.groups if g.kind == TRAINABLE]
             out[(arch, peft, wrapper, grouping)] = {"losses": losses, "trainable": trainable, "rs": rs[1:],

@@ -23,7 +23,7 @@ from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 
-from .common import CommCounter, adamw, frozen_group_names, mesh_1d, train
+from .common import CommCounter, adamw, frozen_group_names, hf_train, mesh_1d, train
 from .dist_harness import run_ranks
 from .models import batch, make_model
 from .test_checkpoint import full_optim
@@ -318,15 +318,7 @@ def _hf(rank: int, world: int, tmp: str) -> dict:
         return model, adamw(model)
 
     def steps(model, opt, start, n):
-        out = []
-        for step in range(start, start + n):
-            ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(10 * step + rank))
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            out.append(loss.item())
-        return out
+        return hf_train(model, opt, rank, start, n, VOCAB)
 
     model, opt = build(stage1)
     head = steps(model, opt, 0, 2)

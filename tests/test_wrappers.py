@@ -21,7 +21,7 @@ from fsdp_frozen import FreezePolicy, describe, shard_with_freezing
 from fsdp_frozen.checkpoint import CheckpointLayoutError, load_checkpoint, read_manifest, save_checkpoint
 from fsdp_frozen.checkpoint.keys import checkpoint_key, model_kinds
 
-from .common import adamw, full_state, mesh_1d, train
+from .common import adamw, full_state, hf_train, mesh_1d, train
 from .dist_harness import run_ranks
 from .models import Block, make_model
 
@@ -210,16 +210,7 @@ def _hf_gradient_checkpointing(rank: int, world: int, tmp: str) -> dict:
         return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
 
     def steps(model, opt, start: int, n: int) -> list[float]:
-        losses = []
-        for step in range(start, start + n):
-            g = torch.Generator().manual_seed(step * 10 + rank)
-            ids = torch.randint(0, 32, (2, 8), generator=g)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        return losses
+        return hf_train(model, opt, rank, start, n, 32)
 
     out = {}
     for gc in (False, True):
