@@ -18,9 +18,8 @@ module that has it. So `refreeze`:
    ``param_group`` with no state.
 
 Peak memory beyond the step's is this rank's old and new shards together (every shard is allocated
-before the copies), plus one whole weight per NF4 weight newly quantized. Collectives: the checks at
-load time of the next checkpoint are unaffected; `refreeze` itself communicates only for newly
-quantized NF4 weights (one all-gather each), in canonical-name order on every rank.
+before the copies), plus one whole weight per NF4 weight newly quantized. Communication: only for
+newly quantized NF4 weights (one all-gather each, in canonical-name order on every rank).
 """
 
 from __future__ import annotations
