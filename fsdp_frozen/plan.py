@@ -198,6 +198,9 @@ def _frozen_only_modules(
     """Maximal submodules of `unit` (not crossing nested units) whose own parameters are all frozen."""
     nested = [u for u in units if u != unit and _within(u, unit)]
     result: list[str] = []
+    # a tied parameter counts under its first name (the one ownership uses): a head tied to a frozen
+    # embedding makes the head frozen-only too, so both modules share one fully_shard call and the tie holds
+    primary = {name: first for first, tied in names.tied.items() for name in tied}
 
     def visit(prefix: str, module: nn.Module) -> None:
         for child_name, child in module.named_children():
@@ -205,7 +208,8 @@ def _frozen_only_modules(
             name = names.canonical(path)
             if name in nested:
                 continue
-            params = [names.canonical(f"{path}.{n}") for n, _ in child.named_parameters()]
+            params = [primary.get(c, c) for n, _ in child.named_parameters(remove_duplicate=False)
+                      for c in (names.canonical(f"{path}.{n}"),)]
             params = [p for p in params if not any(_within(p, u) for u in nested if _within(u, name))]
             if params and all(p in owned and p in frozen for p in params):
                 if name not in result:
@@ -215,6 +219,16 @@ def _frozen_only_modules(
 
     unit_path = names.modules.get(unit, unit)
     visit(unit_path, model.get_submodule(unit_path))
+
+    def shared_outside(module_name: str) -> bool:  # a tied parameter also used by a module not chosen
+        path = names.modules.get(module_name, module_name)
+        names_here = [names.canonical(f"{path}.{n}")
+                      for n, _ in model.get_submodule(path).named_parameters(remove_duplicate=False)]
+        return any(not any(_within(use, m) for m in result)
+                   for c in names_here for use in names.tied.get(primary.get(c, c), ()))
+
+    while (drop := next((m for m in result if shared_outside(m)), None)) is not None:
+        result.remove(drop)  # its parameters stay in the unit's group, with the other user of the tie
     return result
 
 

@@ -173,6 +173,21 @@ def test_bf16_storage_and_gathered_bytes():
     assert (tg.storage_dtype, tg.gathered_dtype) == ("float32", "bfloat16")
 
 
+def test_structural_fallback_keeps_ties_in_one_call():
+    """torch < 2.13: a module may be a frozen-only group only if every module sharing its tied
+    parameters is one too; otherwise FSDP would shard the tie twice."""
+    import torch.nn as nn
+
+    frozen_head = build_plan(make_model(tied=True), FreezePolicy(units=["layers.*"]), shard_size=2, split=False)
+    assert {"tok", "head"} <= set(frozen_head.frozen_group("").modules)
+    model = make_model(tied=True)
+    model.head.bias = nn.Parameter(torch.zeros(32))  # the head is no longer frozen-only
+    mixed = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2, split=False)
+    root = mixed.frozen_group("")
+    assert root is None or not {"tok", "head"} & set(root.modules)
+    assert "tok.weight" in mixed.unsplit  # it stays with the head, in the root's trainable group
+
+
 def test_structural_fallback_plan_names_unsplit_params():
     plan = build_plan(make_model(), FreezePolicy(units=["layers.*"]), shard_size=2, split=False)
     assert set(plan.unsplit) == {"layers.0.proj.weight", "layers.1.proj.weight"}
