@@ -11,8 +11,9 @@ gloo ranks). Only activations are a formula; their method is stated with them.
 [Note: what is and is not counted] Parameters, gradients (one per trainable element, in its storage
 dtype: FSDP reduce-scatters into the sharded gradient) and AdamW state (``exp_avg``, ``exp_avg_sq``
 in the parameter's dtype, plus a 4-byte ``step`` per parameter) are exact per rank. The transient
-peak adds the largest unit's all-gather output (FSDP prefetches the next unit, so up to two are
-alive) beside the root's, which FSDP keeps gathered from its forward to the end of backward. Not counted: the CUDA context and allocator fragmentation, NCCL buffers, optimizer
+peak adds the root's all-gather output (FSDP keeps it from the root's forward to the end of
+backward) and the two largest other units' (FSDP prefetches the next unit, so up to two are alive).
+Not counted: the CUDA context and allocator fragmentation, NCCL buffers, optimizer
 temporaries, the gathered gradients of one unit before reduce-scatter (``reduce_scatter_bytes``
 of that unit), and anything the model keeps besides its parameters.
 """
