@@ -411,3 +411,19 @@ def remove_fully_shard(root: nn.Module) -> None:
     for module in root.modules():
         for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
             module.__dict__.pop(attr, None)
+
+
+# --- autograd and FSDP-layout internals of the replicated trainable group (`replicate.py`; checked on 2.6 and 2.13)
+def queue_backward_callback(callback: Any) -> None:
+    """Run `callback` once the current backward pass has finished (FSDP2's root post-backward uses the
+    same engine hook: ``Variable._execution_engine.queue_callback``, unchanged since 1.x). Only valid
+    while a backward is running (from a tensor or multi-grad hook)."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
+
+
+def chunk_cat(tensors: list[torch.Tensor], num_chunks: int, out: torch.Tensor) -> None:
+    """FSDP2's reduce-scatter copy-in layout: each tensor padded on dim 0 to a multiple of
+    `num_chunks`, cut in `num_chunks` chunks, chunk i of every tensor in row i of `out`
+    (``(num_chunks, -1)``, in `out`'s dtype). ``torch._chunk_cat`` (FSDP2 calls it as
+    ``torch.ops.fsdp.chunk_cat``; both exist in 2.4-2.13)."""
+    torch._chunk_cat(tensors, dim=0, num_chunks=num_chunks, out=out)  # type: ignore[attr-defined]

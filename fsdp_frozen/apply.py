@@ -17,7 +17,8 @@ from . import process_groups
 from .errors import FreezingChangedError, PolicyError
 from .plan import FROZEN, ShardingPlan, build_plan
 from .policy import FreezePolicy
-from .storage import cast_frozen, quantize_nf4
+from .replicate import ReplicatedTrainables
+from .storage import cast_frozen, quantize_nf4, shard_device
 
 _STATE_ATTR = "_fsdp_frozen_state"
 
@@ -37,6 +38,8 @@ class ShardedModelState:
     hooks: list[Any] = field(default_factory=list)  #: handles of the hooks shard_with_freezing registered
     #: True from a forward run with grad enabled until its backward starts (`refreeze` refuses then)
     backward_pending: bool = False
+    #: the trainable parameters kept out of FSDP under trainable_grouping="replicate" (else None)
+    replicated: ReplicatedTrainables | None = None
 
     def restore_frozen_policy(self) -> None:
         """Undo whatever FSDP's public setters did to the frozen groups (see [Note: setters]).
@@ -136,6 +139,10 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
                        for (_, kind), group in param_groups.items() if kind == FROZEN]
     state = ShardedModelState(policy=policy, plan=plan, mesh=mesh, fsdp_params=fsdp_params, param_groups=param_groups,
                               frozen_settings=frozen_settings, original_dtypes=original_dtypes)
+    if plan.replicated:
+        group = next(g for g in plan.groups if g.params and g.params[0] in plan.replicated)
+        state.replicated = ReplicatedTrainables(model, group.params, [plan.path(f) for f in group.params], mesh,
+                                                mp_policy, shard_device(mesh))
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
     state.hooks = [model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True),
@@ -180,6 +187,8 @@ def unshard_with_freezing(model: nn.Module) -> ShardedModelState:
     state = sharded_state(model)
     for handle in state.hooks:
         handle.remove()
+    if state.replicated is not None:
+        state.replicated.remove()
     for module in model.modules():
         for name in _RESHARD_SETTERS:
             module.__dict__.pop(name, None)

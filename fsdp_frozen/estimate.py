@@ -34,7 +34,7 @@ import torch.nn as nn
 from . import _torch_compat as compat
 from .apply import shard_with_freezing, sharded_state
 from .errors import PolicyError
-from .plan import FROZEN
+from .plan import FROZEN, REPLICATED
 from .policy import FreezePolicy
 from .report import describe
 from .storage import is_nf4, storage_nbytes
@@ -57,7 +57,8 @@ class Estimate:
     optimizer_bytes: int  #: AdamW state of this rank's trainable shards
     kept_gathered_bytes: int  #: unsharded frozen weights kept between steps ("never" groups)
     #: unsharded trainable weights gathered for the whole step (groups with reshard_after_forward=False:
-    #: the root's, which holds every adapter under trainable_grouping="root")
+    #: the root's, which holds every adapter under trainable_grouping="root"; the param_dtype copies
+    #: under "replicate")
     trainable_step_gathered_bytes: int
     largest_unit_gather_bytes: int  #: the largest all-gather output of one unit (transient)
     largest_unit: str
@@ -66,7 +67,9 @@ class Estimate:
     #: (FSDP prefetches one ahead)
     all_gather_bytes_per_step: dict[str, int]  #: by group kind ("frozen", "trainable"), output bytes
     reduce_scatter_bytes_per_step: int  #: input bytes (the unsharded gradients)
-    all_reduce_bytes_per_step: int  #: HSDP: the reduce-scattered gradients, all-reduced over replicas
+    #: HSDP: the reduce-scattered gradients, all-reduced over replicas; trainable_grouping="replicate":
+    #: the whole gradients (dim 0 padded to the shard size), over the shard dim and then the replicas
+    all_reduce_bytes_per_step: int
     checkpoint_full_bytes: int  #: every rank together: parameters + buffers + AdamW state
     checkpoint_trainable_bytes: int  #: trainable parameters + AdamW state (what frozen="auto" writes later)
     activations: dict[str, Any] = field(default_factory=dict)  #: with batch and seq: bytes and the method
@@ -140,6 +143,17 @@ def measure(model: nn.Module) -> Estimate:
             units[unit] = units.get(unit, 0) + nbytes
     step_gathered = sum(nbytes for (unit, kind), nbytes in gather.items()
                         if kind != FROZEN and by_record[(unit, kind)].reshard.startswith("False"))
+    # trainable_grouping="replicate": whole parameters (counted as shards above), their param_dtype copies
+    # for the step, and one all-reduce of the gradients laid out as a reduce-scatter input (dim 0 padded)
+    replicated = [r for r in records if r.reshard == REPLICATED]
+    all_reduce = 0
+    for r in replicated:
+        if r.storage_dtype != r.gathered_dtype:
+            step_gathered += r.unsharded_bytes
+        for fqn in r.params:
+            p = model.get_parameter(plan.path(fqn))
+            all_reduce += (math.ceil(p.shape[0] / shard_size) * shard_size * (p.numel() // p.shape[0])
+                           * _reduce_itemsize(p, policy) * (int(shard_size > 1) + int(replicate > 1)))
     largest_unit = max(units, key=units.get) if units else ""
     largest = units.get(largest_unit, 0) if shard_size > 1 else 0
     others = sorted(v for u, v in units.items() if u != "")
@@ -166,7 +180,7 @@ def measure(model: nn.Module) -> Estimate:
         largest_unit_gather_bytes=largest, largest_unit=largest_unit or "<root>",
         persistent_bytes=persistent, peak_bytes=persistent + transient,
         all_gather_bytes_per_step=all_gather, reduce_scatter_bytes_per_step=reduce,
-        all_reduce_bytes_per_step=reduce // shard_size if replicate > 1 else 0,
+        all_reduce_bytes_per_step=(reduce // shard_size if replicate > 1 else 0) + all_reduce,
         checkpoint_full_bytes=full, checkpoint_trainable_bytes=trainable_global + optimizer_global,
     )
 

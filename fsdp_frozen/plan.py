@@ -23,6 +23,8 @@ GroupKind = Literal["frozen", "trainable"]
 FROZEN: GroupKind = "frozen"
 TRAINABLE: GroupKind = "trainable"
 _FROZEN_GATHERS = {"after_forward": 2, "after_backward": 1, "never": 0}
+#: The reshard label of the replicated trainable group (``trainable_grouping="replicate"``).
+REPLICATED = "replicated"
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,9 @@ class GroupPlan:
     #: reduce-scatters per step (one per trainable group at shard size > 1, none for frozen groups;
     #: HSDP adds one all-reduce over the replicas per reduce-scatter)
     reduce_scatters_per_step: int = 0
+    #: all-reduces per step over the shard dim (the replicated trainable group, at shard size > 1;
+    #: HSDP adds one over the replicas)
+    all_reduces_per_step: int = 0
     modules: tuple[str, ...] = ()  #: canonical FQNs of frozen-only submodules (structural fallback, torch < 2.13)
     why: str = ""  #: why the group got its reshard (the policy field, the root rule, auto's budget)
 
@@ -64,8 +69,11 @@ class ShardingPlan:
     unmanaged: frozenset[str] = frozenset()
     #: Each unit's ``reshard_after_forward`` for its fully_shard call (its trainable group's, FSDP's root rule).
     unit_reshard: dict[str, bool | int] = field(default_factory=dict)
-    trainable_grouping: str = "per_unit"  #: "per_unit" or "root", as planned ("auto" resolved)
+    trainable_grouping: str = "per_unit"  #: "per_unit", "root" or "replicate", as planned ("auto" resolved)
     grouping_why: str = ""  #: why trainable parameters got that grouping
+    #: trainable parameters no FSDP group manages (``trainable_grouping="replicate"``): whole on
+    #: every rank, reduced by `fsdp_frozen.replicate` ([Note: replicated trainables])
+    replicated: frozenset[str] = frozenset()
 
     @property
     def apply_order(self) -> tuple[str, ...]:
@@ -75,7 +83,8 @@ class ShardingPlan:
         with ``trainable_grouping="root"`` the root goes first, ignoring every parameter other units
         own (`ignored`), and the units follow bottom-up, ignoring their trainable parameters. Only
         the public ``ignored_params`` is used; FSDP2 needs no bottom-up order when every parameter
-        has exactly one owner."""
+        has exactly one owner. Under ``"replicate"`` every fully_shard call ignores the trainable
+        parameters, so the usual bottom-up order holds."""
         if self.trainable_grouping == "root":
             return ("", *self.units[:-1])
         return self.units
@@ -254,11 +263,11 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
     grouping, grouping_why = _resolve_grouping(policy, units, holders, frozen)
-    root_grouping = grouping == "root"
-    params, owner, ignored = _ownership(holders, units, frozen if root_grouping else None)
+    params, owner, ignored = _ownership(holders, units, frozen if grouping != "per_unit" else None,
+                                        replicate=grouping == "replicate")
     quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
     groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split,
-                              grouping_why)
+                              grouping_why, replicate=grouping == "replicate")
     if policy.frozen_reshard == "auto":
         groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
     return ShardingPlan(
@@ -268,12 +277,13 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         names=names, unmanaged=frozenset(quantized) if shard_size == 1 else frozenset(),
         unit_reshard={u: _trainable_reshard(policy, u) for u in units},
         trainable_grouping=grouping, grouping_why=grouping_why,
+        replicated=frozenset(set(params) - frozen) if grouping == "replicate" else frozenset(),
     )
 
 
 def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.Parameter, list[str]],
                       frozen: set[str]) -> tuple[str, str]:
-    """("per_unit" or "root", why). [Note: auto grouping] ``"auto"`` takes ``"root"`` when all
+    """("per_unit", "root" or "replicate", why). [Note: auto grouping] ``"auto"`` takes ``"root"`` when all
     trainable parameters, gathered, take no more bytes than the largest unit other than the root (a
     block): then keeping them gathered for the step costs at most one more block's gather (adapters:
     LoRA, DoRA, IA3), and the per-unit trainable collectives and hooks go. A large trainable set
@@ -282,11 +292,14 @@ def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.P
     parameter's), frozen weights at their stored size; NF4 is not known yet here and counts as dense."""
     choice = policy.trainable_grouping
     needs = "fully_shard(ignored_params=...), torch >= 2.7"
-    if choice == "root" and not compat.IGNORED_PARAMS_SUPPORTED:
-        raise PolicyError(f"FreezePolicy.trainable_grouping='root' needs {needs} (found {torch.__version__}); "
+    if choice in ("root", "replicate") and not compat.IGNORED_PARAMS_SUPPORTED:
+        raise PolicyError(f"FreezePolicy.trainable_grouping={choice!r} needs {needs} (found {torch.__version__}); "
                           f"use trainable_grouping='per_unit' or 'auto'")
     if choice == "root":
         return "root", "trainable_grouping='root': every unit's trainable parameters in the root's group"
+    if choice == "replicate":
+        return "replicate", ("trainable_grouping='replicate': every trainable parameter whole on every rank, "
+                             "gradients all-reduced once per step")
     if choice == "per_unit" or len(units) == 1:
         return "per_unit", ""
     if not compat.IGNORED_PARAMS_SUPPORTED:
@@ -320,6 +333,7 @@ def _trainable_reshard(policy: FreezePolicy, unit: str) -> bool | int:
 
 def _ownership(
     holders: dict[nn.Parameter, list[str]], units: list[str], root_grouping_frozen: set[str] | None = None,
+    replicate: bool = False,
 ) -> tuple[dict[str, nn.Parameter], dict[str, str], dict[str, list[str]]]:
     """(canonical FQN -> Parameter, FQN -> owning unit, unit -> params its fully_shard must ignore).
 
@@ -327,6 +341,8 @@ def _ownership(
     units that use it get it through ``ignored_params``. With ``trainable_grouping="root"``
     (`root_grouping_frozen` is then the frozen set) every trainable parameter is owned by the root,
     and the root, sharded first, ignores what the other units own (see [Note: root grouping]).
+    With `replicate` as well, no fully_shard call takes a trainable parameter: every unit ignores
+    its own, the root all of them.
     """
     owner: dict[str, str] = {}
     ignored: dict[str, list[str]] = {}
@@ -353,7 +369,9 @@ def _ownership(
                     f"fully_shard(ignored_params=...), torch >= 2.7 (found {torch.__version__})"
                 )
             ignored.setdefault(u, []).append(fqn)
-    if root_grouping_frozen is not None and any(o != "" for o in owner.values()):
+    if replicate:
+        ignored[""] = [f for f in owner if f not in root_grouping_frozen]
+    elif root_grouping_frozen is not None and any(o != "" for o in owner.values()):
         ignored[""] = [f for f, o in owner.items() if o != ""]
     return params, owner, ignored
 
@@ -385,6 +403,7 @@ def _quantization(
 def _groups(
     model: nn.Module, policy: FreezePolicy, names: ModelNames, units: list[str], params: dict[str, nn.Parameter],
     owner: dict[str, str], frozen: set[str], quantized: set[str], shard_size: int, split: bool, grouping_why: str = "",
+    replicate: bool = False,
 ) -> tuple[list[GroupPlan], list[str]]:
     """Each unit's frozen and trainable groups (frozen first), and the frozen params left unsplit
     (structural fallback, torch < 2.13)."""
@@ -423,7 +442,18 @@ def _groups(
         if frozen_fqns:
             group = make_group(unit, FROZEN, frozen_fqns, _frozen_reshard(unit, policy.frozen_reshard), modules)
             groups.append(replace(group, why=_frozen_why(unit, policy.frozen_reshard)))
-        if trainable_fqns:
+        if trainable_fqns and replicate and unit == "":
+            kept_frozen = [f for f in trainable_fqns if f in frozen]
+            if kept_frozen:
+                raise PolicyError(
+                    f"FreezePolicy.trainable_grouping='replicate': the root's frozen parameters {kept_frozen} "
+                    f"share a module with trainable ones and torch {torch.__version__} cannot split them off "
+                    f"(needs >= 2.13); use trainable_grouping='root' or 'per_unit', or put those modules in a unit"
+                )
+            group = make_group(unit, TRAINABLE, trainable_fqns, REPLICATED)
+            groups.append(replace(group, all_gathers_per_step=0, reduce_scatters_per_step=0,
+                                  all_reduces_per_step=int(shard_size > 1), why=grouping_why))
+        elif trainable_fqns:
             group = make_group(unit, TRAINABLE, trainable_fqns, _trainable_reshard(policy, unit))
             groups.append(replace(group, why=_trainable_why(policy, unit, grouping_why)))
     return groups, unsplit
@@ -437,7 +467,8 @@ def _resolve_auto(groups: list[GroupPlan], budget: int, shard_size: int) -> list
     the other trainable groups are gathered one unit at a time, like FSDP's own working set.
     """
     total = budget
-    reserved = sum(g.unsharded_bytes for g in groups if g.kind == TRAINABLE and g.reshard is False) if shard_size > 1 else 0
+    reserved = sum(g.unsharded_bytes for g in groups
+                   if g.kind == TRAINABLE and (g.reshard is False or g.reshard == REPLICATED)) if shard_size > 1 else 0
     budget = max(budget - reserved, 0)
     charged = f" after {reserved:,} of trainable groups kept gathered for the step" if reserved else ""
     keep: set[int] = set()

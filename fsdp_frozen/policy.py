@@ -21,7 +21,7 @@ QUANTIZED_DTYPES = ("nf4", "float8_e4m3fn")
 MP_DTYPES = ("bfloat16", "float16", "float32")
 
 #: Where trainable parameters live (see `FreezePolicy.trainable_grouping`).
-TRAINABLE_GROUPINGS = ("auto", "per_unit", "root")
+TRAINABLE_GROUPINGS = ("auto", "per_unit", "root", "replicate")
 
 #: A frozen_reshard value: one of FROZEN_RESHARD_NAMES, or an int N (reshard to N-rank groups).
 ReshardValue = Union[Literal["after_forward", "after_backward", "never", "auto"], int]
@@ -84,8 +84,17 @@ class FreezePolicy:
             adapters (LoRA, DoRA, IA3) this removes all per-unit trainable collectives and hooks;
             it costs the unsharded trainable bytes on every rank for the whole step (`describe`
             shows them) and gives up the overlap of gradient reduction with backward. Frozen
-            groups keep their units and policies. Needs ``fully_shard(ignored_params=...)``,
-            torch >= 2.7. The checkpoint layout does not depend on it.
+            groups keep their units and policies. ``"replicate"``: trainable parameters are not
+            sharded: every rank holds them whole (plain tensors, no DTensor), computes with a
+            ``param_dtype`` copy refreshed once per forward, and averages the gradients with one
+            all-reduce per step at the end of backward (two under HSDP), as DDP would; the
+            optimizer then steps plain tensors. Fastest for adapters (no trainable all-gather, no
+            per-parameter FSDP work, no DTensor dispatch in the optimizer); it costs the whole
+            trainable parameters, gradients and optimizer state on every rank (`describe` shows
+            the bytes), so it suits small trainable sets only. See ``docs/grouping.md``. ``"root"``
+            and ``"replicate"`` need ``fully_shard(ignored_params=...)``, torch >= 2.7. The
+            checkpoint keys do not depend on the grouping, and a checkpoint saved under one loads
+            under any other.
         frozen_dtype: Storage dtype of frozen shards, converted once at sharding time (None keeps the
             original dtype). Must equal ``param_dtype`` unless it is ``"float32"`` or ``"nf4"``.
             ``"nf4"``: frozen ``nn.Linear`` weights are quantized once with torchao (`to_nf4`),
@@ -106,7 +115,7 @@ class FreezePolicy:
     frozen_reshard: ReshardValue = "after_forward"
     frozen_budget_bytes: int | None = None
     trainable_reshard: bool | int | None = None
-    trainable_grouping: Literal["auto", "per_unit", "root"] = "auto"
+    trainable_grouping: Literal["auto", "per_unit", "root", "replicate"] = "auto"
     frozen_dtype: str | None = None
     param_dtype: str | None = None
     reduce_dtype: str | None = None

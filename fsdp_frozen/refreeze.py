@@ -174,10 +174,39 @@ def _copy_shard(new: torch.Tensor, old: torch.Tensor, fqn: str) -> None:
             ao.nf4_copy_chunk_(new, whole)
         return
     source = ao.nf4_dequantize(old_local) if is_nf4(old_local) else old_local
+    if isinstance(old, DTensor) != isinstance(new, DTensor):  # to or from trainable_grouping="replicate"
+        source = compat.local_tensor(relayout(source if not isinstance(old, DTensor) else _as_dtensor(source, old), new))
     if source.shape != new_local.shape:
         raise RuntimeError(f"refreeze: the shard of {fqn!r} changed shape ({tuple(source.shape)} -> "
                            f"{tuple(new_local.shape)}); the mesh and the parameter's shape must stay the same")
     new_local.copy_(source)
+
+
+def _like_param(value: Any, param: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 0
+
+
+def _as_dtensor(local: torch.Tensor, like: DTensor) -> DTensor:
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride())
+
+
+def relayout(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` (a parameter's global shape: a DTensor, or whole) in the layout of `like`: this rank's
+    chunk as a DTensor of `like`'s spec, or the whole tensor (``full_tensor``: a collective, so every
+    rank must call it in the same order). Used where a parameter moves between an FSDP group and
+    ``trainable_grouping="replicate"``; values in the same layout are returned as they are."""
+    if isinstance(value, DTensor) == isinstance(like, DTensor):
+        return value
+    if isinstance(value, DTensor):
+        return value.full_tensor()
+    out = torch.empty_like(like, dtype=value.dtype)
+    local = compat.local_tensor(out)
+    chunks = compat.chunk_list(like)
+    if chunks and local.numel():
+        index = tuple(slice(o, o + n) for o, n in zip(chunks[0].offsets, chunks[0].sizes))
+        local.copy_(value[index])
+    return out
 
 
 def _rebind_optimizer(optimizer: torch.optim.Optimizer, new: dict[str, nn.Parameter], fqn_of: dict[int, str],
@@ -194,10 +223,11 @@ def _rebind_optimizer(optimizer: torch.optim.Optimizer, new: dict[str, nn.Parame
             state = optimizer.state.pop(p, None)
             target = new[fqn]
             if fqn not in frozen:
-                if state:
-                    optimizer.state[target] = state
+                if state:  # moments like the parameter follow its layout (a grouping change); "step" stays
+                    optimizer.state[target] = {k: relayout(v, target) if _like_param(v, p) else v
+                                               for k, v in state.items()}
                 if p.grad is not None:
-                    target.grad = p.grad
+                    target.grad = relayout(p.grad, target)
             listed.add(fqn)
             moved.append(target)
         group["params"][:] = moved

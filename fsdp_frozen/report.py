@@ -28,6 +28,7 @@ class GroupRecord:
     unsharded_bytes: int  #: bytes of the gathered parameters
     all_gathers_per_step: int  #: expected in steady state
     reduce_scatters_per_step: int = 0  #: expected per step (trainable groups at shard size > 1)
+    all_reduces_per_step: int = 0  #: expected per step over the shard dim (the replicated trainable group)
     note: str = ""  #: e.g. frozen parameters a torch < 2.13 could not split off
     why: str = ""  #: why the group got its reshard: the policy field, the root rule, auto's budget, a setter
 
@@ -42,13 +43,13 @@ class Description(list):
         return [r.to_dict() for r in self]
 
     def table(self) -> str:
-        header = ("unit", "group", "params", "numel", "dtype", "reshard", "bytes/rank", "unsharded", "AG/step", "RS/step")
+        header = ("unit", "group", "params", "numel", "dtype", "reshard", "bytes/rank", "unsharded", "AG/step", "RS/step", "AR/step")
         rows = [header] + [
             (
                 r.unit or "<root>", r.kind, str(len(r.params)), f"{r.numel:,}",
                 r.storage_dtype if r.storage_dtype == r.gathered_dtype else f"{r.storage_dtype}->{r.gathered_dtype}",
                 r.reshard, f"{r.sharded_bytes:,}", f"{r.unsharded_bytes:,}", str(r.all_gathers_per_step),
-                str(r.reduce_scatters_per_step),
+                str(r.reduce_scatters_per_step), str(r.all_reduces_per_step),
             )
             for r in self
         ]
@@ -104,12 +105,13 @@ def describe(model: nn.Module) -> Description:
                 unit=g.unit, kind=g.kind, params=g.params, numel=g.numel,
                 storage_dtype=g.storage_dtype, gathered_dtype=g.gathered_dtype, reshard=reshard,
                 sharded_bytes=sum(
-                    storage_nbytes(model.get_parameter(plan.path(p))) if p in plan.unmanaged  # kept out of FSDP
+                    storage_nbytes(model.get_parameter(plan.path(p)))
+                    if p in plan.unmanaged or p in plan.replicated  # kept out of FSDP
                     else _shard_bytes(state.fsdp_params[p])
                     for p in g.params
                 ),
                 unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=gathers,
-                reduce_scatters_per_step=g.reduce_scatters_per_step,
+                reduce_scatters_per_step=g.reduce_scatters_per_step, all_reduces_per_step=g.all_reduces_per_step,
                 why=g.why if reshard == str(g.reshard) else f"set by FSDP's set_reshard_after_* (planned: {g.why})",
                 note=" | ".join(notes),
             )

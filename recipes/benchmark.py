@@ -5,11 +5,11 @@
 Builds the Llama-style LoRA model (recipes/llama.py: >= 4 blocks, width >= 512, LoRA rank 8 on every
 linear) once per variant: plain FSDP2 (one unit per block) and shard_with_freezing under every frozen
 policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen storage, each with the
-adapters per unit (FSDP2's layout) and in one root group (``trainable_grouping="root"``; bf16 and NF4),
-all computing in bf16 (reduce in fp32), fused AdamW. Times the variants round-robin (one step of each
+adapters per unit (FSDP2's layout), in one root group (``trainable_grouping="root"``) and replicated
+(``"replicate"``; both with bf16 and NF4), all computing in bf16 (reduce in fp32), fused AdamW. Times the variants round-robin (one step of each
 per round) so that machine noise hits all of them alike, alongside a compute floor (the same model in
 bf16 on each rank without FSDP: no communication, no hooks; what no sharding can beat) and the
-collectives of the one trainable group alone. `--profile-nf4` adds where an NF4 step's time goes. Counts collective bytes per step, persistent
+collectives of the one trainable group and of the replicated group alone. `--profile-nf4` adds where an NF4 step's time goes. Counts collective bytes per step, persistent
 bytes per rank, peak memory (fsdp_frozen.diagnostics.PeakTensorMemory for every variant, cross-checked
 against torch's FSDPMemTracker on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated
 on CUDA) and tokens/s. Then times a trainable-only checkpoint save against full dcp.saves. Prints
@@ -51,11 +51,13 @@ from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
 POLICIES = ["after_forward", "after_backward", "never"]
 DTYPES = {"bf16": "bfloat16", "fp32": "float32", "nf4": "nf4"}  #: frozen storage; compute is bf16 in every variant
-GROUPINGS = ["per_unit", "root"]  #: FreezePolicy.trainable_grouping
+GROUPINGS = ["per_unit", "root", "replicate"]  #: FreezePolicy.trainable_grouping
 FLOOR = "compute floor"  #: timed only: the model in bf16 on each rank, no FSDP
-#: no units at all: one frozen and one trainable group, both the root's (the least FSDP2 can do per step)
-NO_UNITS = "never, no units"
+#: no units at all: one frozen group, the root's, and the trainable parameters replicated (the least
+#: FSDP2 does per step: its root hooks and a frozen group kept gathered)
+NO_UNITS = "never, no units, replicated trainable"
 COLLECTIVES = "collectives of one trainable group"  #: timed only: one all-gather + one reduce-scatter, no model
+COLLECTIVES_AR = "collectives of the replicated trainable group"  #: timed only: one all-reduce, no model
 
 
 def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
@@ -64,10 +66,11 @@ def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if kind == "fused" else {"foreach": True}))
 
 
-def collectives_step(model: nn.Module, device: torch.device):
+def collectives_step(model: nn.Module, device: torch.device, all_reduce: bool = False):
     """What a one-trainable-group layout must communicate per step, alone: one all-gather of the
     trainable bytes in bf16 and one reduce-scatter of their gradients in fp32 (sizes read from
-    `describe` of `model`). Its time is the communication floor of ``trainable_grouping="root"``."""
+    `describe` of `model`), the communication floor of ``trainable_grouping="root"``; with
+    `all_reduce`, one all-reduce of the gradients in fp32, that of ``"replicate"``."""
     record = next(r for r in describe(model) if r.kind == "trainable")
     world = dist.get_world_size()
     numel = math.ceil(record.numel / world) * world
@@ -77,6 +80,9 @@ def collectives_step(model: nn.Module, device: torch.device):
     out = torch.empty(numel // world, dtype=torch.float32, device=device)
 
     def step() -> None:
+        if all_reduce:
+            dist.all_reduce(grads, op=dist.ReduceOp.AVG)
+            return
         compat.all_gather_single(gathered, shard)
         compat.reduce_scatter_single(out, grads)
 
@@ -85,7 +91,7 @@ def collectives_step(model: nn.Module, device: torch.device):
 
 def variant_name(policy: str, dtype: str, grouping: str = "per_unit") -> str:
     name = policy if dtype == "bf16" else f"{policy} ({dtype} frozen)"
-    return name if grouping == "per_unit" else f"{name}, root trainable"
+    return name if grouping == "per_unit" else f"{name}, {'replicated' if grouping == 'replicate' else grouping} trainable"
 
 
 def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
@@ -104,7 +110,7 @@ def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: 
     policy = FreezePolicy(
         units=[] if grouping == "none" else ["layers.*"], frozen_reshard=policy_name, frozen_dtype=DTYPES[dtype],
         param_dtype="bfloat16", reduce_dtype="float32",
-        trainable_grouping="auto" if grouping == "none" else grouping,
+        trainable_grouping="replicate" if grouping == "none" else grouping,
     )
     return shard_with_freezing(model, mesh, policy)
 
@@ -268,7 +274,7 @@ def parse_args() -> argparse.Namespace:
             for p in POLICIES:
                 if g in groupings and d in dtypes and p in chosen and (g == "per_unit" or d != "fp32"):
                     specs[variant_name(p, d, g)] = (p, d, g)
-    if "root" in groupings and "never" in chosen:
+    if "replicate" in groupings and "never" in chosen:
         specs[NO_UNITS] = ("never", "bf16", "none")
     if args.checkpoint_only:
         specs = {"plain": None, "after_forward": specs["after_forward"]}
@@ -319,6 +325,7 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
             "all_gathers": counter.total("all_gather", count=True),
             "frozen_all_gathers": counter.total("all_gather", fpgs, count=True),
             "reduce_scatters": counter.total("reduce_scatter", count=True),
+            "all_reduces": counter.total("all_reduce", count=True),
             "frozen_persistent_bytes": frozen_b + kept,
             "total_persistent_bytes": total_b + kept,
             "peak_bytes": peak_bytes(models[v], opts[v], lambda v=v: step(v, 0)),
@@ -376,14 +383,18 @@ def main() -> None:
         return
     models[FLOOR] = build_compute_floor(cfg, device)
     opts[FLOOR] = make_optimizer(models[FLOOR], args.optimizer)
-    grouped = variant_name("never", "bf16", "root")
+    grouped, replicated = variant_name("never", "bf16", "root"), variant_name("never", "bf16", "replicate")
     comm_only = collectives_step(models[grouped], device) if grouped in models else None
+    comm_ar = collectives_step(models[replicated], device, all_reduce=True) if replicated in models else None
     g = torch.Generator().manual_seed(rank)
     data = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g).to(device) for _ in range(4)]
 
     def step(v: str, i: int) -> float:
         if v == COLLECTIVES:
             comm_only()
+            return 0.0
+        if v == COLLECTIVES_AR:
+            comm_ar()
             return 0.0
         tokens = data[i % len(data)]
         logits = models[v](tokens[:, :-1])
@@ -393,7 +404,7 @@ def main() -> None:
         opts[v].zero_grad(set_to_none=True)
         return loss.item()
 
-    timed = [*variants, FLOOR] + ([COLLECTIVES] if comm_only else [])
+    timed = [*variants, FLOOR] + ([COLLECTIVES] if comm_only else []) + ([COLLECTIVES_AR] if comm_ar else [])
     times = time_round_robin(step, timed, args.warmup, args.steps, cuda)
     results = measure(step, models, opts, times, variants, args.batch * args.seq * world, cuda)
     layout = str(describe(models["after_forward"]))
@@ -407,7 +418,8 @@ def main() -> None:
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
                 "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / results["plain"]["step_time_s"],
                 "optimizer": args.optimizer,
-                "collectives_step_time_s": statistics.median(times[COLLECTIVES]) if comm_only else None}
+                "collectives_step_time_s": statistics.median(times[COLLECTIVES]) if comm_only else None,
+                "all_reduce_step_time_s": statistics.median(times[COLLECTIVES_AR]) if comm_ar else None}
         report(results, meta, ckpt, layout, args, out)
         if profile:
             print(render_profile(nf4_variant, profile))
@@ -423,17 +435,17 @@ def render(results: dict, meta: dict) -> str:
         f"dim {meta['config']['dim']}, LoRA r{meta['config']['lora_rank']}, bf16 compute, batch {meta['batch']}x{meta['seq']}, "
         f"median of {meta['steps']} steps",
         "",
-        "| variant | step ms | vs plain | vs floor | tok/s | AG/step (frozen) | RS/step | AG MiB/step "
+        "| variant | step ms | vs plain | vs floor | tok/s | AG/step (frozen) | RS/step | AR/step | AG MiB/step "
         "| frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
         "| frozen MiB/rank | frozen vs plain | total MiB/rank | peak MiB |" + (" CUDA max alloc MiB |" if cuda else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
     for v, r in results.items():
         cuda_col = f" {mib(r['cuda_max_memory_allocated'])} |" if cuda else ""
         lines.append(
             f"| {'plain FSDP2' if v == 'plain' else v} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_ratio']:.2f}x "
             f"| {r['compute_floor_ratio']:.2f}x | {r['tokens_per_s']:,.0f} "
-            f"| {r['all_gathers']} ({'-' if v == 'plain' else r['frozen_all_gathers']}) | {r['reduce_scatters']} "
+            f"| {r['all_gathers']} ({'-' if v == 'plain' else r['frozen_all_gathers']}) | {r['reduce_scatters']} | {r['all_reduces']} "
             f"| {mib(r['all_gather_bytes'])} | {mib(r['frozen_all_gather_bytes'])} | {r['frozen_all_gather_ratio']:.2f}x "
             f"| {mib(r['reduce_scatter_bytes'])} | {mib(r['frozen_persistent_bytes'])} | {r['frozen_persistent_ratio']:.2f}x "
             f"| {mib(r['total_persistent_bytes'])} | {mib(r['peak_bytes'])} |{cuda_col}"
@@ -447,6 +459,11 @@ def render(results: dict, meta: dict) -> str:
                      f"of its bytes, no model, same rounds): {c * 1e3:.1f} ms; compute floor + them = "
                      f"{(f + c) * 1e3:.1f} ms = {(f + c) / f:.2f}x the floor, the best a layout that communicates "
                      f"them without overlap can do.")
+    if meta.get("all_reduce_step_time_s"):
+        c, f = meta["all_reduce_step_time_s"], meta["compute_floor_step_time_s"]
+        lines.append(f"Collectives of the replicated trainable group alone (one all-reduce in fp32 of its gradient "
+                     f"bytes, same rounds): {c * 1e3:.1f} ms; compute floor + it = {(f + c) * 1e3:.1f} ms = "
+                     f"{(f + c) / f:.2f}x the floor.")
     return "\n".join(lines)
 
 

@@ -1,0 +1,256 @@
+"""``trainable_grouping="replicate"``: trainable parameters whole on every rank, outside FSDP.
+
+[Note: replicated trainables] Under ``"root"`` the adapters are one FSDP group: one all-gather and
+one reduce-scatter per step, but FSDP2 still runs its per-parameter Python (copy-in, copy-out,
+a DTensor per gradient) and the optimizer steps DTensors (a dispatch per op). For adapters that is
+most of what a LoRA step spends above the compute floor (measured in ``recipes/benchmark.py``,
+README). Here no fully_shard call takes a trainable parameter (``ignored_params``, see
+`plan._ownership`); this module does what DDP would, in a fixed number of ops per step:
+
+* before the root's forward, one ``_foreach_copy_`` refreshes a ``param_dtype`` copy of every
+  trainable parameter (no copy when the dtypes agree: the compute tensor aliases the parameter),
+  and the copies are put in the modules' parameter slots (tied slots too), as FSDP2 swaps in its
+  unsharded parameters;
+* at the end of backward (an autograd engine callback queued when backward starts, as FSDP2's
+  root does) the copies' gradients are laid out as FSDP2 lays out a reduce-scatter input
+  (`compat.chunk_cat`), averaged with one all-reduce over the shard dim (and one over the replicas
+  under HSDP), and copied into the parameters' ``.grad`` in their dtype, then the parameters are put
+  back. Gradient accumulation follows FSDP2: ``set_requires_gradient_sync(False)`` on the root
+  skips the reduction and accumulates in ``reduce_dtype``; a ``.grad`` left from an earlier step
+  is added to.
+
+Why FSDP2's layout rather than the parameters' order: an all-reduce sums each element in an order
+that depends on its position in the buffer; in this layout it is the position a reduce-scatter
+would give it, so on gloo the averaged gradients are bitwise those of FSDP2 (tested at 1, 2 and 4
+ranks and HSDP against plain FSDP2). The padding costs what FSDP2's reduce-scatter buffer costs.
+The division follows FSDP2 2.13 (``ReduceOp.AVG`` for fp32/bf16; pre/post-division by powers of
+two with a sum for other dtypes).
+
+Costs: every rank holds the whole trainable parameters, their gradients and optimizer state, plus
+the ``param_dtype`` copies for the step; one all-reduce of the trainable gradients in
+``reduce_dtype`` per step (twice the bytes of a reduce-scatter), and none of the overlap of
+per-unit reduction with backward. Right for adapters, wrong for full fine-tuning.
+
+Every rank must hold the same values: `shard_with_freezing` broadcasts rank 0's real values, and
+`fsdp_frozen.checkpoint.load_pretrained` initialises missing tensors identically on every rank. A
+model built on meta and initialised by other means must seed every rank alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+
+from . import _torch_compat as compat
+from .errors import FreezingChangedError
+
+
+def _divide(reduce_dtype: torch.dtype, size: int) -> tuple[float | None, float | None, Any]:
+    """(pre-divide, post-divide, op) of a reduction over `size` ranks, as FSDP2 2.13 chooses them
+    (``_get_gradient_divide_factors``): AVG where the dtype cannot overflow, else a sum between two
+    divisions by about sqrt(size)."""
+    if size == 1:
+        return None, None, dist.ReduceOp.SUM
+    if reduce_dtype in (torch.float32, torch.bfloat16):
+        return None, None, dist.ReduceOp.AVG
+    pre = 1
+    while size % pre == 0 and size / pre > pre:
+        pre *= 2
+    return float(pre), size / pre, dist.ReduceOp.SUM
+
+
+class ReplicatedTrainables:
+    """The trainable parameters of a model sharded with ``trainable_grouping="replicate"``.
+
+    Attributes:
+        fqns: canonical names, in the plan's order.
+        params: the parameters (what the optimizer steps), whole on every rank.
+    """
+
+    def __init__(self, model: nn.Module, fqns: tuple[str, ...], paths: list[str], mesh: DeviceMesh,
+                 mp_policy: MixedPrecisionPolicy, device: torch.device) -> None:
+        self.fqns = fqns
+        self.params: list[nn.Parameter] = [model.get_parameter(p) for p in paths]
+        by_id: dict[int, list[tuple[dict, str]]] = {id(p): [] for p in self.params}
+        for path, param in model.named_parameters(remove_duplicate=False):
+            if id(param) in by_id:
+                parent, _, leaf = path.rpartition(".")
+                by_id[id(param)].append((model.get_submodule(parent)._parameters, leaf))
+        self.slots = [by_id[id(p)] for p in self.params]
+        self.param_dtype = mp_policy.param_dtype
+        self.reduce_dtype = mp_policy.reduce_dtype
+        self.shard_group = mesh.get_group(mesh.ndim - 1)
+        self.replicate_group = mesh.get_group(0) if mesh.ndim == 2 else None
+        self.device = device
+        self.requires_gradient_sync = True
+        self.compute: list[nn.Parameter | None] = [None] * len(self.params)
+        self.accumulated: list[torch.Tensor | None] = [None] * len(self.params)
+        self.swapped = False
+        self.queued = False
+        with torch.no_grad():
+            for p in self.params:
+                if not p.is_meta and p.device != device:
+                    p.data = p.data.to(device)
+            self.broadcast()
+        self.hooks = [model.register_forward_pre_hook(self._pre_forward, prepend=True),
+                      model.register_forward_hook(self._post_forward)]
+        self._patch_gradient_sync(model)
+
+    # --- setup -----------------------------------------------------------------------------------
+    def broadcast(self) -> None:
+        """Give every rank the values of the mesh's first rank (one flat broadcast per dtype and mesh
+        dim). Meta parameters are skipped: `load_pretrained` initialises them alike on every rank."""
+        real = [p for p in self.params if not p.is_meta]
+        groups = [g for g in (self.shard_group, self.replicate_group) if g is not None and g.size() > 1]
+        for dtype in sorted({p.dtype for p in real}, key=str):
+            same = [p for p in real if p.dtype == dtype]
+            flat = torch.cat([p.detach().reshape(-1) for p in same])
+            for group in groups:
+                dist.broadcast(flat, src=dist.get_global_rank(group, 0), group=group)
+            for p, part in zip(same, flat.split([p.numel() for p in same])):
+                p.detach().copy_(part.view(p.shape))
+
+    def _patch_gradient_sync(self, model: nn.Module) -> None:
+        """``model.set_requires_gradient_sync`` also switches this group's reduction (instance
+        attribute, removed by `remove`)."""
+        original = model.set_requires_gradient_sync  # type: ignore[attr-defined]
+
+        def set_requires_gradient_sync(requires_gradient_sync: bool, *, recurse: bool = True) -> None:
+            original(requires_gradient_sync, recurse=recurse)
+            self.requires_gradient_sync = requires_gradient_sync
+
+        set_requires_gradient_sync.__doc__ = (f"{original.__doc__ or ''}\n\nfsdp_frozen: also switches the "
+                                              f"all-reduce of the replicated trainable parameters.")
+        object.__setattr__(model, "set_requires_gradient_sync", set_requires_gradient_sync)
+        self._patched = model
+
+    def remove(self) -> None:
+        """Take off the hooks and the setter (`refreeze`); the parameters stay registered."""
+        self._swap_back()
+        for handle in self.hooks:
+            handle.remove()
+        self._patched.__dict__.pop("set_requires_gradient_sync", None)
+
+    # --- forward ---------------------------------------------------------------------------------
+    def _compute_tensors(self) -> list[nn.Parameter]:
+        """The tensors forward computes with: a ``param_dtype`` copy per parameter (refreshed from
+        the parameters with one foreach copy), or an alias of the parameter when no cast is needed."""
+        dsts, srcs = [], []
+        for i, p in enumerate(self.params):
+            if not p.requires_grad:
+                raise FreezingChangedError(
+                    f"requires_grad of parameter {self.fqns[i]!r} changed from True to False after "
+                    f"shard_with_freezing (trainable_grouping='replicate'); restore it, or use "
+                    f"fsdp_frozen.refreeze to freeze it")
+            cast = self.param_dtype is not None and p.is_floating_point() and p.dtype != self.param_dtype
+            c = self.compute[i]
+            if cast:
+                if c is None or c.shape != p.shape or c.device != p.device:
+                    c = self.compute[i] = nn.Parameter(torch.empty_like(p, dtype=self.param_dtype))
+                dsts.append(c)
+                srcs.append(p)
+            elif c is None or c.data_ptr() != p.data_ptr() or c.shape != p.shape:
+                c = self.compute[i] = nn.Parameter(p.detach())  # shares p's storage: nothing to refresh
+        if dsts:
+            with torch.no_grad():
+                torch._foreach_copy_(dsts, srcs)
+        return self.compute  # type: ignore[return-value]
+
+    def _pre_forward(self, module: nn.Module, args: Any) -> None:
+        if self.swapped:  # a second forward before backward: the copies are current
+            return
+        # re-read the parameters from their first slot: materialize_meta, refreeze or a user may
+        # have registered new objects since the last step
+        self.params = [slots[0][0][slots[0][1]] for slots in self.slots]
+        for c, slots in zip(self._compute_tensors(), self.slots):
+            for params, name in slots:
+                params[name] = c
+        self.swapped = True
+
+    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        tensors = [t for t in compat.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not torch.is_grad_enabled() or not tensors:
+            self._swap_back()
+            return
+        torch.autograd.graph.register_multi_grad_hook(tensors, self._backward_started, mode="any")
+
+    def _swap_back(self) -> None:
+        if not self.swapped:
+            return
+        for p, slots in zip(self.params, self.slots):
+            for params, name in slots:
+                params[name] = p
+        self.swapped = False
+
+    # --- backward --------------------------------------------------------------------------------
+    def _backward_started(self, _grad: Any) -> None:
+        if not self.queued:
+            self.queued = True
+            compat.queue_backward_callback(self._post_backward)
+
+    def _post_backward(self) -> None:
+        self.queued = False
+        with torch.no_grad():
+            self.reduce()
+        self._swap_back()
+
+    def reduce(self) -> None:
+        """Average the compute copies' gradients into the parameters' ``.grad`` (see the module
+        note); under ``set_requires_gradient_sync(False)`` only accumulate them."""
+        indices, grads = [], []
+        for i, c in enumerate(self.compute):
+            grad = None if c is None else c.grad
+            acc = self.accumulated[i]
+            if acc is not None and grad is not None:  # FSDP2's accumulate_unsharded_grad_if_needed
+                acc += grad
+                c.grad = grad = None  # type: ignore[union-attr]
+            if not self.requires_gradient_sync:
+                if grad is not None and self.reduce_dtype is not None and grad.dtype != self.reduce_dtype:
+                    self.accumulated[i] = grad.to(self.reduce_dtype)
+                    c.grad = None  # type: ignore[union-attr]
+                continue
+            if acc is not None:
+                indices.append(i)
+                grads.append(acc)
+                self.accumulated[i] = None
+            elif grad is not None:
+                indices.append(i)
+                grads.append(grad)
+                c.grad = None  # type: ignore[union-attr]
+        if not grads:
+            return
+        reduce_dtype = self.reduce_dtype or grads[0].dtype
+        world = self.shard_group.size()
+        padded = [-(-g.shape[0] // world) * world * (g.numel() // max(g.shape[0], 1)) for g in grads]
+        buffer = torch.empty((world, sum(padded) // world), dtype=reduce_dtype, device=grads[0].device)
+        compat.chunk_cat(grads, world, buffer)
+        del grads
+        for group in (self.shard_group, self.replicate_group):
+            if group is None or group.size() == 1:
+                continue
+            pre, post, op = _divide(reduce_dtype, group.size())
+            if pre is not None:
+                buffer.div_(pre)
+            dist.all_reduce(buffer, op=op, group=group)
+            if post is not None:
+                buffer.div_(post)
+        flat = torch.empty(buffer.numel(), dtype=reduce_dtype, device=buffer.device)
+        parts = list(flat.split(padded))
+        torch.split_with_sizes_copy(buffer, [n // world for n in padded], dim=1,
+                                    out=[part.view(world, -1) for part in parts])
+        for i, part in zip(indices, parts):
+            p = self.params[i]
+            grad = part[: p.numel()].view(p.shape)
+            if grad.dtype != p.dtype:
+                grad = grad.to(p.dtype)
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad += grad
+            for hook in (getattr(p, "_post_accumulate_grad_hooks", None) or {}).values():
+                hook(p)

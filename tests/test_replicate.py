@@ -1,0 +1,351 @@
+"""`FreezePolicy.trainable_grouping="replicate"`: trainable parameters whole on every rank, one
+all-reduce per step, outside FSDP.
+
+Against plain FSDP2 with the same units, in fp32: losses and parameters bitwise equal under every
+frozen policy, tied and PEFT-shaped models, HSDP, an int reshard, "auto" (world 1, 2, 4); the
+collectives per step counted against `describe`; gradient accumulation; bf16 mixed precision; NF4;
+checkpoints across groupings; `refreeze` to and from it; transformers + PEFT on the meta/AC/compile
+path; refusals and the in-between states (eval forward, two forwards, a requires_grad flip).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+
+from fsdp_frozen import FreezePolicy, FreezingChangedError, PolicyError, describe, refreeze, shard_with_freezing
+from fsdp_frozen import _torch_compat as compat
+from fsdp_frozen.apply import sharded_state
+from fsdp_frozen.checkpoint import load_checkpoint, save_checkpoint
+from fsdp_frozen.estimate import measure
+from fsdp_frozen.plan import FROZEN, REPLICATED, TRAINABLE, build_plan
+
+from .common import CommCounter, adamw, frozen_group_names, full_state, hf_train, mesh_1d, plain_fsdp, train
+from .dist_harness import run_ranks
+from .models import batch, make_model
+from .test_grouping import HF_CASES, STEPS, VARIANTS, _cases, _counted_train, _mesh, _model, _policy
+
+
+def _parity(rank: int, world: int) -> dict:
+    out = {}
+    for variant, reshard, mesh_kind in _cases(world):
+        mesh = _mesh(mesh_kind, world)
+        shard_size = mesh.size(mesh.ndim - 1)
+        ref = plain_fsdp(_model(variant), mesh, VARIANTS[variant][1])
+        ref_losses = train(ref, STEPS, rank)
+        model = shard_with_freezing(_model(variant), mesh, _policy(variant, reshard, shard_size, "replicate"))
+        plan = sharded_state(model).plan
+        losses, per_step = _counted_train(model, rank, STEPS, frozen_group_names(model))
+        ref_state, state = full_state(ref), full_state(model)
+        records = describe(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        out[(variant, str(reshard), mesh_kind)] = {
+            "equal": losses == ref_losses,
+            "mismatched": sorted(k for k in ref_state if not torch.equal(ref_state[k], state[k])),
+            "steady": per_step[1:],
+            "trainable_groups": [(g.unit, len(g.params), g.reshard) for g in plan.groups if g.kind == TRAINABLE],
+            "n_trainable": len(trainable),
+            "plain": all(not isinstance(p, DTensor) for p in trainable),
+            "frozen_units": sorted({g.unit for g in plan.groups if g.kind == FROZEN}),
+            "expected": {
+                "frozen_ag": sum(r.all_gathers_per_step for r in records if r.kind == FROZEN),
+                "ar": sum(r.all_reduces_per_step for r in records),
+            },
+            "hsdp": mesh_kind == "hsdp",
+            "trainable_sum": sum(float(p.detach().double().sum()) for p in trainable),
+        }
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_replicate_matches_plain_fsdp_and_counts_one_all_reduce(world):
+    results = run_ranks(_parity, world)
+    for key, r0 in results[0].items():
+        for rank, res in enumerate(results):
+            r = res[key]
+            assert r["equal"] and r["mismatched"] == [], (key, rank, r["mismatched"])
+            assert r["trainable_sum"] == r0["trainable_sum"], (key, rank)  # the replicas agree
+        assert r0["trainable_groups"] == [("", r0["n_trainable"], REPLICATED)], key
+        assert r0["plain"], key  # whole tensors, no DTensor
+        assert len(r0["frozen_units"]) > 1, key  # frozen groups keep their units
+        expected = r0["expected"]
+        assert expected["ar"] == int(world > 1), key
+        for step in r0["steady"]:
+            assert step["frozen_ag"] == expected["frozen_ag"], (key, step, expected)
+            assert step["trainable_ag"] == 0 and step["rs"] == 0, (key, step)
+            # one all-reduce over the shard dim; HSDP adds one over the replicas (as it does for a reduce-scatter)
+            assert step["ar"] == expected["ar"] + int(r0["hsdp"]), (key, step, expected)
+
+
+def _mixed_and_accumulation(rank: int, world: int) -> dict:
+    """bf16 compute with fp32 reduction; two micro-batches per step with gradient sync on the second."""
+    mesh = mesh_1d(world)
+    out = {}
+    mp = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for name in ("plain", "replicate"):
+        if name == "plain":
+            model = plain_fsdp(make_model(), mesh, ("layers.*",),
+                               MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        else:
+            model = shard_with_freezing(make_model(), mesh, FreezePolicy(units=["layers.*"], frozen_reshard="never",
+                                                                         trainable_grouping="replicate", **mp))
+        opt, counter, losses, counts = adamw(model), CommCounter(), [], []
+        with counter:
+            for step in range(3):
+                for micro in range(2):
+                    model.set_requires_gradient_sync(micro == 1)
+                    x, y = batch(2 * step + micro, rank)
+                    logits = model(x)
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)) / 2
+                    loss.backward()
+                    losses.append(loss.item())
+                opt.step()
+                opt.zero_grad()
+                counts.append((counter.total("reduce_scatter", count=True), counter.total("all_reduce", count=True)))
+                counter.clear()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}  # frozen "never" groups show bf16
+        out[name] = {"losses": losses, "state": {k: v for k, v in full_state(model).items() if k in trainable},
+                     "counts": counts}
+    return out
+
+
+def test_replicate_with_mixed_precision_and_gradient_accumulation():
+    for r in run_ranks(_mixed_and_accumulation, 2):
+        assert r["replicate"]["losses"] == r["plain"]["losses"]
+        assert r["replicate"]["state"].keys() == r["plain"]["state"].keys() and r["plain"]["state"]
+        mismatched = [k for k, v in r["replicate"]["state"].items() if not torch.equal(r["plain"]["state"][k], v)]
+        assert mismatched == []
+        assert r["replicate"]["counts"] == [(0, 1)] * 3  # one all-reduce per optimizer step, none for the first micro-batch
+        assert r["plain"]["counts"] == [(3, 0)] * 3  # plain FSDP2: a reduce-scatter per unit with trainable parameters
+
+
+def _nf4(rank: int, world: int) -> dict:
+    out = {}
+    for grouping in ("per_unit", "replicate"):
+        policy = FreezePolicy(units=["layers.*"], frozen_dtype="nf4", nf4_block_size=16, nf4_scaler_block_size=4,
+                              frozen_reshard="after_forward", trainable_grouping=grouping)
+        model = shard_with_freezing(make_model(), mesh_1d(world), policy)
+        losses, per_step = _counted_train(model, rank, 3, frozen_group_names(model))
+        trainable = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                     for n, p in model.named_parameters() if p.requires_grad}
+        out[grouping] = {"losses": losses, "state": trainable, "steady": per_step[1:],
+                         "quantized": len(sharded_state(model).plan.quantized)}
+    return out
+
+
+def test_replicate_with_nf4_equals_per_unit():
+    for r in run_ranks(_nf4, 2):
+        per_unit, rep = r["per_unit"], r["replicate"]
+        assert rep["quantized"] > 0 and rep["quantized"] == per_unit["quantized"]
+        assert rep["losses"] == per_unit["losses"]
+        assert rep["state"].keys() == per_unit["state"].keys() and rep["state"]
+        assert all(torch.equal(per_unit["state"][k], v) for k, v in rep["state"].items())
+        assert {s["frozen_ag"] for s in rep["steady"]} == {s["frozen_ag"] for s in per_unit["steady"]}
+        assert {(s["rs"], s["ar"], s["trainable_ag"]) for s in rep["steady"]} == {(0, 1, 0)}
+
+
+def _across(rank: int, world: int, tmp: str) -> dict:
+    """Train 2 steps under one grouping, save, load under another, train 2 more: equal to 4 straight steps."""
+    straight = shard_with_freezing(make_model(), mesh_1d(world), _policy("toy", "never", world, "per_unit"))
+    losses = train(straight, 4, rank, opt=adamw(straight))
+    out = {"straight": (losses, full_state(straight))}
+    for first, second in (("per_unit", "replicate"), ("replicate", "per_unit"), ("replicate", "root")):
+        model = shard_with_freezing(make_model(), mesh_1d(world), _policy("toy", "never", world, first))
+        opt = adamw(model)
+        head = train(model, 2, rank, opt=opt)
+        path = os.path.join(tmp, f"{first}-{second}")
+        save_checkpoint(path, model, opt, frozen="include")
+        resumed = shard_with_freezing(make_model(seed=5), mesh_1d(world), _policy("toy", "never", world, second))
+        opt = adamw(resumed)
+        load_checkpoint(path, resumed, opt)
+        tail = train(resumed, 2, rank, opt=opt, start=2)
+        out[(first, second)] = (head + tail, full_state(resumed), sorted(os.listdir(path)))
+    return out
+
+
+def test_checkpoints_load_across_replicate_and_sharded_groupings(tmp_path):
+    for r in run_ranks(_across, 2, str(tmp_path)):
+        losses, state = r["straight"]
+        files = {k: v[2] for k, v in r.items() if k != "straight"}
+        for key, (got_losses, got_state, _) in ((k, v) for k, v in r.items() if k != "straight"):
+            assert got_losses == losses, key
+            assert all(torch.equal(state[k], v) for k, v in got_state.items()), key
+        assert len({tuple(v) for v in files.values()}) == 1, files  # the same files whatever the grouping
+
+
+def _refreeze(rank: int, world: int, tmp: str) -> dict:
+    """k steps, refreeze to another grouping (and freezing), k more: against save + rebuild + load."""
+    out = {}
+    switches = [("per_unit", "replicate", ()), ("replicate", "per_unit", ()), ("replicate", "replicate", ("layers.2.**",))]
+    for first, second, unfreeze in switches:
+        runs = {}
+        for how in ("refreeze", "rebuild"):
+            model = shard_with_freezing(make_model(), mesh_1d(world), _policy("toy", "after_forward", world, first))
+            opt = adamw(model)
+            head = train(model, 2, rank, opt=opt)
+            policy = _policy("toy", "after_forward", world, second, unfreeze=list(unfreeze))
+            if how == "refreeze":
+                refreeze(model, opt, policy)
+            else:
+                path = os.path.join(tmp, f"{first}-{second}-{len(unfreeze)}")
+                save_checkpoint(path, model, opt, frozen="include")
+                model = shard_with_freezing(make_model(seed=5), mesh_1d(world), policy)
+                opt = adamw(model)
+                load_checkpoint(path, model, opt, allow_freezing_change=bool(unfreeze))
+            tail = train(model, 2, rank, opt=opt, start=2)
+            runs[how] = (head + tail, full_state(model), sharded_state(model).plan.trainable_grouping)
+        out[(first, second, unfreeze)] = runs
+    return out
+
+
+def test_refreeze_to_and_from_replicate(tmp_path):
+    for r in run_ranks(_refreeze, 2, str(tmp_path)):
+        for key, runs in r.items():
+            (losses, state, grouping), (ref_losses, ref_state, ref_grouping) = runs["refreeze"], runs["rebuild"]
+            assert grouping == ref_grouping == key[1], key
+            assert losses == ref_losses, key
+            assert [k for k in ref_state if not torch.equal(ref_state[k], state[k])] == [], key
+
+
+def _states(rank: int, world: int) -> dict:
+    """The parameters the model shows between steps, after an eval forward, across two forwards."""
+    torch.manual_seed(rank)  # different values on each rank: shard_with_freezing broadcasts rank 0's
+    model = make_model(seed=rank)
+    model = shard_with_freezing(model, mesh_1d(world), FreezePolicy(units=["layers.*"], trainable_grouping="replicate",
+                                                                    param_dtype="bfloat16"))
+    masters = [p for p in model.parameters() if p.requires_grad]
+    out = {"fp32": {p.dtype for p in masters}, "sum": sum(float(p.detach().double().sum()) for p in masters)}
+    x, y = batch(0, rank)
+    with torch.no_grad():
+        model(x)
+    out["after_eval"] = [p for p in model.parameters() if p.requires_grad] == masters
+    logits = model(x)
+    out["during"] = {p.dtype for p in model.parameters() if p.requires_grad}
+    logits2 = model(x)  # a second forward before backward reuses the copies
+    (F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+     + F.cross_entropy(logits2.reshape(-1, logits2.shape[-1]).float(), y.reshape(-1))).backward()
+    out["after_backward"] = [p for p in model.parameters() if p.requires_grad] == masters
+    out["grads"] = all(p.grad is not None and p.grad.dtype == torch.float32 for p in masters)
+    masters[0].requires_grad_(False)
+    try:
+        model(x)
+        out["flip"] = None
+    except FreezingChangedError as e:
+        out["flip"] = str(e)
+    return out
+
+
+def test_replicate_between_steps_and_refusals():
+    results = run_ranks(_states, 2)
+    assert results[0]["sum"] == results[1]["sum"]  # rank 0's values on both ranks
+    for r in results:
+        assert r["fp32"] == {torch.float32} and r["during"] == {torch.bfloat16}
+        assert r["after_eval"] and r["after_backward"] and r["grads"]
+        assert "changed from True to False" in r["flip"] and "trainable_grouping='replicate'" in r["flip"]
+
+
+def test_replicate_plan_estimate_and_refusals(monkeypatch):
+    model = make_model()
+    plan = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="replicate"), shard_size=2)
+    trainable = [g for g in plan.groups if g.kind == TRAINABLE]
+    assert [(g.unit, g.reshard, g.all_gathers_per_step, g.reduce_scatters_per_step, g.all_reduces_per_step)
+            for g in trainable] == [("", REPLICATED, 0, 0, 1)]
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable[0].params) == names and plan.replicated == names
+    assert plan.apply_order == plan.units  # bottom-up: every fully_shard call ignores the trainable parameters
+    assert set(plan.ignored[""]) == names
+    assert "trainable_grouping='replicate'" in trainable[0].why
+    one = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="replicate"), shard_size=1)
+    assert [g.all_reduces_per_step for g in one.groups if g.kind == TRAINABLE] == [0]
+
+    with pytest.raises(PolicyError, match=r"use one of \['auto', 'per_unit', 'root', 'replicate'\]"):
+        FreezePolicy(trainable_grouping="ddp")
+    # the torch < 2.13 fallback cannot split a root module's frozen weight from its trainable bias
+    mixed = make_model()
+    mixed.norm.weight.requires_grad_(False)
+    with pytest.raises(PolicyError, match=r"trainable_grouping='replicate': the root's frozen parameters \['norm.weight'\]"):
+        build_plan(mixed, FreezePolicy(units=["layers.*"], trainable_grouping="replicate"), shard_size=2, split=False)
+    monkeypatch.setattr(compat, "IGNORED_PARAMS_SUPPORTED", False)
+    with pytest.raises(PolicyError, match=r"trainable_grouping='replicate' needs fully_shard\(ignored_params=\.\.\.\), torch >= 2\.7"):
+        build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="replicate"), shard_size=2)
+
+
+def _estimate(rank: int, world: int) -> dict:
+    model = shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(
+        units=["layers.*"], trainable_grouping="replicate", param_dtype="bfloat16", reduce_dtype="float32",
+        frozen_dtype="bfloat16"))
+    est = measure(model)
+    counter = CommCounter()
+    train(model, 1, rank)
+    with counter:
+        train(model, 1, rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {"est": est.to_dict(), "ar_bytes": counter.total("all_reduce"),
+            "whole": sum(p.numel() * p.element_size() for p in trainable),
+            "copies": sum(p.numel() * 2 for p in trainable)}
+
+
+def test_replicate_estimate_matches_the_ranks():
+    for r in run_ranks(_estimate, 2):
+        est = r["est"]
+        assert est["trainable_shard_bytes"] == est["gradient_bytes"] == r["whole"]  # whole on every rank
+        assert est["trainable_step_gathered_bytes"] == r["copies"]  # the bf16 copies for the step
+        assert est["all_reduce_bytes_per_step"] == r["ar_bytes"] > 0
+        assert est["reduce_scatter_bytes_per_step"] == 0
+
+
+def _hf(rank: int, world: int, tmp: str) -> dict:
+    from fsdp_frozen.checkpoint import load_pretrained
+
+    from .test_pretrained import VOCAB, _build_meta, _peft, _policy as hf_policy, save_tiny
+
+    out = {}
+    for arch in ("llama", "gpt2"):
+        if rank == 0:
+            save_tiny(os.path.join(tmp, arch), arch, tied=arch == "gpt2")
+        dist.barrier()
+    for arch, peft, wrapper in HF_CASES:
+        for grouping in ("per_unit", "replicate"):
+            model = _peft(_build_meta(arch, arch == "gpt2", "meta"), peft, arch)
+            if wrapper == "gradient_checkpointing":
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            layers = model.base_model.model.model.layers if arch == "llama" else model.base_model.model.transformer.h
+            if wrapper == "compile":
+                for layer in layers:
+                    layer.compile(backend="eager")
+            policy = FreezePolicy(**{**hf_policy(peft, arch, None).to_dict(), "trainable_grouping": grouping})
+            model = shard_with_freezing(model, mesh_1d(world), policy)
+            load_pretrained(model, os.path.join(tmp, arch))
+            model.train()
+            if arch == "gpt2":
+                model.eval()  # no dropout: both groupings see the same computation
+            opt, counter, counts = adamw(model), CommCounter(), []
+
+            def count(step, counter=counter, counts=counts):
+                counts.append((counter.total("reduce_scatter", count=True), counter.total("all_reduce", count=True)))
+                counter.clear()
+
+            with counter:
+                losses = hf_train(model, opt, rank, 0, 3, VOCAB, on_step=count)
+            out[(arch, peft, wrapper, grouping)] = {"losses": losses, "trainable": full_state(model),
+                                                    "counts": counts[1:]}
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
+def test_replicate_on_transformers_and_peft_models(tmp_path):
+    for r in run_ranks(_hf, 2, str(tmp_path)):
+        for arch, peft, wrapper in HF_CASES:
+            per_unit, rep = r[(arch, peft, wrapper, "per_unit")], r[(arch, peft, wrapper, "replicate")]
+            case = (arch, peft, wrapper)
+            assert rep["losses"] == per_unit["losses"], case
+            assert [k for k, v in rep["trainable"].items() if not torch.equal(per_unit["trainable"][k], v)] == [], case
+            assert set(rep["counts"]) == {(0, 1)} and set(per_unit["counts"]) == {(2, 0)}, case
