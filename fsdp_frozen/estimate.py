@@ -12,8 +12,9 @@ gloo ranks). Only activations are a formula; their method is stated with them.
 dtype: FSDP reduce-scatters into the sharded gradient) and AdamW state (``exp_avg``, ``exp_avg_sq``
 in the parameter's dtype, plus a 4-byte ``step`` per parameter) are exact per rank. The transient
 peak adds the root's all-gather output (FSDP keeps it from the root's forward to the end of
-backward) and the two largest other units' (FSDP prefetches the next unit, so up to two are alive).
-Not counted: the CUDA context and allocator fragmentation, NCCL buffers, optimizer
+backward) and the two largest other units' (FSDP prefetches the next unit, so up to two are alive),
+and under ``trainable_grouping="replicate"`` the ``param_dtype`` copies of the whole trainable
+parameters (their state is whole on every rank and counted above). Not counted: the CUDA context and allocator fragmentation, NCCL buffers, optimizer
 temporaries, the gathered gradients of one unit before reduce-scatter (``reduce_scatter_bytes``
 of that unit), and anything the model keeps besides its parameters.
 """
@@ -36,6 +37,7 @@ from .apply import shard_with_freezing, sharded_state
 from .errors import PolicyError
 from .plan import FROZEN, REPLICATED
 from .policy import FreezePolicy
+from .replicate import fsdp_layout, padded_numels
 from .report import describe
 from .storage import is_nf4, storage_nbytes
 
@@ -64,7 +66,7 @@ class Estimate:
     largest_unit: str
     persistent_bytes: int  #: shards + gradients + optimizer + kept-gathered
     peak_bytes: int  #: persistent + the root's all-gather (alive all step) + the two largest other units'
-    #: (FSDP prefetches one ahead)
+    #: (FSDP prefetches one ahead) + the replicated trainable group's param_dtype copies
     all_gather_bytes_per_step: dict[str, int]  #: by group kind ("frozen", "trainable"), output bytes
     reduce_scatter_bytes_per_step: int  #: input bytes (the unsharded gradients)
     #: HSDP: the reduce-scattered gradients, all-reduced over replicas; trainable_grouping="replicate":
@@ -144,21 +146,23 @@ def measure(model: nn.Module) -> Estimate:
     step_gathered = sum(nbytes for (unit, kind), nbytes in gather.items()
                         if kind != FROZEN and by_record[(unit, kind)].reshard.startswith("False"))
     # trainable_grouping="replicate": whole parameters (counted as shards above), their param_dtype copies
-    # for the step, and one all-reduce of the gradients laid out as a reduce-scatter input (dim 0 padded)
+    # for the step, and one all-reduce of the gradients (dim 0 padded unless replicate.fsdp_layout says flat)
     replicated = [r for r in records if r.reshard == REPLICATED]
-    all_reduce = 0
+    all_reduce = copies = 0
     for r in replicated:
         if r.storage_dtype != r.gathered_dtype:
-            step_gathered += r.unsharded_bytes
-        for fqn in r.params:
-            p = model.get_parameter(plan.path(fqn))
-            all_reduce += (math.ceil(p.shape[0] / shard_size) * shard_size * (p.numel() // p.shape[0])
-                           * _reduce_itemsize(p, policy) * (int(shard_size > 1) + int(replicate > 1)))
+            copies += r.unsharded_bytes
+        group_params = [model.get_parameter(plan.path(fqn)) for fqn in r.params]
+        numels, itemsize = [p.numel() for p in group_params], _reduce_itemsize(group_params[0], policy)
+        padded = padded_numels([p.shape for p in group_params], shard_size)
+        sent = sum(padded) if fsdp_layout(numels, padded, itemsize) else sum(numels)
+        all_reduce += sent * itemsize * (int(shard_size > 1) + int(replicate > 1))
     largest_unit = max(units, key=units.get) if units else ""
     largest = units.get(largest_unit, 0) if shard_size > 1 else 0
     others = sorted(v for u, v in units.items() if u != "")
     # FSDP's root stays gathered from its forward to the end of backward; two other units may be gathered beside it
-    transient = (units.get("", 0) + sum(others[-2:])) if shard_size > 1 else 0
+    step_gathered += copies
+    transient = (units.get("", 0) + sum(others[-2:]) + copies) if shard_size > 1 else 0
     persistent = frozen + 2 * trainable + optimizer + (kept if shard_size > 1 else 0)
 
     def global_bytes(p: torch.Tensor) -> int:

@@ -283,13 +283,21 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
 
 def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.Parameter, list[str]],
                       frozen: set[str]) -> tuple[str, str]:
-    """("per_unit", "root" or "replicate", why). [Note: auto grouping] ``"auto"`` takes ``"root"`` when all
-    trainable parameters, gathered, take no more bytes than the largest unit other than the root (a
-    block): then keeping them gathered for the step costs at most one more block's gather (adapters:
-    LoRA, DoRA, IA3), and the per-unit trainable collectives and hooks go. A large trainable set
-    (full fine-tuning, trained blocks) stays per unit. The root is left out of the comparison: it
-    often holds the embedding and the head, larger than several blocks. Bytes are counted in the gathered dtype (``param_dtype``, else the
-    parameter's), frozen weights at their stored size; NF4 is not known yet here and counts as dense."""
+    """("per_unit", "root" or "replicate", why). [Note: auto grouping] ``"auto"`` lets the trainable
+    parameters cost at most about one more block (the largest unit other than the root, gathered):
+
+    * ``"replicate"`` when their whole state on every rank (parameters, gradients and AdamW's two
+      moments in their dtype, plus the ``param_dtype`` copies) fits: the fastest layout (one
+      all-reduce, no FSDP work per parameter, measured in ``recipes/benchmark.py``);
+    * else ``"root"`` when they fit gathered: one all-gather and one reduce-scatter per step, the
+      state sharded;
+    * else ``"per_unit"``: a large trainable set (full fine-tuning, trained blocks), where the
+      per-unit overlap of gathers and reductions with compute matters.
+
+    The root is left out of the comparison: it often holds the embedding and the head, larger than
+    several blocks. Gathered bytes are counted in the gathered dtype (``param_dtype``, else the
+    parameter's), frozen weights at their stored size (NF4: a 2-D frozen weight's packed size; the
+    few NF4 cannot hold count the same)."""
     choice = policy.trainable_grouping
     needs = "fully_shard(ignored_params=...), torch >= 2.7"
     if choice in ("root", "replicate") and not compat.IGNORED_PARAMS_SUPPORTED:
@@ -307,23 +315,30 @@ def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.P
     mp = policy.torch_param_dtype
     frozen_dtype = policy.torch_frozen_dtype
     unit_bytes: dict[str, int] = {}
-    trainable = 0
+    gathered = state = 0
     for param, tied in holders.items():
         dtype = param.dtype
         if tied[0] in frozen and frozen_dtype is not None and param.is_floating_point():
             dtype = frozen_dtype
-        nbytes = param.numel() * (mp.itemsize if mp is not None and param.is_floating_point() else dtype.itemsize)
+        cast = mp is not None and param.is_floating_point()
+        nbytes = param.numel() * (mp.itemsize if cast else dtype.itemsize)
+        if tied[0] in frozen and policy.frozen_dtype == NF4 and param.dim() == 2:
+            nbytes = nf4_nbytes(param.numel(), policy.nf4_block_size, policy.nf4_scaler_block_size)
         unit = _enclosing_unit(_parent(tied[0]), units)
         unit_bytes[unit] = unit_bytes.get(unit, 0) + nbytes
         if tied[0] not in frozen:
-            trainable += nbytes
+            gathered += nbytes
+            state += param.numel() * (4 * param.dtype.itemsize + (mp.itemsize if cast and mp != param.dtype else 0))
     blocks = {u: b for u, b in unit_bytes.items() if u != ""} or unit_bytes
     largest = max(blocks, key=blocks.get)
-    fits = trainable <= blocks[largest]
-    relation = "fit within" if fits else "exceed"
-    why = (f"trainable_grouping='auto': the trainable parameters' {trainable:,} gathered bytes {relation} the "
-           f"largest unit's ({largest or '<root>'}: {blocks[largest]:,})")
-    return ("root", why + ": one root group") if fits else ("per_unit", why + ": per unit")
+    block = f"the largest unit's gathered bytes ({largest or '<root>'}: {blocks[largest]:,})"
+    whole = (f"trainable_grouping='auto': the trainable parameters' whole state per rank (parameters, gradients, "
+             f"AdamW moments, {str(mp).removeprefix('torch.') if mp else 'no'} copies: {state:,} bytes)")
+    if state <= blocks[largest]:
+        return "replicate", f"{whole} fits within {block}: replicated"
+    if gathered <= blocks[largest]:
+        return "root", f"{whole} exceeds {block}; gathered ({gathered:,} bytes) they fit: one root group"
+    return "per_unit", f"{whole} and their gathered bytes ({gathered:,}) exceed {block}: per unit"
 
 
 def _trainable_reshard(policy: FreezePolicy, unit: str) -> bool | int:

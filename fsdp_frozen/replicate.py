@@ -22,7 +22,9 @@ README). Here no fully_shard call takes a trainable parameter (``ignored_params`
 Why FSDP2's layout rather than the parameters' order: an all-reduce sums each element in an order
 that depends on its position in the buffer; in this layout it is the position a reduce-scatter
 would give it, so on gloo the averaged gradients are bitwise those of FSDP2 (tested at 1, 2 and 4
-ranks and HSDP against plain FSDP2). The padding costs what FSDP2's reduce-scatter buffer costs.
+ranks and HSDP against plain FSDP2). The padding costs what FSDP2's reduce-scatter buffer costs;
+where it would add more than an eighth of the bytes (and over 16 MiB: small-rank adapters on many
+ranks) the gradients go flat in parameter order instead (`fsdp_layout`).
 The division follows FSDP2 2.13 (``ReduceOp.AVG`` for fp32/bf16; pre/post-division by powers of
 two with a sum for other dtypes).
 
@@ -38,6 +40,7 @@ model built on meta and initialised by other means must seed every rank alike.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -62,6 +65,28 @@ def _divide(reduce_dtype: torch.dtype, size: int) -> tuple[float | None, float |
     while size % pre == 0 and size / pre > pre:
         pre *= 2
     return float(pre), size / pre, dist.ReduceOp.SUM
+
+
+#: How much padding FSDP2's layout may add before the flat one is used instead: an eighth of the
+#: gradient bytes, or 16 MiB, whichever is more (see `fsdp_layout`).
+PADDING_SHARE, PADDING_BYTES = 1 / 8, 16 * 2**20
+
+
+def padded_numels(shapes: list[torch.Size], world: int) -> list[int]:
+    """Elements of each gradient with dim 0 padded to a multiple of `world` (FSDP2's sharding)."""
+    return [-(-s[0] // world) * world * (math.prod(s) // max(s[0], 1)) for s in shapes]
+
+
+def fsdp_layout(numels: list[int], padded: list[int], itemsize: int) -> bool:
+    """Whether the all-reduce uses FSDP2's reduce-scatter layout (bitwise FSDP2's averages) rather
+    than the gradients flat in parameter order (the same averages up to the order of summation).
+
+    FSDP2 pads dim 0 of every gradient to a multiple of the shard count, so a LoRA ``lora_A`` with
+    r = 8 rows goes out as 64 rows at 64 ranks. The padded layout is kept while the padding adds at
+    most `PADDING_SHARE` of the bytes or `PADDING_BYTES`; beyond, the flat layout, which sends
+    exactly the gradients."""
+    extra = (sum(padded) - sum(numels)) * itemsize
+    return extra <= max(sum(numels) * itemsize * PADDING_SHARE, PADDING_BYTES)
 
 
 class ReplicatedTrainables:
@@ -226,9 +251,15 @@ class ReplicatedTrainables:
             return
         reduce_dtype = self.reduce_dtype or grads[0].dtype
         world = self.shard_group.size()
-        padded = [-(-g.shape[0] // world) * world * (g.numel() // max(g.shape[0], 1)) for g in grads]
-        buffer = torch.empty((world, sum(padded) // world), dtype=reduce_dtype, device=grads[0].device)
-        compat.chunk_cat(grads, world, buffer)
+        numels = [g.numel() for g in grads]
+        padded = padded_numels([g.shape for g in grads], world)
+        layout = fsdp_layout(numels, padded, reduce_dtype.itemsize)
+        if layout:
+            buffer = torch.empty((world, sum(padded) // world), dtype=reduce_dtype, device=grads[0].device)
+            compat.chunk_cat(grads, world, buffer)
+        else:
+            buffer = torch.empty(sum(numels), dtype=reduce_dtype, device=grads[0].device)
+            torch.cat([g.reshape(-1) for g in grads], out=buffer)
         del grads
         for group in (self.shard_group, self.replicate_group):
             if group is None or group.size() == 1:
@@ -239,10 +270,13 @@ class ReplicatedTrainables:
             dist.all_reduce(buffer, op=op, group=group)
             if post is not None:
                 buffer.div_(post)
-        flat = torch.empty(buffer.numel(), dtype=reduce_dtype, device=buffer.device)
-        parts = list(flat.split(padded))
-        torch.split_with_sizes_copy(buffer, [n // world for n in padded], dim=1,
-                                    out=[part.view(world, -1) for part in parts])
+        if layout:  # back to each parameter's order: one copy
+            flat = torch.empty(buffer.numel(), dtype=reduce_dtype, device=buffer.device)
+            parts = list(flat.split(padded))
+            torch.split_with_sizes_copy(buffer, [n // world for n in padded], dim=1,
+                                        out=[part.view(world, -1) for part in parts])
+        else:
+            parts = list(buffer.split(numels))
         for i, part in zip(indices, parts):
             p = self.params[i]
             grad = part[: p.numel()].view(p.shape)

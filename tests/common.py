@@ -61,6 +61,11 @@ def train(model: nn.Module, steps: int, rank: int, lr: float = 1e-2, on_step=Non
     return losses
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """The global tensor: ``full_tensor()`` of a DTensor (collective), else `t` (replicated or kept gathered)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded copies of every parameter, on every rank (collective)."""
     out = {}

@@ -242,16 +242,17 @@ def test_root_grouping_plan_and_refusals(monkeypatch):
     # "auto" (the default): the adapters fit within the largest unit -> root; every weight trainable -> per unit
     auto = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2)
     assert auto.trainable_grouping == "root" and [g.unit for g in auto.groups if g.kind == TRAINABLE] == [""]
-    assert "trainable_grouping='auto': the trainable parameters' " in auto.grouping_why
-    assert "fit within the largest unit's" in auto.grouping_why and auto.grouping_why.endswith("one root group")
+    assert "trainable_grouping='auto': the trainable parameters' whole state per rank" in auto.grouping_why
+    assert "exceeds the largest unit's gathered bytes" in auto.grouping_why  # too much to replicate (see test_replicate)
+    assert auto.grouping_why.endswith("they fit: one root group")
     full = make_model()
     for p in full.parameters():
         p.requires_grad_(True)
     full_plan = build_plan(full, FreezePolicy(units=["layers.*"]), shard_size=2)
-    assert full_plan.trainable_grouping == "per_unit" and "exceed" in full_plan.grouping_why
+    assert full_plan.trainable_grouping == "per_unit" and "and their gathered bytes" in full_plan.grouping_why
     assert all(full_plan.grouping_why in g.why for g in full_plan.groups if g.kind == TRAINABLE)
 
-    with pytest.raises(PolicyError, match=r"trainable_grouping='by_block' is not allowed; use one of \['auto', 'per_unit', 'root'\]"):
+    with pytest.raises(PolicyError, match=r"trainable_grouping='by_block' is not allowed; use one of \['auto', 'per_unit', 'root', 'replicate'\]"):
         FreezePolicy(trainable_grouping="by_block")
     monkeypatch.setattr(compat, "IGNORED_PARAMS_SUPPORTED", False)
     with pytest.raises(PolicyError, match=r"trainable_grouping='root' needs fully_shard\(ignored_params=\.\.\.\), torch >= 2\.7"):

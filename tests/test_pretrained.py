@@ -21,7 +21,7 @@ from fsdp_frozen.checkpoint import CheckpointLayoutError, load_pretrained
 from fsdp_frozen.diagnostics import reset_rss_peak, rss_bytes
 from fsdp_frozen.storage import is_nf4
 
-from .common import mesh_1d
+from .common import mesh_1d, whole
 from .dist_harness import run_ranks
 
 HF_MISSING = any(importlib.util.find_spec(m) is None for m in ("transformers", "peft", "safetensors"))
@@ -140,7 +140,7 @@ def _case(rank: int, world: int, directory: str, arch: str, peft: str | None, dt
     lora_a = [local_tensor(p) for n, p in model.named_parameters() if "lora_A" in n]
     # Each rank keeps its chunk of one whole init: the shards differ (DTensor's uncoordinated CPU init
     # would repeat the same numbers on every rank).
-    halves = [torch.chunk(p.full_tensor(), world)[:2] for n, p in model.named_parameters() if "lora_A" in n]
+    halves = [torch.chunk(whole(p), world)[:2] for n, p in model.named_parameters() if "lora_A" in n]
     shards_distinct = world == 1 or all(not torch.equal(a, b) for a, b in halves if a.shape == b.shape)
     with torch.no_grad():
         diff = (reference(input_ids=ids).logits.float() - model(input_ids=ids).logits.float()).abs().max().item()

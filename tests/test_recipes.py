@@ -166,17 +166,21 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
     assert "Compute floor (" in out.stdout and data["meta"]["compute_floor_step_time_s"] > 0, out.stdout[-3000:]
     r = data["results"]
     per_unit = ["after_forward", "never", "after_forward (nf4 frozen)", "never (nf4 frozen)"]
-    assert set(r) == {"plain", *per_unit, *(f"{v}, root trainable" for v in per_unit), "never, no units"}
+    assert set(r) == {"plain", *per_unit, *(f"{v}, {g} trainable" for v in per_unit for g in ("root", "replicated")),
+                      "never, no units, replicated trainable"}
     for name, v in r.items():
         assert v["total_persistent_bytes"] < v["peak_bytes"], name
         assert v["compute_floor_ratio"] > 0, name
-        # trainable collectives per step: one each way in one root group; per unit, one reduce-scatter per block
-        one_group = name.endswith(("root trainable", "no units"))
-        assert v["reduce_scatters"] == (1 if one_group else 2), name
-        if one_group:
-            assert v["all_gathers"] - v["frozen_all_gathers"] == 1, name
-    assert data["meta"]["collectives_step_time_s"] > 0
+        # trainable collectives per step: one each way in one root group; replicated, one all-reduce; per unit,
+        # one reduce-scatter per block
+        root, replicated = name.endswith("root trainable"), name.endswith("replicated trainable")
+        assert v["reduce_scatters"] == (1 if root else 0 if replicated else 2), name
+        assert v["all_reduces"] == int(replicated), name
+        if root or replicated:
+            assert v["all_gathers"] - v["frozen_all_gathers"] == int(root), name
+    assert data["meta"]["collectives_step_time_s"] > 0 and data["meta"]["all_reduce_step_time_s"] > 0
     assert "Collectives of the one trainable group alone" in out.stdout
+    assert "Collectives of the replicated trainable group alone" in out.stdout
     assert r["never"]["frozen_all_gather_bytes"] == 0 and r["after_forward"]["frozen_all_gather_bytes"] > 0
     assert r["never, root trainable"]["all_gathers"] == 1  # steady state: the adapters' one all-gather, nothing frozen
     assert r["after_forward (nf4 frozen)"]["frozen_persistent_bytes"] < r["after_forward"]["frozen_persistent_bytes"]

@@ -23,7 +23,7 @@ from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 
-from .common import CommCounter, adamw, frozen_group_names, hf_train, mesh_1d, train
+from .common import CommCounter, adamw, frozen_group_names, hf_train, mesh_1d, train, whole
 from .dist_harness import run_ranks
 from .models import batch, make_model
 from .test_checkpoint import full_optim
@@ -75,7 +75,7 @@ def _optim(model, opt) -> dict[str, torch.Tensor]:
 
 def _trainable_state(model) -> dict[str, torch.Tensor]:
     """Unsharded trainable parameters (NF4 frozen weights cannot be gathered as dense tensors)."""
-    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: whole(p).detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def _parity(rank: int, world: int, tmp: str, only: tuple[str, ...] | None = None) -> dict:
@@ -164,8 +164,8 @@ def _nf4_unfreeze(rank: int, world: int) -> dict:
     model = shard_with_freezing(make_model(), mesh_1d(world), policy)
     opt = adamw(model)
     train(model, 1, rank, opt=opt)
-    whole = model.get_parameter(name).full_tensor()  # the NF4Tensor, gathered
-    want = whole.get_original_weight().float()
+    gathered = model.get_parameter(name).full_tensor()  # the NF4Tensor, gathered
+    want = gathered.get_original_weight().float()
     refused = ""
     try:
         refreeze(model, opt, FreezePolicy(units=UNITS, unfreeze=[name], **NF4))
@@ -175,11 +175,11 @@ def _nf4_unfreeze(rank: int, world: int) -> dict:
         warnings.simplefilter("always")
         refreeze(model, opt, FreezePolicy(units=UNITS, unfreeze=[name], **NF4), dequantize=True)
     param = model.get_parameter(name)
-    got = param.full_tensor()
+    got = whole(param)
     losses = train(model, 2, rank, opt=opt, start=1)
     return {"refused": refused, "warned": [str(w.message) for w in caught if "NF4" in str(w.message)],
             "equal": torch.equal(got, want), "dtype": str(got.dtype), "trainable": param.requires_grad,
-            "moved": not torch.equal(model.get_parameter(name).full_tensor(), want),
+            "moved": not torch.equal(whole(model.get_parameter(name)), want),
             "in_optimizer": any(p is model.get_parameter(name) for g in opt.param_groups for p in g["params"]),
             "losses": losses}
 

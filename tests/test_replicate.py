@@ -83,6 +83,39 @@ def test_replicate_matches_plain_fsdp_and_counts_one_all_reduce(world):
             assert step["ar"] == expected["ar"] + int(r0["hsdp"]), (key, step, expected)
 
 
+def _flat(rank: int, world: int) -> dict:
+    """Padding over the allowance: the gradients go flat in parameter order, unpadded."""
+    from fsdp_frozen import replicate
+
+    replicate.PADDING_SHARE, replicate.PADDING_BYTES = 0, 0  # any padding is too much
+    ref = plain_fsdp(make_model(dim=15), mesh_1d(world), ("layers.*",))  # odd dim 0: padded at 2 and 4 ranks
+    ref_losses = train(ref, STEPS, rank)
+    model = shard_with_freezing(make_model(dim=15), mesh_1d(world), _policy("toy", "never", world, "replicate"))
+    counter, opt = CommCounter(), adamw(model)
+    train(model, 1, rank, opt=opt)
+    with counter:
+        losses = train(model, STEPS - 1, rank, opt=opt, start=1)
+    ref_state, state = full_state(ref), full_state(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return {"losses": (ref_losses[1:], losses),
+            "max_diff": max((ref_state[k] - state[k]).abs().max().item() for k in ref_state),
+            "bitwise": all(torch.equal(ref_state[k], state[k]) for k in ref_state),
+            "ar_bytes": counter.total("all_reduce") // (STEPS - 1),
+            "flat_bytes": sum(p.numel() * 4 for p in trainable),
+            "padded": sum(replicate.padded_numels([p.shape for p in trainable], world)) * 4}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_replicate_flat_layout_when_padding_is_too_much(world):
+    for r in run_ranks(_flat, world):
+        assert r["padded"] > r["flat_bytes"]  # this model pads at these world sizes
+        assert r["ar_bytes"] == r["flat_bytes"]  # exactly the gradients, no padding
+        if world == 2:  # two summands commute: bitwise whatever the layout
+            assert r["bitwise"] and r["losses"][0] == r["losses"][1]
+        else:  # another order of summation: the same averages up to rounding
+            assert r["max_diff"] < 1e-5 and r["losses"][0] == pytest.approx(r["losses"][1], rel=1e-5)
+
+
 def _mixed_and_accumulation(rank: int, world: int) -> dict:
     """bf16 compute with fp32 reduction; two micro-batches per step with gradient sync on the second."""
     mesh = mesh_1d(world)
@@ -263,6 +296,14 @@ def test_replicate_plan_estimate_and_refusals(monkeypatch):
     assert plan.apply_order == plan.units  # bottom-up: every fully_shard call ignores the trainable parameters
     assert set(plan.ignored[""]) == names
     assert "trainable_grouping='replicate'" in trainable[0].why
+    # "auto" (the default) replicates adapters whose whole state fits within the largest unit gathered
+    adapters = make_model(dim=128, peft_style=True, mixed_bias=False)
+    auto = build_plan(adapters, FreezePolicy(units=["layers.*"], freeze=["scale", "norm.*"], param_dtype="bfloat16"),
+                      shard_size=2)
+    assert auto.trainable_grouping == "replicate" and auto.replicated, auto.grouping_why
+    assert auto.grouping_why.startswith("trainable_grouping='auto': the trainable parameters' whole state per rank "
+                                        "(parameters, gradients, AdamW moments, bfloat16 copies: ")
+    assert auto.grouping_why.endswith("): replicated") and "fits within the largest unit's gathered bytes (layers." in auto.grouping_why
     one = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="replicate"), shard_size=1)
     assert [g.all_reduces_per_step for g in one.groups if g.kind == TRAINABLE] == [0]
 

@@ -126,7 +126,7 @@ def _fallback(rank: int, world_size: int) -> dict:
     tied_ref = plain_fsdp(make_model(tied=True), mesh, tuple(UNITS))
     tied_losses = train(tied_ref, 4, rank)
     for reshard, grouping in (("after_forward", "per_unit"), ("never", "per_unit"), ("after_forward", "root"),
-                              ("never", "tied")):
+                              ("never", "replicate"), ("never", "tied")):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             policy = FreezePolicy(units=UNITS, frozen_reshard=reshard,
@@ -137,6 +137,7 @@ def _fallback(rank: int, world_size: int) -> dict:
             losses = train(model, 4, rank)
         out[(reshard, grouping)] = {
             "reduce_scatters": counter.total("reduce_scatter", count=True),
+            "all_reduces": counter.total("all_reduce", count=True),
             "warnings": [str(w.message) for w in caught if "cannot hold two param groups" in str(w.message)],
             "equal": (losses == (tied_losses if grouping == "tied" else ref_losses)
                       and all(torch.equal(a, b) for a, b in zip(full_state(tied_ref if grouping == "tied" else ref).values(),
@@ -154,8 +155,10 @@ def test_structural_fallback_without_split_groups():
         if grouping == "tied":  # the embedding and the head it is tied to: one frozen-only group, one tensor
             continue
         # 4 steps; per_unit: the root and the 2 blocks with trainable parameters reduce-scatter; root: the root only,
-        # and the blocks' unsplit frozen weights (proj.weight) stay in their own groups, which reduce-scatter nothing
-        assert r["reduce_scatters"] == 4 * {"per_unit": 3, "root": 1}[grouping], (reshard, grouping)
+        # and the blocks' unsplit frozen weights (proj.weight) stay in their own groups, which reduce-scatter nothing;
+        # replicate: one all-reduce a step and no reduce-scatter
+        assert r["reduce_scatters"] == 4 * {"per_unit": 3, "root": 1, "replicate": 0}[grouping], (reshard, grouping)
+        assert r["all_reduces"] == 4 * (grouping == "replicate"), (reshard, grouping)
         assert len(r["warnings"]) == 1
         assert "layers.0.proj.weight" in r["warnings"][0] and "layers.1.proj.weight" in r["warnings"][0]
         assert "not split off" in r["table"]
