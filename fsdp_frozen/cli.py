@@ -185,9 +185,9 @@ def _size(n: int) -> str:
 
 
 def render_estimates(info: dict[str, Any]) -> str:
-    head = ("| policy | frozen | frozen/rank | trainable/rank | grads/rank | AdamW/rank | kept gathered | "
-            "trainable gathered all step | "
-            "largest unit gather | persistent/rank | peak/rank | AG/step frozen / trainable | RS/step | "
+    head = ("| policy | frozen | trainable grouping | frozen/rank | trainable/rank | grads/rank | AdamW/rank | "
+            "kept gathered | trainable gathered all step | "
+            "largest unit gather | persistent/rank | peak/rank | AG/step frozen / trainable | RS/step | AR/step | "
             "checkpoint full / trainable |")
     lines = [f"{info['model']} at world {info['world']}" + (f" (HSDP {info['replicate']} x "
              f"{info['world'] // info['replicate']})" if info["replicate"] > 1 else "")
@@ -195,11 +195,12 @@ def render_estimates(info: dict[str, Any]) -> str:
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in info["estimates"]:
         ag = r["all_gather_bytes_per_step"]
-        cells = [r["frozen_reshard"], r["frozen_dtype"], *map(_size, (
+        cells = [r["frozen_reshard"], r["frozen_dtype"], r["trainable_grouping"], *map(_size, (
             r["frozen_shard_bytes"], r["trainable_shard_bytes"], r["gradient_bytes"], r["optimizer_bytes"],
             r["kept_gathered_bytes"], r["trainable_step_gathered_bytes"], r["largest_unit_gather_bytes"],
             r["persistent_bytes"], r["peak_bytes"])),
             f"{_size(ag['frozen'])} / {_size(ag['trainable'])}", _size(r["reduce_scatter_bytes_per_step"]),
+            _size(r["all_reduce_bytes_per_step"]),
             f"{_size(r['checkpoint_full_bytes'])} / {_size(r['checkpoint_trainable_bytes'])}"]
         lines.append("| " + " | ".join(cells) + " |")
     acts = info["estimates"][0].get("activations") if info["estimates"] else None
@@ -209,7 +210,7 @@ def render_estimates(info: dict[str, Any]) -> str:
                   f"{_size(acts['checkpointing_bytes'])} with it; method: {acts['method']}."]
     lines += ["", "Per rank, exact from the sharding (fake process group); peak = persistent + the root's all-gather "
               "(gathered from its forward to the end of backward) + the two largest other units' (FSDP prefetches "
-              "one unit ahead). Not counted: CUDA context, allocator fragmentation, "
+              "one unit ahead) + the param_dtype copies of replicated trainable parameters. Not counted: CUDA context, allocator fragmentation, "
               "NCCL buffers, one unit's unsharded gradients before reduce-scatter."]
     return "\n".join(lines)
 

@@ -53,6 +53,7 @@ class Estimate:
     replicate: int
     frozen_reshard: str
     frozen_dtype: str
+    trainable_grouping: str  #: as planned ("auto" resolved: "per_unit", "root" or "replicate")
     frozen_shard_bytes: int  #: this rank's frozen shards, as stored
     trainable_shard_bytes: int
     gradient_bytes: int  #: sharded gradients of the trainable parameters
@@ -178,7 +179,7 @@ def measure(model: nn.Module) -> Estimate:
     full = sum(global_bytes(p) for p in params.values()) + buffers + optimizer_global
     return Estimate(
         world=world, replicate=replicate, frozen_reshard=str(policy.frozen_reshard),
-        frozen_dtype=str(policy.frozen_dtype), frozen_shard_bytes=frozen, trainable_shard_bytes=trainable,
+        frozen_dtype=str(policy.frozen_dtype), trainable_grouping=plan.trainable_grouping, frozen_shard_bytes=frozen, trainable_shard_bytes=trainable,
         gradient_bytes=trainable, optimizer_bytes=optimizer, kept_gathered_bytes=kept if shard_size > 1 else 0,
         trainable_step_gathered_bytes=step_gathered if shard_size > 1 else 0,
         largest_unit_gather_bytes=largest, largest_unit=largest_unit or "<root>",

@@ -3,7 +3,8 @@
 Skipped with a reason on machines without a GPU (CI, the CPU development machines). Run by
 ``scripts/gpu_check.sh`` on a lent GPU machine. Covers: shard + train (bitwise against plain FSDP2),
 save + load (frozen shards staged on the host: the device peak during the load stays near the model),
-checksums of CUDA shards, `load_pretrained` (shards created on the GPU) and NF4.
+checksums of CUDA shards, `load_pretrained` (shards created on the GPU), NF4, `refreeze` and
+``trainable_grouping="replicate"``.
 """
 
 from __future__ import annotations
@@ -168,3 +169,37 @@ def test_cuda_refreeze(tmp_path, world):
     for r in run_ranks(_refreeze, world, str(tmp_path), backend="nccl", timeout=300):
         assert r["devices"] == ["cuda"] and r["state_devices"] in ([], ["cuda"]), r
         assert r["equal"], r
+
+
+def _replicate(rank: int, world: int) -> dict:
+    """trainable_grouping='replicate' on CUDA + NCCL: parameters, bf16 copies, gradients and the
+    all-reduce buffer on the device (also for a model built on the CPU or on meta), losses equal to
+    plain FSDP2's."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from .common import plain_fsdp
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    with torch.device("cuda"):
+        reference = plain_fsdp(make_model(), _mesh(world), ("layers.*",), mp)
+    policy = FreezePolicy(units=["layers.*"], trainable_grouping="replicate", param_dtype="bfloat16",
+                          reduce_dtype="float32")
+    model = shard_with_freezing(make_model(), _mesh(world), policy)  # built on the CPU: moved to the mesh's device
+    want, _ = _train(reference, 3, rank)
+    got, _ = _train(model, 3, rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    x, y = (t.cuda() for t in batch(0, rank))
+    logits = model(x)
+    during = sorted({f"{p.device.type}:{p.dtype}" for p in model.parameters() if p.requires_grad})
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).backward()
+    return {"losses_equal": want == got, "during": during,
+            "devices": sorted({p.device.type for p in trainable} | {p.grad.device.type for p in trainable}),
+            "grad_dtypes": sorted({str(p.grad.dtype) for p in trainable})}
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_cuda_replicate(world):
+    for r in run_ranks(_replicate, world, backend="nccl", timeout=300):
+        assert r["losses_equal"], r
+        assert r["devices"] == ["cuda"] and r["grad_dtypes"] == ["torch.float32"], r
+        assert r["during"] == ["cuda:torch.bfloat16"], r
