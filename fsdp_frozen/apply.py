@@ -141,8 +141,10 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
                               frozen_settings=frozen_settings, original_dtypes=original_dtypes)
     if plan.replicated:
         group = next(g for g in plan.groups if g.params and g.params[0] in plan.replicated)
+        whole = sorted(plan.unmanaged - plan.quantized)  # "never" frozen groups kept whole ([Note: whole frozen groups])
         state.replicated = ReplicatedTrainables(model, group.params, [plan.path(f) for f in group.params], mesh,
-                                                mp_policy, shard_device(mesh))
+                                                mp_policy, shard_device(mesh),
+                                                frozen=(tuple(whole), [plan.path(f) for f in whole]))
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
     state.hooks = [model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True),
@@ -225,14 +227,17 @@ def _guard_setters(model: nn.Module, state: ShardedModelState) -> None:
             object.__setattr__(module, name, guarded)
 
 
-def _unmanaged_nf4(plan: ShardingPlan, unit: str) -> list[str]:
-    """The unit's NF4 weights the plan keeps out of FSDP (`ShardingPlan.unmanaged`)."""
+def _unmanaged(plan: ShardingPlan, unit: str) -> list[str]:
+    """The unit's frozen parameters the plan keeps out of FSDP (`ShardingPlan.unmanaged`)."""
     group = plan.frozen_group(unit)
     return [f for f in group.params if f in plan.unmanaged] if group else []
 
 
 def _ignored(model: nn.Module, plan: ShardingPlan, unit: str) -> dict[str, Any]:
-    names = [*plan.ignored.get(unit, ()), *_unmanaged_nf4(plan, unit)]
+    names = [*plan.ignored.get(unit, ()), *_unmanaged(plan, unit)]
+    # a unit without fully_shard leaves its parameters to the enclosing call, which must ignore them too
+    names += [f for u in plan.units_without_fsdp if u != unit and (unit == "" or u.startswith(unit + "."))
+              for g in plan.groups_of(u) for f in g.params]
     ignored = {model.get_parameter(plan.path(f)) for f in names}
     return {"ignored_params": ignored} if ignored else {}
 
@@ -246,7 +251,9 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
     for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
         module = model.get_submodule(plan.path(unit))
         frozen_group = plan.frozen_group(unit)
-        unmanaged = set(_unmanaged_nf4(plan, unit))
+        if unit in plan.units_without_fsdp:  # [Note: whole frozen groups]
+            continue
+        unmanaged = set(_unmanaged(plan, unit))
         frozen_ids = (
             {id(model.get_parameter(plan.path(f))) for f in frozen_group.params if f not in unmanaged}
             if frozen_group else set()

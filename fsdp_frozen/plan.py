@@ -64,8 +64,10 @@ class ShardingPlan:
     quantized: frozenset[str] = frozenset()  #: frozen params stored as NF4 (frozen_dtype="nf4")
     not_quantized: dict[str, str] = field(default_factory=dict)  #: frozen params NF4 cannot hold -> why
     names: ModelNames | None = None  #: canonical names of the model and the module paths behind them
-    #: NF4 weights FSDP must not manage (``ignored_params``): at shard size 1 torchao's NF4 all-gather
-    #: hooks fail (torch 2.13 / torchao 0.18) and nothing would be communicated anyway.
+    #: Frozen parameters FSDP must not manage (``ignored_params``), kept whole on every rank: NF4
+    #: weights at shard size 1 (torchao's NF4 all-gather hooks fail there, torch 2.13 / torchao 0.18,
+    #: and nothing would be communicated anyway), and every ``"never"`` frozen group under
+    #: ``trainable_grouping="replicate"`` ([Note: whole frozen groups]).
     unmanaged: frozenset[str] = frozenset()
     #: Each unit's ``reshard_after_forward`` for its fully_shard call (its trainable group's, FSDP's root rule).
     unit_reshard: dict[str, bool | int] = field(default_factory=dict)
@@ -74,6 +76,14 @@ class ShardingPlan:
     #: trainable parameters no FSDP group manages (``trainable_grouping="replicate"``): whole on
     #: every rank, reduced by `fsdp_frozen.replicate` ([Note: replicated trainables])
     replicated: frozenset[str] = frozenset()
+
+    @property
+    def units_without_fsdp(self) -> frozenset[str]:
+        """Units (never the root) whose every parameter stays out of FSDP (`unmanaged` or
+        `replicated`): no fully_shard call, so none of FSDP2's per-unit hooks run for them."""
+        outside = self.unmanaged | self.replicated
+        return frozenset(u for u in self.units[:-1]
+                         if self.groups_of(u) and all(f in outside for g in self.groups_of(u) for f in g.params))
 
     @property
     def apply_order(self) -> tuple[str, ...]:
@@ -270,15 +280,38 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
                               grouping_why, replicate=grouping == "replicate")
     if policy.frozen_reshard == "auto":
         groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
+    groups, whole = _whole_frozen(groups, grouping, split)
     return ShardingPlan(
         units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
         ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
         shard_size=shard_size, split=split, quantized=frozenset(quantized), not_quantized=not_quantized,
-        names=names, unmanaged=frozenset(quantized) if shard_size == 1 else frozenset(),
+        names=names, unmanaged=frozenset(quantized if shard_size == 1 else ()) | whole,
         unit_reshard={u: _trainable_reshard(policy, u) for u in units},
         trainable_grouping=grouping, grouping_why=grouping_why,
         replicated=frozenset(set(params) - frozen) if grouping == "replicate" else frozenset(),
     )
+
+
+def _whole_frozen(groups: list[GroupPlan], grouping: str, split: bool) -> tuple[list[GroupPlan], frozenset[str]]:
+    """[Note: whole frozen groups] A ``"never"`` frozen group is gathered once and kept: every rank
+    holds it whole, and FSDP adds only a 1/N shard copy beside it and its per-unit hooks (0.4-1 ms
+    per unit per step on the benchmark's CPU, measured). Under ``trainable_grouping="replicate"``
+    such groups leave FSDP as the trainable parameters did: whole on every rank from the start,
+    never communicated, and a unit left with nothing for FSDP gets no fully_shard call at all. The
+    structural fallback (torch < 2.13) keeps them in FSDP, and so does a group FSDP would cast
+    (stored in another dtype than ``param_dtype``) or NF4 (dequantized through FSDP's hooks). Returns
+    the groups (their ``why`` says so) and the parameters kept whole."""
+    if grouping != "replicate" or not split:
+        return groups, frozenset()
+    out, whole = [], set()
+    for g in groups:
+        # only what needs no per-step work: stored in the dtype it computes in (no mixed-precision cast), not NF4
+        if g.kind == FROZEN and g.reshard == "never" and g.storage_dtype == g.gathered_dtype and NF4 not in g.storage_dtype:
+            whole |= set(g.params)
+            g = replace(g, all_gathers_per_step=0,
+                        why=f"{g.why}; kept whole on every rank outside FSDP (trainable_grouping='replicate')")
+        out.append(g)
+    return out, frozenset(whole)
 
 
 def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.Parameter, list[str]],

@@ -91,7 +91,11 @@ class FreezePolicy:
             optimizer then steps plain tensors. Fastest for adapters (no trainable all-gather, no
             per-parameter FSDP work, no DTensor dispatch in the optimizer); it costs the whole
             trainable parameters, gradients and optimizer state on every rank (`describe` shows
-            the bytes), so it suits small trainable sets only. See ``docs/grouping.md``. ``"root"``
+            the bytes), so it suits small trainable sets only. Under it a ``"never"`` frozen group
+            stored in its compute dtype (not NF4) leaves FSDP too: whole on every rank from the
+            start, never communicated, without FSDP's shard copy beside it, and a unit left with
+            nothing for FSDP gets no fully_shard call (no per-unit hooks). See
+            ``docs/grouping.md``. ``"root"``
             and ``"replicate"`` need ``fully_shard(ignored_params=...)``, torch >= 2.7. The
             checkpoint keys do not depend on the grouping, and a checkpoint saved under one loads
             under any other.

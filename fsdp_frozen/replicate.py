@@ -98,9 +98,14 @@ class ReplicatedTrainables:
     """
 
     def __init__(self, model: nn.Module, fqns: tuple[str, ...], paths: list[str], mesh: DeviceMesh,
-                 mp_policy: MixedPrecisionPolicy, device: torch.device) -> None:
+                 mp_policy: MixedPrecisionPolicy, device: torch.device,
+                 frozen: tuple[tuple[str, ...], list[str]] = ((), [])) -> None:
         self.fqns = fqns
         self.params: list[nn.Parameter] = [model.get_parameter(p) for p in paths]
+        #: frozen parameters kept whole outside FSDP beside them ([Note: whole frozen groups] in plan.py):
+        #: moved and broadcast here, checked each forward, never swapped or reduced
+        self.frozen_fqns = frozen[0]
+        self.frozen = [model.get_parameter(p) for p in frozen[1]]
         by_id: dict[int, list[tuple[dict, str]]] = {id(p): [] for p in self.params}
         for path, param in model.named_parameters(remove_duplicate=False):
             if id(param) in by_id:
@@ -118,7 +123,7 @@ class ReplicatedTrainables:
         self.swapped = False
         self.queued = False
         with torch.no_grad():
-            for p in self.params:
+            for p in (*self.params, *self.frozen):
                 if not p.is_meta and p.device != device:
                     p.data = p.data.to(device)
             self.broadcast()
@@ -129,8 +134,9 @@ class ReplicatedTrainables:
     # --- setup -----------------------------------------------------------------------------------
     def broadcast(self) -> None:
         """Give every rank the values of the mesh's first rank (one flat broadcast per dtype and mesh
-        dim). Meta parameters are skipped: `load_pretrained` initialises them alike on every rank."""
-        real = [p for p in self.params if not p.is_meta]
+        dim), the whole frozen parameters too. Meta parameters are skipped (`load_pretrained` fills
+        them alike on every rank), and so are NF4 ones (quantized alike from equal values)."""
+        real = [p for p in (*self.params, *self.frozen) if not p.is_meta and type(p.data) is torch.Tensor]
         groups = [g for g in (self.shard_group, self.replicate_group) if g is not None and g.size() > 1]
         for dtype in sorted({p.dtype for p in real}, key=str):
             same = [p for p in real if p.dtype == dtype]
@@ -166,6 +172,11 @@ class ReplicatedTrainables:
         """The tensors forward computes with: a ``param_dtype`` copy per parameter (refreshed from
         the parameters with one foreach copy), or an alias of the parameter when no cast is needed."""
         dsts, srcs = [], []
+        for fqn, p in zip(self.frozen_fqns, self.frozen):
+            if p.requires_grad:
+                raise FreezingChangedError(
+                    f"requires_grad of parameter {fqn!r} changed from False to True after shard_with_freezing "
+                    f"(kept whole outside FSDP); restore it, or use fsdp_frozen.refreeze to unfreeze it")
         for i, p in enumerate(self.params):
             if not p.requires_grad:
                 raise FreezingChangedError(

@@ -43,6 +43,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # noqa: E402
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
+from fsdp_frozen.apply import sharded_state  # noqa: E402
 from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
 from fsdp_frozen import _torch_compat as compat  # noqa: E402
 from fsdp_frozen.diagnostics import CommCounter, frozen_group_names  # noqa: E402
@@ -134,8 +135,11 @@ def persistent_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def kept_shard_bytes(model: nn.Module) -> int:
-    """Shards FSDP still holds behind kept-gathered ("never") frozen groups (those show full tensors)."""
-    return sum(r.sharded_bytes for r in describe(model) if r.kind == "frozen" and r.reshard == "never")
+    """Shards FSDP still holds behind kept-gathered ("never") frozen groups (those show full tensors);
+    none behind groups kept whole outside FSDP (``trainable_grouping="replicate"``)."""
+    whole = sharded_state(model).plan.unmanaged
+    return sum(r.sharded_bytes for r in describe(model)
+               if r.kind == "frozen" and r.reshard == "never" and not set(r.params) <= whole)
 
 
 def peak_bytes(model: nn.Module, opt, step_fn) -> int:

@@ -58,6 +58,11 @@ def _parity(rank: int, world: int) -> dict:
                 "ar": sum(r.all_reduces_per_step for r in records),
             },
             "hsdp": mesh_kind == "hsdp",
+            # [Note: whole frozen groups]: "never" groups leave FSDP, and so do units left with nothing
+            "whole": sorted(plan.unmanaged), "units_without_fsdp": sorted(plan.units_without_fsdp),
+            "never_groups": sorted(f for g in plan.groups if g.kind == FROZEN and g.reshard == "never" for f in g.params),
+            "frozen_plain": sorted({type(p).__name__ for n, p in model.named_parameters() if n in plan.unmanaged}),
+            "first_step_frozen_ag": per_step[0]["frozen_ag"],
             "trainable_sum": sum(float(p.detach().double().sum()) for p in trainable),
         }
     return out
@@ -76,6 +81,10 @@ def test_replicate_matches_plain_fsdp_and_counts_one_all_reduce(world):
         assert len(r0["frozen_units"]) > 1, key  # frozen groups keep their units
         expected = r0["expected"]
         assert expected["ar"] == int(world > 1), key
+        if key[1] == "never":  # kept whole on every rank, outside FSDP: nothing gathered even in the first step
+            assert r0["whole"] and r0["frozen_plain"] == ["Parameter"] and r0["first_step_frozen_ag"] == 0, key
+            assert r0["units_without_fsdp"], key
+        assert r0["whole"] == r0["never_groups"], key  # "auto" keeps some groups gathered: those leave FSDP too
         for step in r0["steady"]:
             assert step["frozen_ag"] == expected["frozen_ag"], (key, step, expected)
             assert step["trainable_ag"] == 0 and step["rs"] == 0, (key, step)
@@ -217,14 +226,19 @@ def test_checkpoints_load_across_replicate_and_sharded_groupings(tmp_path):
 def _refreeze(rank: int, world: int, tmp: str) -> dict:
     """k steps, refreeze to another grouping (and freezing), k more: against save + rebuild + load."""
     out = {}
-    switches = [("per_unit", "replicate", ()), ("replicate", "per_unit", ()), ("replicate", "replicate", ("layers.2.**",))]
+    switches = [("per_unit", "replicate", ()), ("replicate", "per_unit", ()), ("replicate", "replicate", ("layers.2.**",)),
+                ("replicate-never", "per_unit", ()), ("per_unit", "replicate-never", ())]  # frozen kept whole <-> sharded
     for first, second, unfreeze in switches:
         runs = {}
         for how in ("refreeze", "rebuild"):
-            model = shard_with_freezing(make_model(), mesh_1d(world), _policy("toy", "after_forward", world, first))
+            def policy_of(name: str, **extra) -> FreezePolicy:
+                grouping, _, reshard = name.partition("-")
+                return _policy("toy", reshard or "after_forward", world, grouping, **extra)
+
+            model = shard_with_freezing(make_model(), mesh_1d(world), policy_of(first))
             opt = adamw(model)
             head = train(model, 2, rank, opt=opt)
-            policy = _policy("toy", "after_forward", world, second, unfreeze=list(unfreeze))
+            policy = policy_of(second, unfreeze=list(unfreeze))
             if how == "refreeze":
                 refreeze(model, opt, policy)
             else:
@@ -243,7 +257,7 @@ def test_refreeze_to_and_from_replicate(tmp_path):
     for r in run_ranks(_refreeze, 2, str(tmp_path)):
         for key, runs in r.items():
             (losses, state, grouping), (ref_losses, ref_state, ref_grouping) = runs["refreeze"], runs["rebuild"]
-            assert grouping == ref_grouping == key[1], key
+            assert grouping == ref_grouping == key[1].partition("-")[0], key
             assert losses == ref_losses, key
             assert [k for k in ref_state if not torch.equal(ref_state[k], state[k])] == [], key
 
@@ -273,6 +287,15 @@ def _states(rank: int, world: int) -> dict:
         out["flip"] = None
     except FreezingChangedError as e:
         out["flip"] = str(e)
+    masters[0].requires_grad_(True)
+    whole = shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(
+        units=["layers.*"], trainable_grouping="replicate", frozen_reshard="never"))
+    whole.get_parameter("tok.weight").requires_grad_(True)
+    try:
+        whole(x)
+        out["frozen_flip"] = None
+    except FreezingChangedError as e:
+        out["frozen_flip"] = str(e)
     return out
 
 
@@ -283,6 +306,7 @@ def test_replicate_between_steps_and_refusals():
         assert r["fp32"] == {torch.float32} and r["during"] == {torch.bfloat16}
         assert r["after_eval"] and r["after_backward"] and r["grads"]
         assert "changed from True to False" in r["flip"] and "trainable_grouping='replicate'" in r["flip"]
+        assert "'tok.weight' changed from False to True" in r["frozen_flip"] and "outside FSDP" in r["frozen_flip"]
 
 
 def test_replicate_plan_estimate_and_refusals(monkeypatch):
