@@ -109,6 +109,14 @@ def materialize_meta(model: nn.Module, device: torch.device) -> None:
         for name, buf in own_buffers(module).items():
             if not buf.is_meta:
                 real[(module_path, name)] = buf
+    # Plain (not DTensor) meta parameters (kept out of FSDP: trainable_grouping="replicate", NF4 at shard
+    # size 1) are allocated in place first: ``to_empty`` would replace each module slot's Parameter by a
+    # new object (meta and real tensors cannot share ``.data``), breaking ties (GPT-2's head = its
+    # embedding) and the references `replicate.ReplicatedTrainables` holds. After this, ``to_empty``
+    # only re-points their ``.data`` (same object).
+    for p in {id(p): p for p in model.parameters()}.values():
+        if type(p.data) is torch.Tensor and p.is_meta:
+            torch.utils.swap_tensors(p, nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad))
     model.to_empty(device=device)
     for (module_path, name), buf in real.items():
         set_buffer(model.get_submodule(module_path), name, buf.to(device))

@@ -386,7 +386,10 @@ def _hf(rank: int, world: int, tmp: str) -> dict:
             if wrapper == "compile":
                 for layer in layers:
                     layer.compile(backend="eager")
-            policy = FreezePolicy(**{**hf_policy(peft, arch, None).to_dict(), "trainable_grouping": grouping})
+            # "never" where it matters most: AC recomputes with whole frozen weights, GPT-2 ties them
+            reshard = "never" if arch == "gpt2" or wrapper == "gradient_checkpointing" else "after_forward"
+            policy = FreezePolicy(**{**hf_policy(peft, arch, None).to_dict(), "trainable_grouping": grouping,
+                                     "frozen_reshard": reshard})
             model = shard_with_freezing(model, mesh_1d(world), policy)
             load_pretrained(model, os.path.join(tmp, arch))
             model.train()
@@ -400,9 +403,17 @@ def _hf(rank: int, world: int, tmp: str) -> dict:
 
             with counter:
                 losses = hf_train(model, opt, rank, 0, 3, VOCAB, on_step=count)
+            plan = sharded_state(model).plan
             out[(arch, peft, wrapper, grouping)] = {"losses": losses, "trainable": full_state(model),
-                                                    "counts": counts[1:]}
+                                                    "counts": counts[1:], "whole": len(plan.unmanaged),
+                                                    "without_fsdp": len(plan.units_without_fsdp),
+                                                    "tied": arch != "gpt2" or _gpt2_tied(model)}
     return out
+
+
+def _gpt2_tied(model) -> bool:
+    inner = model.base_model.model
+    return inner.lm_head.weight is inner.transformer.wte.weight
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
@@ -414,3 +425,6 @@ def test_replicate_on_transformers_and_peft_models(tmp_path):
             assert rep["losses"] == per_unit["losses"], case
             assert [k for k, v in rep["trainable"].items() if not torch.equal(per_unit["trainable"][k], v)] == [], case
             assert set(rep["counts"]) == {(0, 1)} and set(per_unit["counts"]) == {(2, 0)}, case
+            never = arch == "gpt2" or wrapper == "gradient_checkpointing"
+            assert (rep["whole"] > 0 and rep["without_fsdp"] == 2) == never and per_unit["whole"] == 0, case
+            assert rep["tied"], case  # GPT-2's head is still its embedding
