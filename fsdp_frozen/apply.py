@@ -167,16 +167,23 @@ def check_supported(policy: FreezePolicy, mesh: DeviceMesh) -> None:
 
 def _track_backward(state: ShardedModelState):
     """Root forward hook: mark a forward whose backward has not started yet (`refreeze` refuses to
-    regroup then: the autograd graph holds the current parameters)."""
+    regroup then: the autograd graph holds the current parameters). Under
+    ``trainable_grouping="replicate"`` the same signal queues the replicated group's reduction, and a
+    forward no backward follows (no output requires grad) puts its parameters back at once."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> None:
+        replicated = state.replicated
         tensors = [t for t in compat.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not tensors:
+            if replicated is not None:
+                replicated.swap_back()
             return
         state.backward_pending = True
 
         def started(_grad: Any) -> None:
             state.backward_pending = False
+            if replicated is not None:
+                replicated.backward_started()
 
         torch.autograd.graph.register_multi_grad_hook(tensors, started, mode="any")
 

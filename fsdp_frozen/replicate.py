@@ -127,8 +127,8 @@ class ReplicatedTrainables:
                 if not p.is_meta and p.device != device:
                     p.data = p.data.to(device)
             self.broadcast()
-        self.hooks = [model.register_forward_pre_hook(self._pre_forward, prepend=True),
-                      model.register_forward_hook(self._post_forward)]
+        # the forward hook that tells when backward starts is apply._track_backward's (one per step)
+        self.hooks = [model.register_forward_pre_hook(self._pre_forward, prepend=True)]
         self._patch_gradient_sync(model)
 
     # --- setup -----------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ class ReplicatedTrainables:
 
     def remove(self) -> None:
         """Take off the hooks and the setter (`refreeze`); the parameters stay registered."""
-        self._swap_back()
+        self.swap_back()
         for handle in self.hooks:
             handle.remove()
         self._patched.__dict__.pop("set_requires_gradient_sync", None)
@@ -208,14 +208,8 @@ class ReplicatedTrainables:
                 params[name] = c
         self.swapped = True
 
-    def _post_forward(self, module: nn.Module, args: Any, output: Any) -> None:
-        tensors = [t for t in compat.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad]
-        if not torch.is_grad_enabled() or not tensors:
-            self._swap_back()
-            return
-        torch.autograd.graph.register_multi_grad_hook(tensors, self._backward_started, mode="any")
-
-    def _swap_back(self) -> None:
+    def swap_back(self) -> None:
+        """Put the parameters back in their slots (after backward, or after a forward no backward follows)."""
         if not self.swapped:
             return
         for p, slots in zip(self.params, self.slots):
@@ -224,7 +218,8 @@ class ReplicatedTrainables:
         self.swapped = False
 
     # --- backward --------------------------------------------------------------------------------
-    def _backward_started(self, _grad: Any) -> None:
+    def backward_started(self) -> None:
+        """Called once backward has started (from `apply._track_backward`): queue the reduction."""
         if not self.queued:
             self.queued = True
             compat.queue_backward_callback(self._post_backward)
@@ -233,7 +228,7 @@ class ReplicatedTrainables:
         self.queued = False
         with torch.no_grad():
             self.reduce()
-        self._swap_back()
+        self.swap_back()
 
     def reduce(self) -> None:
         """Average the compute copies' gradients into the parameters' ``.grad`` (see the module
