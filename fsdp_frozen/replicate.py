@@ -33,6 +33,10 @@ the ``param_dtype`` copies for the step; one all-reduce of the trainable gradien
 ``reduce_dtype`` per step (twice the bytes of a reduce-scatter), and none of the overlap of
 per-unit reduction with backward. Right for adapters, wrong for full fine-tuning.
 
+A parameter without a gradient in a step is left out of that step's reduction, as FSDP2 leaves it
+out of its reduce-scatter; every rank must then agree on which parameters have one (data-dependent
+routing that skips an adapter on some ranks only would desynchronize the all-reduce's layout).
+
 Every rank must hold the same values: `shard_with_freezing` broadcasts rank 0's real values, and
 `fsdp_frozen.checkpoint.load_pretrained` initialises missing tensors identically on every rank. A
 model built on meta and initialised by other means must seed every rank alike.
