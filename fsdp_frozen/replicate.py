@@ -58,9 +58,10 @@ from .errors import FreezingChangedError
 
 
 def _divide(reduce_dtype: torch.dtype, size: int) -> tuple[float | None, float | None, Any]:
-    """(pre-divide, post-divide, op) of a reduction over `size` ranks, as FSDP2 2.13 chooses them
-    (``_get_gradient_divide_factors``): AVG where the dtype cannot overflow, else a sum between two
-    divisions by about sqrt(size)."""
+    """(pre-divide, post-divide, op) of a reduction over `size` ranks in all (shard x replicate), as
+    FSDP2 2.13 chooses them (``_get_gradient_divide_factors``): AVG in each collective where the dtype
+    cannot overflow, else sums between two divisions by about sqrt(size), before the first collective
+    and after the last."""
     if size == 1:
         return None, None, dist.ReduceOp.SUM
     if reduce_dtype in (torch.float32, torch.bfloat16):
@@ -271,15 +272,14 @@ class ReplicatedTrainables:
             buffer = torch.empty(sum(numels), dtype=reduce_dtype, device=grads[0].device)
             torch.cat([g.reshape(-1) for g in grads], out=buffer)
         del grads
-        for group in (self.shard_group, self.replicate_group):
-            if group is None or group.size() == 1:
-                continue
-            pre, post, op = _divide(reduce_dtype, group.size())
-            if pre is not None:
-                buffer.div_(pre)
+        groups = [g for g in (self.shard_group, self.replicate_group) if g is not None and g.size() > 1]
+        pre, post, op = _divide(reduce_dtype, math.prod(g.size() for g in groups))
+        if pre is not None:
+            buffer.div_(pre)
+        for group in groups:  # AVG divides per group, as FSDP2's reduce-scatter and all-reduce each do
             dist.all_reduce(buffer, op=op, group=group)
-            if post is not None:
-                buffer.div_(post)
+        if post is not None:
+            buffer.div_(post)
         if layout:  # back to each parameter's order: one copy
             flat = torch.empty(buffer.numel(), dtype=reduce_dtype, device=buffer.device)
             parts = list(flat.split(padded))

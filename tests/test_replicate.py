@@ -428,3 +428,34 @@ def test_replicate_on_transformers_and_peft_models(tmp_path):
             never = arch == "gpt2" or wrapper == "gradient_checkpointing"
             assert (rep["whole"] > 0 and rep["without_fsdp"] == 2) == never and per_unit["whole"] == 0, case
             assert rep["tied"], case  # GPT-2's head is still its embedding
+
+
+def test_replicate_divide_factors_follow_fsdp2():
+    """The division of the replicated all-reduce is FSDP2's (AVG for fp32/bf16, pre/post-division by
+    powers of two around a sum for fp16), checked against torch 2.13's own choice where it exists."""
+    from fsdp_frozen.replicate import _divide
+
+    assert _divide(torch.float32, 1) == (None, None, dist.ReduceOp.SUM)
+    assert _divide(torch.bfloat16, 4)[2] == dist.ReduceOp.AVG and _divide(torch.float32, 6)[:2] == (None, None)
+    assert _divide(torch.float16, 4) == (2.0, 2.0, dist.ReduceOp.SUM)
+    assert _divide(torch.float16, 8) == (4.0, 2.0, dist.ReduceOp.SUM)
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import _get_gradient_divide_factors
+    except ImportError:
+        pytest.skip("this torch has no _get_gradient_divide_factors to compare with")
+
+    class Group:  # the function reads only .size()
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    for dtype in (torch.float16, torch.float32):
+        for shard, rep in ((2, None), (4, None), (8, None), (2, 2), (4, 2)):
+            try:
+                pre, post, rs_op, ar_op = _get_gradient_divide_factors(Group(shard), rep and Group(rep), dtype, "cpu")
+            except TypeError:
+                pytest.skip("another signature of _get_gradient_divide_factors")
+            ours = _divide(dtype, shard * (rep or 1))
+            assert (ours[0], ours[1]) == (pre, post) and ours[2] == rs_op, (dtype, shard, rep)
