@@ -273,6 +273,13 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
     grouping, grouping_why = _resolve_grouping(policy, units, holders, frozen)
+    if grouping == "replicate" and policy.trainable_grouping == "auto" and not split:
+        mixed = _root_mixed_modules(model, units, frozen, names)
+        if mixed:  # the fallback could not split them off the replicated set: the next choice, one root group
+            grouping = "root"  # the state fits replicated, so it fits gathered
+            grouping_why = (grouping_why.removesuffix(": replicated") + f"; but the structural fallback (torch < "
+                            f"2.13) cannot split the frozen parameters of the root's modules {mixed} off a "
+                            f"replicated set: one root group")
     params, owner, ignored = _ownership(holders, units, frozen if grouping != "per_unit" else None,
                                         replicate=grouping == "replicate")
     quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
@@ -290,6 +297,21 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         trainable_grouping=grouping, grouping_why=grouping_why,
         replicated=frozenset(set(params) - frozen) if grouping == "replicate" else frozenset(),
     )
+
+
+def _root_mixed_modules(model: nn.Module, units: list[str], frozen: set[str], names: ModelNames) -> list[str]:
+    """Canonical names of modules outside every non-root unit that hold frozen and trainable
+    parameters directly (what the structural fallback cannot split from a replicated set)."""
+    inner = [u for u in units if u != ""]
+    out = []
+    for path, module in model.named_modules():
+        name = names.canonical(path)
+        if any(_within(name, u) for u in inner):
+            continue
+        kinds = {names.canonical(f"{path}.{n}" if path else n) in frozen for n, _ in module.named_parameters(recurse=False)}
+        if kinds == {True, False}:
+            out.append(name or "<root>")
+    return out
 
 
 def _whole_frozen(groups: list[GroupPlan], grouping: str, split: bool) -> tuple[list[GroupPlan], frozenset[str]]:

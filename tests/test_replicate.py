@@ -328,6 +328,13 @@ def test_replicate_plan_estimate_and_refusals(monkeypatch):
     assert auto.grouping_why.startswith("trainable_grouping='auto': the trainable parameters' whole state per rank "
                                         "(parameters, gradients, AdamW moments, bfloat16 copies: ")
     assert auto.grouping_why.endswith("): replicated") and "fits within the largest unit's gathered bytes (layers." in auto.grouping_why
+    # the torch < 2.13 fallback cannot split a root module's frozen weight from its trainable bias: "auto"
+    # takes the next choice instead of a layout it would refuse
+    adapters.norm.weight.requires_grad_(False)
+    fallback = build_plan(adapters, FreezePolicy(units=["layers.*"], freeze=["scale"], param_dtype="bfloat16"),
+                          shard_size=2, split=False)
+    assert fallback.trainable_grouping == "root" and fallback.grouping_why.endswith(
+        "cannot split the frozen parameters of the root's modules ['norm'] off a replicated set: one root group")
     one = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="replicate"), shard_size=1)
     assert [g.all_reduces_per_step for g in one.groups if g.kind == TRAINABLE] == [0]
 
