@@ -121,6 +121,9 @@ class ReplicatedTrainables:
         self.reduce_dtype = mp_policy.reduce_dtype
         self.shard_group = mesh.get_group(mesh.ndim - 1)
         self.replicate_group = mesh.get_group(0) if mesh.ndim == 2 else None
+        # gloo's ReduceOp.AVG is recent; a sum then a division is bitwise the same on gloo (checked on
+        # 2.13 at 2 and 4 ranks, fp32 and bf16) and works on every torch this package supports
+        self.sum_then_divide = dist.get_backend(self.shard_group) == "gloo"
         self.device = device
         self.requires_gradient_sync = True
         self.compute: list[nn.Parameter | None] = [None] * len(self.params)
@@ -277,7 +280,11 @@ class ReplicatedTrainables:
         if pre is not None:
             buffer.div_(pre)
         for group in groups:  # AVG divides per group, as FSDP2's reduce-scatter and all-reduce each do
-            dist.all_reduce(buffer, op=op, group=group)
+            if op == dist.ReduceOp.AVG and self.sum_then_divide:
+                dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
+                buffer.div_(group.size())
+            else:
+                dist.all_reduce(buffer, op=op, group=group)
         if post is not None:
             buffer.div_(post)
         if layout:  # back to each parameter's order: one copy
