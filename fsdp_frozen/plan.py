@@ -5,6 +5,7 @@ Nothing here calls torch.distributed, so a plan can be built and printed in one 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -77,7 +78,7 @@ class ShardingPlan:
     #: every rank, reduced by `fsdp_frozen.replicate` ([Note: replicated trainables])
     replicated: frozenset[str] = frozenset()
 
-    @property
+    @functools.cached_property  # read per fully_shard call at sharding time; the plan is immutable
     def units_without_fsdp(self) -> frozenset[str]:
         """Units (never the root) whose every parameter stays out of FSDP (`unmanaged` or
         `replicated`): no fully_shard call, so none of FSDP2's per-unit hooks run for them."""

@@ -124,7 +124,6 @@ class ReplicatedTrainables:
         # gloo's ReduceOp.AVG is recent; a sum then a division is bitwise the same on gloo (checked on
         # 2.13 at 2 and 4 ranks, fp32 and bf16) and works on every torch this package supports
         self.sum_then_divide = dist.get_backend(self.shard_group) == "gloo"
-        self.device = device
         self.requires_gradient_sync = True
         self.compute: list[nn.Parameter | None] = [None] * len(self.params)
         self.accumulated: list[torch.Tensor | None] = [None] * len(self.params)

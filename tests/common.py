@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -88,3 +91,38 @@ def hf_train(model: nn.Module, opt, rank: int, start: int, steps: int, vocab: in
         if on_step is not None:
             on_step(step)
     return losses
+
+
+def save_tiny_hf(rank: int, tmp: str) -> None:
+    """Tiny Llama and GPT-2 (tied) safetensors under `tmp`/llama and `tmp`/gpt2, written by rank 0."""
+    import torch.distributed as dist
+
+    from .test_pretrained import save_tiny
+
+    for arch in ("llama", "gpt2"):
+        if rank == 0:
+            save_tiny(os.path.join(tmp, arch), arch, tied=arch == "gpt2")
+        dist.barrier()
+
+
+def hf_sharded(arch: str, peft: str, wrapper: str | None, tmp: str, world: int, **policy: Any) -> nn.Module:
+    """The users' path: a transformers model built on meta, PEFT `peft`, gradient checkpointing or
+    compiled blocks (`wrapper`), `shard_with_freezing` with the tests' policy plus `policy`, and
+    `load_pretrained` from `save_tiny_hf`'s files; GPT-2 in eval mode (no dropout), Llama in train."""
+    from fsdp_frozen import FreezePolicy, shard_with_freezing
+    from fsdp_frozen.checkpoint import load_pretrained
+
+    from .test_pretrained import _build_meta, _peft, _policy as hf_policy
+
+    model = _peft(_build_meta(arch, arch == "gpt2", "meta"), peft, arch)
+    if wrapper == "gradient_checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if wrapper == "compile":
+        layers = model.base_model.model.model.layers if arch == "llama" else model.base_model.model.transformer.h
+        for layer in layers:
+            layer.compile(backend="eager")
+    model = shard_with_freezing(model, mesh_1d(world),
+                                FreezePolicy(**{**hf_policy(peft, arch, None).to_dict(), **policy}))
+    load_pretrained(model, os.path.join(tmp, arch))
+    model.train(arch != "gpt2")
+    return model

@@ -22,7 +22,8 @@ from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import load_checkpoint, save_checkpoint
 from fsdp_frozen.plan import FROZEN, TRAINABLE, build_plan
 
-from .common import CommCounter, adamw, frozen_group_names, full_state, hf_train, mesh_1d, plain_fsdp, train
+from .common import (CommCounter, adamw, frozen_group_names, full_state, hf_sharded, hf_train, mesh_1d, plain_fsdp,
+                     save_tiny_hf, train)
 from .dist_harness import run_ranks
 from .models import batch, make_model
 from .test_parity import _auto_budget
@@ -271,33 +272,13 @@ HF_CASES = [  # (arch, peft, wrapper): meta build, PEFT, AC or compile, shard, l
 
 
 def _hf(rank: int, world: int, tmp: str) -> dict:
-    import torch.distributed as dist
+    from .test_pretrained import VOCAB
 
-    from fsdp_frozen.checkpoint import load_pretrained
-
-    from .test_pretrained import VOCAB, _build_meta, _peft, _policy as hf_policy, save_tiny
-
+    save_tiny_hf(rank, tmp)
     out = {}
-    for arch in ("llama", "gpt2"):
-        if rank == 0:
-            save_tiny(os.path.join(tmp, arch), arch, tied=arch == "gpt2")
-        dist.barrier()
     for arch, peft, wrapper in HF_CASES:
         for grouping in ("per_unit", "root"):
-            model = _peft(_build_meta(arch, arch == "gpt2", "meta"), peft, arch)
-            if wrapper == "gradient_checkpointing":
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            layers = model.base_model.model.model.layers if arch == "llama" else model.base_model.model.transformer.h
-            if wrapper == "compile":
-                for layer in layers:
-                    layer.compile(backend="eager")
-            policy = hf_policy(peft, arch, None)
-            policy = FreezePolicy(**{**policy.to_dict(), "trainable_grouping": grouping})
-            model = shard_with_freezing(model, mesh_1d(world), policy)
-            load_pretrained(model, os.path.join(tmp, arch))
-            model.train()
-            if arch == "gpt2":
-                model.eval()  # no dropout: both groupings see the same computation
+            model = hf_sharded(arch, peft, wrapper, tmp, world, trainable_grouping=grouping)
             opt, counter, rs = adamw(model), CommCounter(), []
 
             def count(step, counter=counter, rs=rs):
