@@ -413,12 +413,56 @@ def remove_fully_shard(root: nn.Module) -> None:
             module.__dict__.pop(attr, None)
 
 
+# --- a root fully_shard that manages nothing ([Note: dormant root] in apply.py; checked on 2.13, the same
+# attribute names in the 2.7-2.11 sources; where they are missing the hooks stay and only cost time)
+def remove_forward_hooks(module: nn.Module) -> bool:
+    """Take ``fully_shard``'s forward pre/post hooks off `module` (its state's
+    ``_pre_forward_hook_handle`` / ``_post_forward_hook_handle``), keeping the FSDPModule class, the
+    state and its methods. False, and nothing changed, where this torch names them otherwise."""
+    state = fully_shard.state(module)
+    handles = [getattr(state, attr, None) for attr in ("_pre_forward_hook_handle", "_post_forward_hook_handle")]
+    if any(h is None for h in handles):
+        return False
+    for handle in handles:
+        handle.remove()
+    return True
+
+
+def root_forward_inputs(args: tuple, kwargs: dict, device: torch.device,
+                        param_dtype: torch.dtype | None) -> tuple[tuple, dict]:
+    """What FSDP2's root pre-forward does to the inputs (2.13 ``FSDPState._root_pre_forward`` and
+    ``_cast_forward_inputs``): on an accelerator, moved to `device` as DDP moves them
+    (``torch.distributed.utils._to_kwargs``); then, with a `param_dtype`, floating-point tensors cast
+    to it (``_apply_to_tensors`` with FSDP2's ``_cast_fp_tensor`` rule). Both helpers are in 2.4-2.13."""
+    from torch.distributed.utils import _apply_to_tensors, _to_kwargs
+
+    if device.type != "cpu" and (args or kwargs):
+        moved_args, moved_kwargs = _to_kwargs(args, kwargs, device, False)
+        args, kwargs = moved_args[0], moved_kwargs[0]
+    if param_dtype is not None:
+        def cast(x: Any) -> Any:
+            if isinstance(x, torch.Tensor) and torch.is_floating_point(x) and x.dtype != param_dtype:
+                return x.to(param_dtype)
+            return x
+
+        args, kwargs = _apply_to_tensors(cast, args), _apply_to_tensors(cast, kwargs)
+    return args, kwargs
+
+
 # --- autograd and FSDP-layout internals of the replicated trainable group (`replicate.py`; checked on 2.6 and 2.13)
 def queue_backward_callback(callback: Any) -> None:
     """Run `callback` once the current backward pass has finished (FSDP2's root post-backward uses the
     same engine hook: ``Variable._execution_engine.queue_callback``, unchanged since 1.x). Only valid
     while a backward is running (from a tensor or multi-grad hook)."""
     torch.autograd.Variable._execution_engine.queue_callback(callback)  # type: ignore[attr-defined]
+
+
+def unflatten_dense(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of the 1-D `flat` shaped as each tensor of `like`, in order, made in one C++ call
+    (``torch._utils._unflatten_dense_tensors``, what DDP and apex use; the same in 2.4-2.13)."""
+    from torch._utils import _unflatten_dense_tensors
+
+    return list(_unflatten_dense_tensors(flat, like))
 
 
 def chunk_cat(tensors: list[torch.Tensor], num_chunks: int, out: torch.Tensor) -> None:

@@ -156,7 +156,7 @@ def measure(model: nn.Module) -> Estimate:
         group_params = [model.get_parameter(plan.path(fqn)) for fqn in r.params]
         numels, itemsize = [p.numel() for p in group_params], _reduce_itemsize(group_params[0], policy)
         padded = padded_numels([p.shape for p in group_params], shard_size)
-        sent = sum(padded) if fsdp_layout(numels, padded, itemsize) else sum(numels)
+        sent = sum(padded) if fsdp_layout(numels, padded, itemsize, shard_size) else sum(numels)
         all_reduce += sent * itemsize * (int(shard_size > 1) + int(replicate > 1))
     largest_unit = max(units, key=units.get) if units else ""
     largest = units.get(largest_unit, 0) if shard_size > 1 else 0

@@ -82,14 +82,19 @@ def padded_numels(shapes: list[torch.Size], world: int) -> list[int]:
     return [-(-s[0] // world) * world * (math.prod(s) // max(s[0], 1)) for s in shapes]
 
 
-def fsdp_layout(numels: list[int], padded: list[int], itemsize: int) -> bool:
+def fsdp_layout(numels: list[int], padded: list[int], itemsize: int, world: int) -> bool:
     """Whether the all-reduce uses FSDP2's reduce-scatter layout (bitwise FSDP2's averages) rather
     than the gradients flat in parameter order (the same averages up to the order of summation).
 
-    FSDP2 pads dim 0 of every gradient to a multiple of the shard count, so a LoRA ``lora_A`` with
-    r = 8 rows goes out as 64 rows at 64 ranks. The padded layout is kept while the padding adds at
-    most `PADDING_SHARE` of the bytes or `PADDING_BYTES`; beyond, the flat layout, which sends
-    exactly the gradients."""
+    With at most two ranks every element is a sum of two values, equal in either order (a + b ==
+    b + a in floating point), so the flat layout is bitwise FSDP2's too and is always used: it
+    sends no padding, and the averaged gradients are views of the all-reduce's buffer (no copy
+    back). Beyond two ranks, FSDP2 pads dim 0 of every gradient to a multiple of the shard count, so
+    a LoRA ``lora_A`` with r = 8 rows goes out as 64 rows at 64 ranks. The padded layout is kept
+    while the padding adds at most `PADDING_SHARE` of the bytes or `PADDING_BYTES`; beyond, the flat
+    layout, which sends exactly the gradients."""
+    if world <= 2:
+        return False
     extra = (sum(padded) - sum(numels)) * itemsize
     return extra <= max(sum(numels) * itemsize * PADDING_SHARE, PADDING_BYTES)
 
@@ -126,6 +131,10 @@ class ReplicatedTrainables:
         self.sum_then_divide = dist.get_backend(self.shard_group) == "gloo"
         self.requires_gradient_sync = True
         self.compute: list[nn.Parameter | None] = [None] * len(self.params)
+        #: what `_prepare_compute` built for: (id, data_ptr, shape) of each parameter
+        self._key: list[tuple[int, int, torch.Size]] | None = None
+        self.copy_dsts: list[nn.Parameter] = []  #: the param_dtype copies the pre-forward refreshes...
+        self.copy_srcs: list[nn.Parameter] = []  #: ...from these parameters
         self.accumulated: list[torch.Tensor | None] = [None] * len(self.params)
         self.swapped = False
         self.queued = False
@@ -175,42 +184,53 @@ class ReplicatedTrainables:
         self._patched.__dict__.pop("set_requires_gradient_sync", None)
 
     # --- forward ---------------------------------------------------------------------------------
-    def _compute_tensors(self) -> list[nn.Parameter]:
-        """The tensors forward computes with: a ``param_dtype`` copy per parameter (refreshed from
-        the parameters with one foreach copy), or an alias of the parameter when no cast is needed."""
-        dsts, srcs = [], []
+    def _check_freezing(self) -> None:
+        """FreezingChangedError if a requires_grad was flipped since `shard_with_freezing`."""
         for fqn, p in zip(self.frozen_fqns, self.frozen):
             if p.requires_grad:
                 raise FreezingChangedError(
                     f"requires_grad of parameter {fqn!r} changed from False to True after shard_with_freezing "
                     f"(kept whole outside FSDP); restore it, or use fsdp_frozen.refreeze to unfreeze it")
-        for i, p in enumerate(self.params):
+        for fqn, p in zip(self.fqns, self.params):
             if not p.requires_grad:
                 raise FreezingChangedError(
-                    f"requires_grad of parameter {self.fqns[i]!r} changed from True to False after "
+                    f"requires_grad of parameter {fqn!r} changed from True to False after "
                     f"shard_with_freezing (trainable_grouping='replicate'); restore it, or use "
                     f"fsdp_frozen.refreeze to freeze it")
+
+    def _prepare_compute(self) -> None:
+        """The tensors forward computes with: a ``param_dtype`` copy per parameter (refreshed from
+        the parameters with one foreach copy per step, `_pre_forward`), or an alias of the parameter
+        when no cast is needed. Rebuilt whenever a parameter or its storage changed."""
+        self.copy_dsts, self.copy_srcs = [], []
+        for i, p in enumerate(self.params):
             cast = self.param_dtype is not None and p.is_floating_point() and p.dtype != self.param_dtype
             c = self.compute[i]
             if cast:
-                if c is None or c.shape != p.shape or c.device != p.device:
+                if c is None or c.shape != p.shape or c.device != p.device or c.dtype != self.param_dtype:
                     c = self.compute[i] = nn.Parameter(torch.empty_like(p, dtype=self.param_dtype))
-                dsts.append(c)
-                srcs.append(p)
+                self.copy_dsts.append(c)
+                self.copy_srcs.append(p)
             elif c is None or c.data_ptr() != p.data_ptr() or c.shape != p.shape:
-                c = self.compute[i] = nn.Parameter(p.detach())  # shares p's storage: nothing to refresh
-        if dsts:
-            with torch.no_grad():
-                torch._foreach_copy_(dsts, srcs)
-        return self.compute  # type: ignore[return-value]
+                self.compute[i] = nn.Parameter(p.detach())  # shares p's storage: nothing to refresh
 
     def _pre_forward(self, module: nn.Module, args: Any) -> None:
         if self.swapped:  # a second forward before backward: the copies are current
             return
         # re-read the parameters from their first slot: materialize_meta, refreeze or a user may
-        # have registered new objects since the last step
+        # have registered new objects (or new storage) since the last step; the steady state only
+        # compares this key
         self.params = [slots[0][0][slots[0][1]] for slots in self.slots]
-        for c, slots in zip(self._compute_tensors(), self.slots):
+        key = [(id(p), p.data_ptr(), p.shape) for p in self.params]
+        if key != self._key:
+            self._prepare_compute()
+            self._key = key
+        if not all(p.requires_grad for p in self.params) or any(p.requires_grad for p in self.frozen):
+            self._check_freezing()
+        if self.copy_dsts:
+            with torch.no_grad():
+                torch._foreach_copy_(self.copy_dsts, self.copy_srcs)
+        for c, slots in zip(self.compute, self.slots):
             for params, name in slots:
                 params[name] = c
         self.swapped = True
@@ -266,14 +286,13 @@ class ReplicatedTrainables:
         world = self.shard_group.size()
         numels = [g.numel() for g in grads]
         padded = padded_numels([g.shape for g in grads], world)
-        layout = fsdp_layout(numels, padded, reduce_dtype.itemsize)
-        if layout:
-            buffer = torch.empty((world, sum(padded) // world), dtype=reduce_dtype, device=grads[0].device)
-            compat.chunk_cat(grads, world, buffer)
-        else:
-            buffer = torch.empty(sum(numels), dtype=reduce_dtype, device=grads[0].device)
-            torch.cat([g.reshape(-1) for g in grads], out=buffer)
-        del grads
+        chunks = world if fsdp_layout(numels, padded, reduce_dtype.itemsize, world) else 1
+        if chunks == 1:
+            padded = numels
+        # one op casts every gradient to reduce_dtype into its place: FSDP2's reduce-scatter input
+        # layout (`chunks` = world), or flat in parameter order (1). No 0-d ones: the plan refuses scalars
+        buffer = torch.empty((chunks, sum(padded) // chunks), dtype=reduce_dtype, device=grads[0].device)
+        compat.chunk_cat(grads, chunks, buffer)
         groups = [g for g in (self.shard_group, self.replicate_group) if g is not None and g.size() > 1]
         pre, post, op = _divide(reduce_dtype, math.prod(g.size() for g in groups))
         if pre is not None:
@@ -286,16 +305,18 @@ class ReplicatedTrainables:
                 dist.all_reduce(buffer, op=op, group=group)
         if post is not None:
             buffer.div_(post)
-        if layout:  # back to each parameter's order: one copy
-            flat = torch.empty(buffer.numel(), dtype=reduce_dtype, device=buffer.device)
-            parts = list(flat.split(padded))
-            torch.split_with_sizes_copy(buffer, [n // world for n in padded], dim=1,
-                                        out=[part.view(world, -1) for part in parts])
+        flat = buffer.view(-1)
+        if chunks > 1:  # back to each parameter's order: one copy
+            flat = torch.empty_like(flat)
+            torch.split_with_sizes_copy(buffer, [n // chunks for n in padded], dim=1,
+                                        out=[part.view(chunks, -1) for part in flat.split(padded)])
+        if padded == numels:  # views of the flat buffer, made in one call
+            reduced = compat.unflatten_dense(flat, grads)
         else:
-            parts = list(buffer.split(numels))
-        for i, part in zip(indices, parts):
+            reduced = [part[:g.numel()].view(g.shape) for part, g in zip(flat.split(padded), grads)]
+        del grads
+        for i, grad in zip(indices, reduced):
             p = self.params[i]
-            grad = part[: p.numel()].view(p.shape)
             if grad.dtype != p.dtype:
                 grad = grad.to(p.dtype)
             if p.grad is None:

@@ -8,8 +8,11 @@ policy (after_forward, after_backward, never) with bf16, fp32 and NF4 frozen sto
 adapters per unit (FSDP2's layout), in one root group (``trainable_grouping="root"``) and replicated
 (``"replicate"``; both with bf16 and NF4), all computing in bf16 (reduce in fp32), fused AdamW. Times the variants round-robin (one step of each
 per round) so that machine noise hits all of them alike, alongside a compute floor (the same model in
-bf16 on each rank without FSDP: no communication, no hooks; what no sharding can beat) and the
-collectives of the one trainable group and of the replicated group alone. `--profile-nf4` adds where an NF4 step's time goes. Counts collective bytes per step, persistent
+bf16 on each rank without FSDP: no communication, no hooks; what no sharding can beat), the
+data-parallel floor (the same with its gradients averaged in one fp32 all-reduce after backward, as DDP
+without overlap: what no layout that averages gradients without overlap can beat; and overlapped, one
+all-reduce per block launched from backward) and the collectives of the one trainable group and of the
+replicated group alone. `--profile-nf4` adds where an NF4 step's time goes. Counts collective bytes per step, persistent
 bytes per rank, peak memory (fsdp_frozen.diagnostics.PeakTensorMemory for every variant, cross-checked
 against torch's FSDPMemTracker on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated
 on CUDA) and tokens/s. Then times a trainable-only checkpoint save against full dcp.saves. Prints
@@ -59,6 +62,12 @@ FLOOR = "compute floor"  #: timed only: the model in bf16 on each rank, no FSDP
 NO_UNITS = "never, no units, replicated trainable"
 COLLECTIVES = "collectives of one trainable group"  #: timed only: one all-gather + one reduce-scatter, no model
 COLLECTIVES_AR = "collectives of the replicated trainable group"  #: timed only: one all-reduce, no model
+#: timed only: the compute floor's model with its gradients averaged across ranks in one fp32
+#: all-reduce after backward (DDP without overlap): the least a data-parallel step costs unoverlapped
+DP_FLOOR = "data-parallel floor"
+#: timed only: the same with one asynchronous all-reduce per block, launched from backward as soon as
+#: the block's gradients are all there (DDP's overlap, bucketed by block)
+DP_OVERLAP = "data-parallel floor, overlapped"
 
 
 def make_optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
@@ -88,6 +97,45 @@ def collectives_step(model: nn.Module, device: torch.device, all_reduce: bool = 
         compat.reduce_scatter_single(out, grads)
 
     return step
+
+
+class GradientAverager:
+    """What data parallelism adds to the compute floor's step: the trainable gradients averaged across
+    ranks in fp32 (the variants' reduce dtype) and copied back, either in one all-reduce after
+    backward (`overlap` False) or in one asynchronous all-reduce per block, launched from a
+    post-accumulate-grad hook once the block's last gradient is there and waited for after backward
+    (`overlap` True). A reference to time against, not a layout this package offers."""
+
+    def __init__(self, model: nn.Module, overlap: bool) -> None:
+        trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+        self.buckets = [trainable(block) for block in model.layers] if overlap else [trainable(model)]
+        self.pending: list[tuple] = []
+        self.overlap = overlap
+        for bucket in self.buckets if overlap else []:
+            left = {"n": len(bucket)}
+
+            def hook(_p: torch.Tensor, bucket=bucket, left=left) -> None:
+                left["n"] -= 1
+                if left["n"] == 0:
+                    left["n"] = len(bucket)
+                    self._launch(bucket)
+
+            for p in bucket:
+                p.register_post_accumulate_grad_hook(hook)
+
+    def _launch(self, bucket: list[nn.Parameter]) -> None:
+        flat = torch.cat([p.grad.view(-1) for p in bucket]).float()  # packed in two ops, as replicate.py does in one
+        self.pending.append((dist.all_reduce(flat, async_op=True), flat, bucket))
+
+    def finish(self) -> None:
+        """After backward: (launch and) wait for the all-reduces, copy the averages into ``.grad``."""
+        if not self.overlap:
+            self._launch(self.buckets[0])
+        for work, flat, bucket in self.pending:
+            work.wait()
+            flat.div_(dist.get_world_size())
+            torch._foreach_copy_([p.grad.view(-1) for p in bucket], flat.split([p.numel() for p in bucket]))
+        self.pending.clear()
 
 
 def variant_name(policy: str, dtype: str, grouping: str = "per_unit") -> str:
@@ -341,9 +389,11 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
     trainable_ag = results["after_forward"]["all_gather_bytes"] - results["after_forward"]["frozen_all_gather_bytes"]
     plain["frozen_all_gather_bytes"] = plain["all_gather_bytes"] - trainable_ag  # same trainable groups as ours
     floor_s = statistics.median(times[FLOOR]) if FLOOR in times else None
+    dp_s = statistics.median(times[DP_FLOOR]) if DP_FLOOR in times else None
     for r in results.values():
         r["step_time_ratio"] = r["step_time_s"] / plain["step_time_s"]
         r["compute_floor_ratio"] = r["step_time_s"] / floor_s if floor_s else None
+        r["data_parallel_floor_ratio"] = r["step_time_s"] / dp_s if dp_s else None
         r["frozen_all_gather_ratio"] = r["frozen_all_gather_bytes"] / plain["frozen_all_gather_bytes"]
         r["frozen_persistent_ratio"] = r["frozen_persistent_bytes"] / plain["frozen_persistent_bytes"]
     return results
@@ -385,8 +435,12 @@ def main() -> None:
             print(render_checkpoint(ckpt, args.save_repeats))
         dist.destroy_process_group()
         return
-    models[FLOOR] = build_compute_floor(cfg, device)
-    opts[FLOOR] = make_optimizer(models[FLOOR], args.optimizer)
+    averagers = {}
+    for name in (FLOOR, DP_FLOOR, DP_OVERLAP):
+        models[name] = build_compute_floor(cfg, device)
+        opts[name] = make_optimizer(models[name], args.optimizer)
+        if name != FLOOR:
+            averagers[name] = GradientAverager(models[name], overlap=name == DP_OVERLAP)
     grouped, replicated = variant_name("never", "bf16", "root"), variant_name("never", "bf16", "replicate")
     comm_only = collectives_step(models[grouped], device) if grouped in models else None
     comm_ar = collectives_step(models[replicated], device, all_reduce=True) if replicated in models else None
@@ -404,11 +458,13 @@ def main() -> None:
         logits = models[v](tokens[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())
         loss.backward()
+        if v in averagers:
+            averagers[v].finish()
         opts[v].step()
         opts[v].zero_grad(set_to_none=True)
         return loss.item()
 
-    timed = [*variants, FLOOR] + ([COLLECTIVES] if comm_only else []) + ([COLLECTIVES_AR] if comm_ar else [])
+    timed = [*variants, FLOOR, DP_FLOOR, DP_OVERLAP] + ([COLLECTIVES] if comm_only else []) + ([COLLECTIVES_AR] if comm_ar else [])
     times = time_round_robin(step, timed, args.warmup, args.steps, cuda)
     results = measure(step, models, opts, times, variants, args.batch * args.seq * world, cuda)
     layout = str(describe(models["after_forward"]))
@@ -421,6 +477,8 @@ def main() -> None:
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
                 "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / results["plain"]["step_time_s"],
+                "data_parallel_floor_step_time_s": statistics.median(times[DP_FLOOR]),
+                "data_parallel_overlapped_step_time_s": statistics.median(times[DP_OVERLAP]),
                 "optimizer": args.optimizer,
                 "collectives_step_time_s": statistics.median(times[COLLECTIVES]) if comm_only else None,
                 "all_reduce_step_time_s": statistics.median(times[COLLECTIVES_AR]) if comm_ar else None}
@@ -439,16 +497,16 @@ def render(results: dict, meta: dict) -> str:
         f"dim {meta['config']['dim']}, LoRA r{meta['config']['lora_rank']}, bf16 compute, batch {meta['batch']}x{meta['seq']}, "
         f"median of {meta['steps']} steps",
         "",
-        "| variant | step ms | vs plain | vs floor | tok/s | AG/step (frozen) | RS/step | AR/step | AG MiB/step "
+        "| variant | step ms | vs plain | vs floor | vs DP floor | tok/s | AG/step (frozen) | RS/step | AR/step | AG MiB/step "
         "| frozen AG MiB/step | frozen AG vs plain | RS MiB/step "
         "| frozen MiB/rank | frozen vs plain | total MiB/rank | peak MiB |" + (" CUDA max alloc MiB |" if cuda else ""),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if cuda else ""),
     ]
     for v, r in results.items():
         cuda_col = f" {mib(r['cuda_max_memory_allocated'])} |" if cuda else ""
         lines.append(
             f"| {'plain FSDP2' if v == 'plain' else v} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_ratio']:.2f}x "
-            f"| {r['compute_floor_ratio']:.2f}x | {r['tokens_per_s']:,.0f} "
+            f"| {r['compute_floor_ratio']:.2f}x | {r['data_parallel_floor_ratio']:.2f}x | {r['tokens_per_s']:,.0f} "
             f"| {r['all_gathers']} ({'-' if v == 'plain' else r['frozen_all_gathers']}) | {r['reduce_scatters']} | {r['all_reduces']} "
             f"| {mib(r['all_gather_bytes'])} | {mib(r['frozen_all_gather_bytes'])} | {r['frozen_all_gather_ratio']:.2f}x "
             f"| {mib(r['reduce_scatter_bytes'])} | {mib(r['frozen_persistent_bytes'])} | {r['frozen_persistent_ratio']:.2f}x "
@@ -457,6 +515,11 @@ def render(results: dict, meta: dict) -> str:
     lines.append(f"\nCompute floor (the same model in bf16 on each rank, no FSDP, no communication, timed in the "
                  f"same rounds): {meta['compute_floor_step_time_s'] * 1e3:.1f} ms = {meta['compute_floor_ratio']:.2f}x "
                  f"plain FSDP2.")
+    f, dp, ov = meta["compute_floor_step_time_s"], meta["data_parallel_floor_step_time_s"], meta["data_parallel_overlapped_step_time_s"]
+    lines.append(f"Data-parallel floor (the same, its trainable gradients averaged in one fp32 all-reduce after "
+                 f"backward, as DDP without overlap; the least a step that averages gradients costs without overlap): "
+                 f"{dp * 1e3:.1f} ms = {dp / f:.2f}x the compute floor. Overlapped (one asynchronous all-reduce per "
+                 f"block, launched from backward): {ov * 1e3:.1f} ms = {ov / f:.2f}x.")
     if meta.get("collectives_step_time_s"):
         c, f = meta["collectives_step_time_s"], meta["compute_floor_step_time_s"]
         lines.append(f"Collectives of the one trainable group alone (one all-gather in bf16 + one reduce-scatter in fp32 "

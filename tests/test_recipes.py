@@ -170,7 +170,7 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
                       "never, no units, replicated trainable"}
     for name, v in r.items():
         assert v["total_persistent_bytes"] < v["peak_bytes"], name
-        assert v["compute_floor_ratio"] > 0, name
+        assert v["compute_floor_ratio"] > 0 and v["data_parallel_floor_ratio"] > 0, name
         # trainable collectives per step: one each way in one root group; replicated, one all-reduce; per unit,
         # one reduce-scatter per block
         root, replicated = name.endswith("root trainable"), name.endswith("replicated trainable")
@@ -180,6 +180,8 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
             assert v["all_gathers"] - v["frozen_all_gathers"] == int(root), name
     assert data["meta"]["collectives_step_time_s"] > 0 and data["meta"]["all_reduce_step_time_s"] > 0
     assert "Collectives of the one trainable group alone" in out.stdout
+    assert "Data-parallel floor (" in out.stdout and "Overlapped (one asynchronous all-reduce per block" in out.stdout
+    assert data["meta"]["data_parallel_floor_step_time_s"] > 0 and data["meta"]["data_parallel_overlapped_step_time_s"] > 0
     assert "Collectives of the replicated trainable group alone" in out.stdout
     assert r["never"]["frozen_all_gather_bytes"] == 0 and r["after_forward"]["frozen_all_gather_bytes"] > 0
     assert r["never, root trainable"]["all_gathers"] == 1  # steady state: the adapters' one all-gather, nothing frozen

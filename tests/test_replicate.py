@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
@@ -298,6 +299,60 @@ def _states(rank: int, world: int) -> dict:
     except FreezingChangedError as e:
         out["frozen_flip"] = str(e)
     return out
+
+
+class _Embeds(nn.Module):
+    """Takes floating-point inputs (as ``inputs_embeds``), one positional and one keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+        self.adapter = nn.Linear(8, 8, bias=False)
+        self.head = nn.Linear(8, 4)
+        self.scale = nn.Parameter(torch.full((1,), 0.5))
+        for module in (*self.layers, self.head):
+            module.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, *, gate: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x + self.adapter(x) * gate) * self.scale
+
+
+def _dormant(rank: int, world: int) -> dict:
+    """[Note: dormant root]: nothing left to FSDP, so the root's FSDP hooks are off and this package
+    moves and casts the inputs; against per_unit, where FSDP2's root does."""
+    out = {}
+    for grouping in ("per_unit", "replicate"):
+        model = shard_with_freezing(_Embeds(), mesh_1d(world), FreezePolicy(
+            units=["layers.*"], frozen_reshard="never", trainable_grouping=grouping, param_dtype="bfloat16", frozen_dtype="bfloat16",
+            reduce_dtype="float32"))
+        opt = adamw(model)
+        g = torch.Generator().manual_seed(rank)
+        results = []
+        for _ in range(2):
+            x, gate = torch.randn(3, 8, generator=g), torch.rand(1, generator=g)
+            y = model(x, gate=gate)  # fp32 inputs: cast to bf16 by the root (a bf16 weight would refuse fp32)
+            y.float().square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            results.append((y.dtype, y.detach().float()))
+        hooks = [h for h in model._forward_pre_hooks.values() if type(getattr(h, "__self__", None)).__name__ == "FSDPState"]
+        model.set_requires_gradient_sync(True)  # FSDPModule's API is still there
+        out[grouping] = {"outputs": results, "fsdp_hooks": len(hooks), "fsdp_module": compat.has_fsdp_state(model),
+                         "params": full_state(model)}
+    return out
+
+
+def test_dormant_root_moves_and_casts_inputs_as_fsdp_does():
+    for r in run_ranks(_dormant, 2):
+        ref, got = r["per_unit"], r["replicate"]
+        assert ref["fsdp_hooks"] == 1 and got["fsdp_hooks"] == 0  # per_unit keeps FSDP's root hooks
+        assert got["fsdp_module"]  # still an FSDPModule
+        for (dtype, y), (ref_dtype, ref_y) in zip(got["outputs"], ref["outputs"]):
+            assert dtype == ref_dtype == torch.bfloat16 and torch.equal(y, ref_y)
+        assert all(torch.equal(ref["params"][k], got["params"][k]) for k in ref["params"])
 
 
 def test_replicate_between_steps_and_refusals():

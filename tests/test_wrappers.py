@@ -18,6 +18,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.utils.checkpoint import checkpoint
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing
+from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import CheckpointLayoutError, load_checkpoint, read_manifest, save_checkpoint
 from fsdp_frozen.checkpoint.keys import checkpoint_key, model_kinds
 
@@ -63,11 +64,15 @@ WRAPPERS = ["checkpoint_wrapper", "apply_activation_checkpointing", "torch.compi
             "ac+compile"]
 
 
-def _build(world: int, how: str | None, seed: int = 0) -> nn.Module:
+def _build(world: int, how: str | None, seed: int = 0, replicate: bool = False) -> nn.Module:
+    """`replicate`: adapters replicated and frozen groups `never`, so kept whole outside FSDP and the
+    units left without fully_shard (a checkpoint-wrapped block then recomputes in backward with the
+    replicated group's compute copies still in its slots)."""
     model = make_model(seed)
     if how is not None:
         _wrap(model, how)
-    policy = FreezePolicy(units=["layers.*"], frozen_reshard="after_backward")
+    policy = (FreezePolicy(units=["layers.*"], frozen_reshard="never", trainable_grouping="replicate") if replicate
+              else FreezePolicy(units=["layers.*"], frozen_reshard="after_backward"))
     return shard_with_freezing(model, mesh_1d(world), policy)
 
 
@@ -75,15 +80,17 @@ def _keys(path: str) -> list[str]:
     return sorted(FileSystemReader(path).read_metadata().state_dict_metadata)
 
 
-def _scenario(rank: int, world: int, tmp: str, how: str | None) -> dict:
+def _scenario(rank: int, world: int, tmp: str, how: str | None, replicate: bool = False) -> dict:
     tag = (how or "plain").replace("(", "_").replace(")", "").replace(".", "_").replace("+", "_")
-    model = _build(world, how)
+    tag += "_replicate" if replicate else ""
+    model = _build(world, how, replicate=replicate)
+    state = sharded_state(model)
     opt = adamw(model)
     losses = train(model, 2, rank, opt=opt)
     first = save_checkpoint(os.path.join(tmp, tag, "step_2"), model, opt, extra={"step": 2})
     losses += train(model, 1, rank, opt=opt, start=2)
     second = save_checkpoint(os.path.join(tmp, tag, "step_3"), model, opt, extra={"step": 3})
-    fresh = _build(world, how, seed=1)
+    fresh = _build(world, how, seed=1, replicate=replicate)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     load_checkpoint(second, fresh, fresh_opt)
     want, got = full_state(model), full_state(fresh)
@@ -99,27 +106,25 @@ def _scenario(rank: int, world: int, tmp: str, how: str | None) -> dict:
         "describe_params": sorted(p for r in describe(model) for p in r.params),
         "same_params": same_params,
         "resume_bitwise": resumed == continued,
+        "layout": (state.replicated is not None, len(state.plan.units_without_fsdp)),
     }
 
 
-def _all_wrappers(rank: int, world: int, tmp: str) -> dict:
-    out = {"plain": _scenario(rank, world, tmp, None)}
-    for how in WRAPPERS:
+def _all_wrappers(rank: int, world: int, tmp: str, wrappers: list[str] = WRAPPERS, replicate: bool = False) -> dict:
+    out = {"plain": _scenario(rank, world, tmp, None, replicate)}
+    for how in wrappers:
         try:
-            out[how] = _scenario(rank, world, tmp, how)
+            out[how] = _scenario(rank, world, tmp, how, replicate)
         except Exception:  # noqa: BLE001 - reported per wrapper by the parent
             out[how] = traceback.format_exc()
     return out
 
 
-def test_wrapped_blocks_checkpoint_as_unwrapped(tmp_path):
-    results = run_ranks(_all_wrappers, 2, str(tmp_path))
-    plain = results[0]["plain"]
-    assert any(k.startswith("frozen/layers.0.") for k in plain["first_keys"])
-    assert not any(k.startswith("buffers/layers.") for k in plain["first_keys"])
-    failures = []
-    for how in WRAPPERS:
-        got = results[0][how]
+def _failures(results: dict, wrappers: list[str]) -> list[str]:
+    """What differs, per wrapper, from the unwrapped model of the same run (rank 0's view)."""
+    plain, failures = results["plain"], []
+    for how in wrappers:
+        got = results[how]
         if isinstance(got, str):
             failures.append(f"{how}: raised\n{got}")
             continue
@@ -132,8 +137,32 @@ def test_wrapped_blocks_checkpoint_as_unwrapped(tmp_path):
             "losses equal the unwrapped model's": got["losses"] == plain["losses"],
             "loaded parameters bitwise": got["same_params"],
             "resume bitwise": got["resume_bitwise"],
+            "same layout": got["layout"] == plain["layout"],
         }
         failures += [f"{how}: {what}" for what, ok in checks.items() if not ok]
+    return failures
+
+
+def test_wrapped_blocks_checkpoint_as_unwrapped(tmp_path):
+    results = run_ranks(_all_wrappers, 2, str(tmp_path))
+    plain = results[0]["plain"]
+    assert any(k.startswith("frozen/layers.0.") for k in plain["first_keys"])
+    assert not any(k.startswith("buffers/layers.") for k in plain["first_keys"])
+    assert plain["layout"] == (False, 0)
+    failures = _failures(results[0], WRAPPERS)
+    assert not failures, "\n".join(failures)
+
+
+def test_wrapped_blocks_under_replicate(tmp_path):
+    """The same under trainable_grouping="replicate" with `never` frozen groups: the adapters whole
+    outside FSDP, the frozen groups whole too and the blocks without fully_shard, wrapped for
+    activation checkpointing (recomputed in backward) and compiled after it."""
+    wrappers = ["checkpoint_wrapper", "ac+compile"]
+    results = run_ranks(_all_wrappers, 2, str(tmp_path), wrappers, True)
+    plain = results[0]["plain"]
+    assert plain["layout"] == (True, 3), plain["layout"]  # every block (3) left without fully_shard
+    assert any(k.startswith("frozen/layers.0.") for k in plain["first_keys"])
+    failures = _failures(results[0], wrappers)
     assert not failures, "\n".join(failures)
 
 
