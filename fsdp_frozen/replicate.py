@@ -12,19 +12,26 @@ README). Here no fully_shard call takes a trainable parameter (``ignored_params`
   and the copies are put in the modules' parameter slots (tied slots too), as FSDP2 swaps in its
   unsharded parameters;
 * at the end of backward (an autograd engine callback queued when backward starts, as FSDP2's
-  root does) the copies' gradients are laid out as FSDP2 lays out a reduce-scatter input
+  root does) the copies' gradients are cast into one ``reduce_dtype`` buffer in one op
   (`compat.chunk_cat`), averaged with one all-reduce over the shard dim (and one over the replicas
-  under HSDP), and copied into the parameters' ``.grad`` in their dtype, then the parameters are put
-  back. Gradient accumulation follows FSDP2: ``set_requires_gradient_sync(False)`` on the root
-  skips the reduction and accumulates in ``reduce_dtype``; a ``.grad`` left from an earlier step
-  is added to.
+  under HSDP) and handed to the parameters as their ``.grad`` (in their dtype), then the parameters
+  are put back. Gradient accumulation follows FSDP2: ``set_requires_gradient_sync(False)`` on the
+  root skips the reduction and accumulates in ``reduce_dtype``; a ``.grad`` left from an earlier
+  step is added to.
 
-Why FSDP2's layout rather than the parameters' order: an all-reduce sums each element in an order
-that depends on its position in the buffer; in this layout it is the position a reduce-scatter
-would give it, so on gloo the averaged gradients are bitwise those of FSDP2 (tested at 1, 2 and 4
-ranks and HSDP against plain FSDP2). The padding costs what FSDP2's reduce-scatter buffer costs;
+The buffer's layout (`fsdp_layout`): an all-reduce sums each element in an order that depends on
+its position in the buffer. Beyond two ranks the gradients are laid out as FSDP2 lays out a
+reduce-scatter input, where that position is the one a reduce-scatter would give the element, so
+on gloo the averages are bitwise those of FSDP2 (tested at 4 ranks against plain FSDP2); they are
+then copied back to parameter order. The padding costs what FSDP2's reduce-scatter buffer costs;
 where it would add more than an eighth of the bytes (and over 16 MiB: small-rank adapters on many
-ranks) the gradients go flat in parameter order instead (`fsdp_layout`).
+ranks) the gradients go flat in parameter order instead. With two ranks or fewer in the shard dim
+each element's sum has at most two terms, equal in either order, so the flat layout is bitwise
+FSDP2's too and is always used: no padding is sent and the ``.grad`` tensors are views of the
+buffer, with no copy back (as DDP's ``gradient_as_bucket_view``). Under HSDP the replicas'
+all-reduce runs over the whole buffer, where FSDP2's runs over one shard, so beyond two replicas
+its order of summation may differ from FSDP2's (the same averages up to rounding; HSDP is tested
+bitwise at 2 x 2).
 The division follows FSDP2 2.13 (``ReduceOp.AVG`` for fp32/bf16; pre/post-division by powers of
 two with a sum for other dtypes).
 
@@ -86,10 +93,10 @@ def fsdp_layout(numels: list[int], padded: list[int], itemsize: int, world: int)
     """Whether the all-reduce uses FSDP2's reduce-scatter layout (bitwise FSDP2's averages) rather
     than the gradients flat in parameter order (the same averages up to the order of summation).
 
-    With at most two ranks every element is a sum of two values, equal in either order (a + b ==
-    b + a in floating point), so the flat layout is bitwise FSDP2's too and is always used: it
-    sends no padding, and the averaged gradients are views of the all-reduce's buffer (no copy
-    back). Beyond two ranks, FSDP2 pads dim 0 of every gradient to a multiple of the shard count, so
+    With at most two ranks (`world`: the shard dim's) every element is a sum of at most two values,
+    equal in either order (a + b == b + a in floating point), so the flat layout is bitwise FSDP2's
+    too and is always used: it sends no padding, and the averaged gradients are views of the
+    all-reduce's buffer (no copy back). Beyond two ranks, FSDP2 pads dim 0 of every gradient to a multiple of the shard count, so
     a LoRA ``lora_A`` with r = 8 rows goes out as 64 rows at 64 ranks. The padded layout is kept
     while the padding adds at most `PADDING_SHARE` of the bytes or `PADDING_BYTES`; beyond, the flat
     layout, which sends exactly the gradients."""

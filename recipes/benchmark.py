@@ -17,7 +17,8 @@ bytes per rank, peak memory (fsdp_frozen.diagnostics.PeakTensorMemory for every 
 against torch's FSDPMemTracker on plain FSDP2, the one variant it supports; torch.cuda.max_memory_allocated
 on CUDA) and tokens/s. Then times a trainable-only checkpoint save against full dcp.saves. Prints
 markdown tables on rank 0, writes OUT/benchmark.json and, with matplotlib (the `plot` extra),
-OUT/benchmark.png. Ratios are against plain FSDP2 in the same run.
+OUT/benchmark.png. Ratios are against plain FSDP2 (or a floor) in the same run: the median over rounds of the
+two step times of a round, each round running every variant once in a shuffled order.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import shutil
 import statistics
 import sys
@@ -336,10 +338,15 @@ def parse_args() -> argparse.Namespace:
 
 
 def time_round_robin(step, names: list[str], warmup: int, steps: int, cuda: bool) -> dict[str, list[float]]:
-    """Seconds per step of every variant, the variants interleaved step by step (one round = each once)."""
+    """Seconds per step of every variant, the variants interleaved step by step (one round = each
+    once), in an order shuffled per round (the same on every rank), so that no variant always follows
+    the same one (what ran before a step leaves the caches in its own state). ``times[v][i]`` is
+    round i's: `paired_ratio` compares variants round by round."""
     times: dict[str, list[float]] = {v: [] for v in names}
     for i in range(warmup + steps):
-        for v in names:
+        order = list(names)
+        random.Random(i).shuffle(order)
+        for v in order:
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -350,6 +357,12 @@ def time_round_robin(step, names: list[str], warmup: int, steps: int, cuda: bool
             if i >= warmup:
                 times[v].append(time.perf_counter() - t0)
     return times
+
+
+def paired_ratio(times: dict[str, list[float]], v: str, ref: str) -> float:
+    """Median over rounds of v's step time over ref's in the same round: the machine's drift from
+    round to round (other load, frequency) cancels, which the ratio of two medians does not do."""
+    return statistics.median(a / b for a, b in zip(times[v], times[ref]))
 
 
 def measure(step, models: dict, opts: dict, times: dict, variants: list[str], tokens: int, cuda: bool) -> dict:
@@ -388,12 +401,10 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
     plain = results["plain"]
     trainable_ag = results["after_forward"]["all_gather_bytes"] - results["after_forward"]["frozen_all_gather_bytes"]
     plain["frozen_all_gather_bytes"] = plain["all_gather_bytes"] - trainable_ag  # same trainable groups as ours
-    floor_s = statistics.median(times[FLOOR]) if FLOOR in times else None
-    dp_s = statistics.median(times[DP_FLOOR]) if DP_FLOOR in times else None
-    for r in results.values():
-        r["step_time_ratio"] = r["step_time_s"] / plain["step_time_s"]
-        r["compute_floor_ratio"] = r["step_time_s"] / floor_s if floor_s else None
-        r["data_parallel_floor_ratio"] = r["step_time_s"] / dp_s if dp_s else None
+    for v, r in results.items():
+        r["step_time_ratio"] = paired_ratio(times, v, "plain")
+        r["compute_floor_ratio"] = paired_ratio(times, v, FLOOR) if FLOOR in times else None
+        r["data_parallel_floor_ratio"] = paired_ratio(times, v, DP_FLOOR) if DP_FLOOR in times else None
         r["frozen_all_gather_ratio"] = r["frozen_all_gather_bytes"] / plain["frozen_all_gather_bytes"]
         r["frozen_persistent_ratio"] = r["frozen_persistent_bytes"] / plain["frozen_persistent_bytes"]
     return results
@@ -476,9 +487,11 @@ def main() -> None:
         floor_s = statistics.median(times[FLOOR])
         meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-                "compute_floor_step_time_s": floor_s, "compute_floor_ratio": floor_s / results["plain"]["step_time_s"],
+                "compute_floor_step_time_s": floor_s, "compute_floor_ratio": paired_ratio(times, FLOOR, "plain"),
                 "data_parallel_floor_step_time_s": statistics.median(times[DP_FLOOR]),
+                "data_parallel_floor_ratio": paired_ratio(times, DP_FLOOR, FLOOR),
                 "data_parallel_overlapped_step_time_s": statistics.median(times[DP_OVERLAP]),
+                "data_parallel_overlapped_ratio": paired_ratio(times, DP_OVERLAP, FLOOR),
                 "optimizer": args.optimizer,
                 "collectives_step_time_s": statistics.median(times[COLLECTIVES]) if comm_only else None,
                 "all_reduce_step_time_s": statistics.median(times[COLLECTIVES_AR]) if comm_ar else None}
@@ -515,17 +528,20 @@ def render(results: dict, meta: dict) -> str:
     lines.append(f"\nCompute floor (the same model in bf16 on each rank, no FSDP, no communication, timed in the "
                  f"same rounds): {meta['compute_floor_step_time_s'] * 1e3:.1f} ms = {meta['compute_floor_ratio']:.2f}x "
                  f"plain FSDP2.")
-    f, dp, ov = meta["compute_floor_step_time_s"], meta["data_parallel_floor_step_time_s"], meta["data_parallel_overlapped_step_time_s"]
+    dp, ov = meta["data_parallel_floor_step_time_s"], meta["data_parallel_overlapped_step_time_s"]
     lines.append(f"Data-parallel floor (the same, its trainable gradients averaged in one fp32 all-reduce after "
                  f"backward, as DDP without overlap; the least a step that averages gradients costs without overlap): "
-                 f"{dp * 1e3:.1f} ms = {dp / f:.2f}x the compute floor. Overlapped (one asynchronous all-reduce per "
-                 f"block, launched from backward): {ov * 1e3:.1f} ms = {ov / f:.2f}x.")
+                 f"{dp * 1e3:.1f} ms = {meta['data_parallel_floor_ratio']:.2f}x the compute floor. Overlapped (one "
+                 f"asynchronous all-reduce per block, launched from backward): {ov * 1e3:.1f} ms = "
+                 f"{meta['data_parallel_overlapped_ratio']:.2f}x.")
+    lines.append("Ratios are medians over rounds of the two step times in the same round (each round times every "
+                 "variant once, in a shuffled order).")
     if meta.get("collectives_step_time_s"):
         c, f = meta["collectives_step_time_s"], meta["compute_floor_step_time_s"]
         lines.append(f"Collectives of the one trainable group alone (one all-gather in bf16 + one reduce-scatter in fp32 "
                      f"of its bytes, no model, same rounds): {c * 1e3:.1f} ms; compute floor + them = "
-                     f"{(f + c) * 1e3:.1f} ms = {(f + c) / f:.2f}x the floor, the best a layout that communicates "
-                     f"them without overlap can do.")
+                     f"{(f + c) * 1e3:.1f} ms = {(f + c) / f:.2f}x the floor (timed apart: in a step the ranks "
+                     f"also wait for each other, which the data-parallel floor includes).")
     if meta.get("all_reduce_step_time_s"):
         c, f = meta["all_reduce_step_time_s"], meta["compute_floor_step_time_s"]
         lines.append(f"Collectives of the replicated trainable group alone (one all-reduce in fp32 of its gradient "

@@ -192,9 +192,17 @@ def _replicate(rank: int, world: int) -> dict:
     logits = model(x)
     during = sorted({f"{p.device.type}:{p.dtype}" for p in model.parameters() if p.requires_grad})
     F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).backward()
+    # [Note: dormant root]: "never" frozen groups whole too, nothing left to FSDP; CPU inputs are moved
+    # to the device by this package's pre-hook, as FSDP2's root would
+    dormant = shard_with_freezing(make_model(), _mesh(world), FreezePolicy(
+        units=["layers.*"], frozen_reshard="never", frozen_dtype="bfloat16", trainable_grouping="replicate",
+        param_dtype="bfloat16", reduce_dtype="float32"))
+    dormant_out = dormant(batch(0, rank)[0])  # a CPU tensor in
     return {"losses_equal": want == got, "during": during,
             "devices": sorted({p.device.type for p in trainable} | {p.grad.device.type for p in trainable}),
-            "grad_dtypes": sorted({str(p.grad.dtype) for p in trainable})}
+            "grad_dtypes": sorted({str(p.grad.dtype) for p in trainable}),
+            "dormant": (dormant_out.device.type, str(dormant_out.dtype),
+                        sorted({p.device.type for p in dormant.parameters()}))}
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -203,3 +211,4 @@ def test_cuda_replicate(world):
         assert r["losses_equal"], r
         assert r["devices"] == ["cuda"] and r["grad_dtypes"] == ["torch.float32"], r
         assert r["during"] == ["cuda:torch.bfloat16"], r
+        assert r["dormant"] == ("cuda", "torch.bfloat16", ["cuda"]), r
