@@ -161,9 +161,9 @@ def _dormant_root(model: nn.Module, state: ShardedModelState, mp_policy: MixedPr
     ``set_requires_gradient_sync`` included, work and do nothing FSDP-side), and fully_shard moved
     the buffers to the mesh's device. But its forward hooks would run FSDP2's per-step root
     bookkeeping for no group (lazy init, stream waits, pre-backward hooks on the outputs and a
-    final backward callback: ~0.3 ms per step measured on CPU, 3% of a LoRA step at 1 x 16), so
-    they are taken off, and this pre-hook does what of them still matters: the inputs moved to the
-    device on an accelerator and floating-point inputs cast to ``param_dtype``
+    final backward callback: 0.3-0.4 ms per step on the benchmark's CPU, ~2% of its LoRA step at
+    1 x 16), so they are taken off, and this pre-hook does what of them still matters: the inputs
+    moved to the device on an accelerator and floating-point inputs cast to ``param_dtype``
     (``MixedPrecisionPolicy.cast_forward_inputs``), as FSDP2's root does."""
     if not compat.remove_forward_hooks(model):
         return

@@ -96,10 +96,10 @@ def fsdp_layout(numels: list[int], padded: list[int], itemsize: int, world: int)
     With at most two ranks (`world`: the shard dim's) every element is a sum of at most two values,
     equal in either order (a + b == b + a in floating point), so the flat layout is bitwise FSDP2's
     too and is always used: it sends no padding, and the averaged gradients are views of the
-    all-reduce's buffer (no copy back). Beyond two ranks, FSDP2 pads dim 0 of every gradient to a multiple of the shard count, so
-    a LoRA ``lora_A`` with r = 8 rows goes out as 64 rows at 64 ranks. The padded layout is kept
-    while the padding adds at most `PADDING_SHARE` of the bytes or `PADDING_BYTES`; beyond, the flat
-    layout, which sends exactly the gradients."""
+    all-reduce's buffer (no copy back). Beyond two ranks, FSDP2 pads dim 0 of every gradient to a
+    multiple of the shard count, so a LoRA ``lora_A`` with r = 8 rows goes out as 64 rows at 64
+    ranks. The padded layout is kept while the padding adds at most `PADDING_SHARE` of the bytes or
+    `PADDING_BYTES`; beyond, the flat layout, which sends exactly the gradients."""
     if world <= 2:
         return False
     extra = (sum(padded) - sum(numels)) * itemsize
@@ -300,6 +300,8 @@ class ReplicatedTrainables:
         # layout (`chunks` = world), or flat in parameter order (1). No 0-d ones: the plan refuses scalars
         buffer = torch.empty((chunks, sum(padded) // chunks), dtype=reduce_dtype, device=grads[0].device)
         compat.chunk_cat(grads, chunks, buffer)
+        del grads  # the compute copies' gradients are free before the all-reduce
+        params = [self.params[i] for i in indices]  # the gradients' shapes
         groups = [g for g in (self.shard_group, self.replicate_group) if g is not None and g.size() > 1]
         pre, post, op = _divide(reduce_dtype, math.prod(g.size() for g in groups))
         if pre is not None:
@@ -318,12 +320,10 @@ class ReplicatedTrainables:
             torch.split_with_sizes_copy(buffer, [n // chunks for n in padded], dim=1,
                                         out=[part.view(chunks, -1) for part in flat.split(padded)])
         if padded == numels:  # views of the flat buffer, made in one call
-            reduced = compat.unflatten_dense(flat, grads)
+            reduced = compat.unflatten_dense(flat, params)
         else:
-            reduced = [part[:g.numel()].view(g.shape) for part, g in zip(flat.split(padded), grads)]
-        del grads
-        for i, grad in zip(indices, reduced):
-            p = self.params[i]
+            reduced = [part[:p.numel()].view(p.shape) for part, p in zip(flat.split(padded), params)]
+        for p, grad in zip(params, reduced):
             if grad.dtype != p.dtype:
                 grad = grad.to(p.dtype)
             if p.grad is None:
