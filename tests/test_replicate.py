@@ -298,6 +298,17 @@ def _states(rank: int, world: int) -> dict:
         out["frozen_flip"] = None
     except FreezingChangedError as e:
         out["frozen_flip"] = str(e)
+    whole.get_parameter("tok.weight").requires_grad_(False)
+    # new storage behind a parameter (p.data = ...) between steps: the next forward computes with it,
+    # through a bf16 copy (model) or an alias (whole: no param_dtype)
+    out["new_storage"] = []
+    for m in (model, whole):
+        name, param = next((n, q) for n, q in m.named_parameters() if q.requires_grad)
+        with torch.no_grad():
+            param.data = torch.full_like(param, 0.25)
+        logits = m(x)
+        out["new_storage"].append(bool((m.get_parameter(name) == 0.25).all()))  # the slot holds the compute tensor
+        logits.float().sum().backward()
     return out
 
 
@@ -363,6 +374,7 @@ def test_replicate_between_steps_and_refusals():
         assert r["after_eval"] and r["after_backward"] and r["grads"]
         assert "changed from True to False" in r["flip"] and "trainable_grouping='replicate'" in r["flip"]
         assert "'tok.weight' changed from False to True" in r["frozen_flip"] and "outside FSDP" in r["frozen_flip"]
+        assert r["new_storage"] == [True, True]
 
 
 def test_replicate_plan_estimate_and_refusals(monkeypatch):
