@@ -140,6 +140,14 @@ class GradientAverager:
         self.pending.clear()
 
 
+def replicas_equal(model: nn.Module) -> bool:
+    """Whether every rank holds the same parameters (one all-gather of a float64 checksum)."""
+    total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    gathered = [torch.empty_like(total) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, total)
+    return all(torch.equal(g, gathered[0]) for g in gathered)
+
+
 def variant_name(policy: str, dtype: str, grouping: str = "per_unit") -> str:
     name = policy if dtype == "bf16" else f"{policy} ({dtype} frozen)"
     return name if grouping == "per_unit" else f"{name}, {'replicated' if grouping == 'replicate' else grouping} trainable"
@@ -478,6 +486,8 @@ def main() -> None:
     timed = [*variants, FLOOR, DP_FLOOR, DP_OVERLAP] + ([COLLECTIVES] if comm_only else []) + ([COLLECTIVES_AR] if comm_ar else [])
     times = time_round_robin(step, timed, args.warmup, args.steps, cuda)
     results = measure(step, models, opts, times, variants, args.batch * args.seq * world, cuda)
+    # the data-parallel floors are real data-parallel steps: their replicas stay equal across ranks
+    replicas_agree = {name: replicas_equal(models[name]) for name in (DP_FLOOR, DP_OVERLAP)}
     layout = str(describe(models["after_forward"]))
     nf4_variant = variant_name("after_forward", "nf4")
     profile = profile_step(step, nf4_variant) if args.profile_nf4 and nf4_variant in models else None
@@ -492,6 +502,7 @@ def main() -> None:
                 "data_parallel_floor_ratio": paired_ratio(times, DP_FLOOR, FLOOR),
                 "data_parallel_overlapped_step_time_s": statistics.median(times[DP_OVERLAP]),
                 "data_parallel_overlapped_ratio": paired_ratio(times, DP_OVERLAP, FLOOR),
+                "data_parallel_replicas_agree": replicas_agree,
                 "optimizer": args.optimizer,
                 "collectives_step_time_s": statistics.median(times[COLLECTIVES]) if comm_only else None,
                 "all_reduce_step_time_s": statistics.median(times[COLLECTIVES_AR]) if comm_ar else None}

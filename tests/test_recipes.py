@@ -182,6 +182,9 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
     assert "Collectives of the one trainable group alone" in out.stdout
     assert "Data-parallel floor (" in out.stdout and "Overlapped (one asynchronous all-reduce per block" in out.stdout
     assert data["meta"]["data_parallel_floor_step_time_s"] > 0 and data["meta"]["data_parallel_overlapped_step_time_s"] > 0
+    # real data-parallel steps (different data per rank, averaged gradients): the replicas agree
+    assert data["meta"]["data_parallel_replicas_agree"] == {"data-parallel floor": True,
+                                                            "data-parallel floor, overlapped": True}
     assert "Collectives of the replicated trainable group alone" in out.stdout
     assert r["never"]["frozen_all_gather_bytes"] == 0 and r["after_forward"]["frozen_all_gather_bytes"] > 0
     assert r["never, root trainable"]["all_gathers"] == 1  # steady state: the adapters' one all-gather, nothing frozen
