@@ -237,18 +237,20 @@ class ReplicatedTrainables:
         if self.copy_dsts:
             with torch.no_grad():
                 torch._foreach_copy_(self.copy_dsts, self.copy_srcs)
-        for c, slots in zip(self.compute, self.slots):
-            for params, name in slots:
-                params[name] = c
+        self._fill_slots(self.compute)
         self.swapped = True
+
+    def _fill_slots(self, tensors: list) -> None:
+        """Register `tensors` (one per parameter) in every slot of their parameter, tied ones too."""
+        for tensor, slots in zip(tensors, self.slots):
+            for params, name in slots:
+                params[name] = tensor
 
     def swap_back(self) -> None:
         """Put the parameters back in their slots (after backward, or after a forward no backward follows)."""
         if not self.swapped:
             return
-        for p, slots in zip(self.params, self.slots):
-            for params, name in slots:
-                params[name] = p
+        self._fill_slots(self.params)
         self.swapped = False
 
     # --- backward --------------------------------------------------------------------------------
