@@ -12,6 +12,7 @@ is used where the signature has it (checked on 2.13; absent from 2.6).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from typing import Any, Iterator
@@ -90,6 +91,13 @@ def sharded_param(fsdp_param: Any) -> nn.Parameter:
 
 def unsharded_param_if_any(fsdp_param: Any) -> torch.Tensor | None:
     return getattr(fsdp_param, "_unsharded_param", None)
+
+
+def registered_param(fsdp_param: Any) -> torch.Tensor:
+    """The tensor registered on the module now: the sharded parameter, or the unsharded one while the
+    group is gathered (``FSDPParam._module_info``: module and name, the same in 2.6-2.13)."""
+    info = fsdp_param._module_info
+    return info.module._parameters[info.param_name]
 
 
 def group_mesh_info(group: Any) -> Any:
@@ -362,6 +370,19 @@ def is_persistent_buffer(module: nn.Module, name: str) -> bool:
     return name not in module._non_persistent_buffers_set
 
 
+def user_class(module: nn.Module) -> type:
+    """The class `module` had before ``fully_shard`` swapped in its ``FSDP<Cls>`` subclass (the
+    original sits at ``FSDPModule._orig_cls_mro_index`` of the new class's MRO; 2 where torch does not
+    name it, as in 2.6-2.13); other modules' own class. Unit class names match against this, so a
+    policy names units the same before and after sharding (`refreeze`, `estimate`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    if issubclass(cls, FSDPModule):
+        return cls.__mro__[getattr(FSDPModule, "_orig_cls_mro_index", 2)]
+    return cls
+
+
 def remove_fully_shard(root: nn.Module) -> None:
     """Undo ``fully_shard`` on every module under `root`, leaving each module's *sharded* parameters
     (DTensors) registered on it, so that the caller can replace them and shard again (`refreeze`).
@@ -405,9 +426,7 @@ def remove_fully_shard(root: nn.Module) -> None:
             del all_state[key]
         module.__dict__.get(contract.REGISTRY_KEY, {}).pop("fully_shard", None)
         getattr(_composable_state, "_module_state_mapping", {}).pop(module, None)
-        cls = type(module)
-        if issubclass(cls, FSDPModule):
-            module.__class__ = cls.__mro__[getattr(FSDPModule, "_orig_cls_mro_index", 2)]
+        module.__class__ = user_class(module)
     for module in root.modules():
         for attr in ("_is_fsdp_managed_module", "_fsdp_use_orig_params"):
             module.__dict__.pop(attr, None)
@@ -428,23 +447,21 @@ def remove_forward_hooks(module: nn.Module) -> bool:
     return True
 
 
-def root_forward_inputs(args: tuple, kwargs: dict, device: torch.device,
-                        param_dtype: torch.dtype | None) -> tuple[tuple, dict]:
-    """What FSDP2's root pre-forward does to the inputs (2.13 ``FSDPState._root_pre_forward`` and
-    ``_cast_forward_inputs``): on an accelerator, moved to `device` as DDP moves them
-    (``torch.distributed.utils._to_kwargs``); then, with a `param_dtype`, floating-point tensors cast
-    to it (``_apply_to_tensors`` with FSDP2's ``_cast_fp_tensor`` rule). Both helpers are in 2.4-2.13."""
+def forward_inputs(args: tuple, kwargs: dict, device: torch.device | None,
+                   param_dtype: torch.dtype | None) -> tuple[tuple, dict]:
+    """What FSDP2's pre-forward does to a module's inputs (2.13 ``FSDPState._root_pre_forward`` and
+    ``_pre_forward``): at the root on an accelerator (`device` given, not CPU), moved to `device` as
+    DDP moves them (``torch.distributed.utils._to_kwargs``); then, with a `param_dtype`, floating-point
+    tensors cast to it with FSDP2's own rule (``_apply_to_tensors`` with ``_cast_fp_tensor``; both
+    in 2.4-2.13, the latter in ``torch.distributed.fsdp._fully_shard._fsdp_common``, so the rule cannot drift)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import _cast_fp_tensor
     from torch.distributed.utils import _apply_to_tensors, _to_kwargs
 
-    if device.type != "cpu" and (args or kwargs):
+    if device is not None and device.type != "cpu" and (args or kwargs):
         moved_args, moved_kwargs = _to_kwargs(args, kwargs, device, False)
         args, kwargs = moved_args[0], moved_kwargs[0]
     if param_dtype is not None:
-        def cast(x: Any) -> Any:
-            if isinstance(x, torch.Tensor) and torch.is_floating_point(x) and x.dtype != param_dtype:
-                return x.to(param_dtype)
-            return x
-
+        cast = functools.partial(_cast_fp_tensor, param_dtype)
         args, kwargs = _apply_to_tensors(cast, args), _apply_to_tensors(cast, kwargs)
     return args, kwargs
 

@@ -28,10 +28,41 @@ logging.getLogger("torchao").addFilter(_QuietSoFailures())
 
 
 def to_nf4(tensor: torch.Tensor, block_size: int, scaler_block_size: int) -> torch.Tensor:
-    """torchao's public ``to_nf4`` (imported on first use: torchao is only needed for NF4)."""
+    """torchao's public ``to_nf4`` (imported on first use: torchao is only needed for NF4). Every
+    NF4Tensor this package makes comes from here (`nf4_on_meta` too), so the first call also
+    installs `_PeftDequantize`."""
     from torchao.quantization import to_nf4 as _to_nf4
 
-    return _to_nf4(tensor, block_size, scaler_block_size)
+    out = _to_nf4(tensor, block_size, scaler_block_size)
+    _PeftDequantize.install(type(out))
+    return out
+
+
+class _PeftDequantize:
+    """[Note: QDoRA] PEFT's DoRA forward needs the dense base weight and asks a torchao tensor for it
+    with ``weight.dequantize()`` (``peft.utils.integrations.dequantize_module_weight``, PEFT 0.21).
+    torchao 0.18's ``NF4Tensor.dequantize(value, nf4)`` is a static helper of another meaning (a
+    lookup of 4-bit codes, called with two arguments by torchao itself), so QDoRA on NF4 storage
+    failed there with a TypeError. This descriptor keeps the two-argument call as it was and gives the
+    no-argument call on an instance what PEFT means: the dense values (`nf4_dequantize`, exact, in the
+    tensor's dtype; PEFT casts to the compute dtype). Installed on the class once, by `to_nf4`."""
+
+    def __init__(self, static) -> None:
+        self.static = static
+
+    def __get__(self, obj, cls=None):
+        if obj is None:
+            return self.static
+
+        def dequantize(*args):
+            return self.static(*args) if args else nf4_dequantize(obj)
+
+        return dequantize
+
+    @classmethod
+    def install(cls, nf4_class: type) -> None:
+        if not isinstance(nf4_class.__dict__.get("dequantize"), cls):
+            nf4_class.dequantize = cls(nf4_class.__dict__["dequantize"].__func__)
 
 
 #: The packed inner tensors of an NF4Tensor, which FSDP (torchao's split) cuts into equal dim-0 chunks;

@@ -14,7 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from . import _torch_compat as compat
 from . import process_groups
-from .errors import FreezingChangedError, PolicyError
+from .errors import DISABLED_ADAPTER_HINT, FreezingChangedError, PolicyError
 from .plan import FROZEN, ShardingPlan, build_plan
 from .policy import FreezePolicy
 from .replicate import ReplicatedTrainables
@@ -149,9 +149,40 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     _guard_setters(model, state)
     state.hooks = [model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True),
                    model.register_forward_hook(_track_backward(state))]
+    _cast_inputs_outside_fsdp(model, state, mp_policy)
     if plan.split and not fsdp_params:
         _dormant_root(model, state, mp_policy)
     return model
+
+
+def _input_hook(device: torch.device | None, mp_policy: MixedPrecisionPolicy):
+    """A forward pre-hook (``with_kwargs=True``) doing to a module's inputs what FSDP2's pre-forward
+    does at an FSDP module: on an accelerator and for the root only (`device`), the move to the
+    device; then the cast of floating-point inputs to ``param_dtype`` under
+    ``MixedPrecisionPolicy.cast_forward_inputs`` (`compat.forward_inputs`, FSDP2's own rule)."""
+    param_dtype = mp_policy.param_dtype if mp_policy.cast_forward_inputs else None
+
+    def inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return compat.forward_inputs(args, kwargs, device, param_dtype)
+
+    return inputs
+
+
+def _cast_inputs_outside_fsdp(model: nn.Module, state: ShardedModelState, mp_policy: MixedPrecisionPolicy) -> None:
+    """[Note: units outside FSDP] A unit the plan leaves without ``fully_shard`` (every parameter
+    kept out of FSDP: ``trainable_grouping="replicate"`` with its ``"never"`` frozen group whole,
+    [Note: whole frozen groups]) would lose the one thing FSDP2 does to its inputs: the cast of
+    floating-point tensors to ``param_dtype``. Without it an activation promoted to fp32 between
+    units (an fp32 buffer added at the root, a scale) reaches bf16 weights and the unit fails
+    ('mixed dtype'), or computes in another dtype than plain FSDP2 does. So each such unit gets
+    the cast as a pre-hook, prepended as FSDP2 prepends its own: a unit behaves the same whether
+    or not FSDP manages it (tested against plain FSDP2 in `tests/test_matrix.py`)."""
+    if mp_policy.param_dtype is None or not mp_policy.cast_forward_inputs:
+        return
+    hook = _input_hook(None, mp_policy)
+    for unit in sorted(state.plan.units_without_fsdp):
+        module = model.get_submodule(state.plan.path(unit))
+        state.hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
 
 
 def _dormant_root(model: nn.Module, state: ShardedModelState, mp_policy: MixedPrecisionPolicy) -> None:
@@ -167,13 +198,8 @@ def _dormant_root(model: nn.Module, state: ShardedModelState, mp_policy: MixedPr
     (``MixedPrecisionPolicy.cast_forward_inputs``), as FSDP2's root does."""
     if not compat.remove_forward_hooks(model):
         return
-    device = shard_device(state.mesh)
-    param_dtype = mp_policy.param_dtype if mp_policy.cast_forward_inputs else None
-
-    def inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return compat.root_forward_inputs(args, kwargs, device, param_dtype)
-
-    state.hooks.append(model.register_forward_pre_hook(inputs, with_kwargs=True, prepend=True))
+    hook = _input_hook(shard_device(state.mesh), mp_policy)
+    state.hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True, prepend=True))
 
 
 def check_supported(policy: FreezePolicy, mesh: DeviceMesh) -> None:
@@ -335,22 +361,65 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
         )
 
 
+def _freezing_entries(state: ShardedModelState) -> list[tuple[str, Any, bool]]:
+    """(canonical FQN, FSDP's record, whether the plan made it trainable) of every FSDP parameter."""
+    return [(fqn, fp, fqn not in state.plan.frozen) for fqn, fp in state.fsdp_params.items()]
+
+
+def _sync_flags(entries: list[tuple[str, Any, bool]]) -> list[tuple[str, bool]]:
+    """[Note: stale requires_grad] PEFT's ``disable_adapter()`` (and anything else that calls
+    ``module.requires_grad_``) sets the flag on the tensor registered on the module at that
+    moment: the sharded parameter, or FSDP's unsharded one while the group is gathered (a root or
+    ``"never"`` group after a forward no backward followed). A round trip can so leave the other
+    tensor with the old flag, and once it is registered again plain FSDP2 trains the adapter on (the
+    unsharded flag rules the autograd graph, the sharded one nothing) or silently stops training it,
+    and a `refreeze` would read the stale flag as a freeze. Here the registered tensor says what
+    the user wants: where it agrees with the plan, a stale flag on the other tensor is put back;
+    where it does not, the parameter is returned (the forward check raises for it). Run before every
+    grad-enabled forward and before anything that reshards (checkpoints, `refreeze`,
+    `load_pretrained`), while the registered tensor still tells."""
+    changed = []
+    for fqn, fp, want in entries:
+        for tensor in (compat.sharded_param(fp), compat.unsharded_param_if_any(fp)):
+            if tensor is not None and tensor.requires_grad != want:
+                if compat.registered_param(fp).requires_grad != want:
+                    changed.append((fqn, want))
+                    break
+                tensor.requires_grad_(want)
+    return changed
+
+
+def sync_requires_grad(model: nn.Module) -> None:
+    """Put back stale ``requires_grad`` flags of a sharded model's FSDP parameters ([Note: stale
+    requires_grad]); a no-op for a model `shard_with_freezing` did not shard."""
+    state = state_or_none(model)
+    if state is not None:
+        _sync_flags(_freezing_entries(state))
+
+
 def _freezing_check(fsdp_params: dict[str, Any], frozen: frozenset[str], state: ShardedModelState):
     """Root forward pre-hook: refuse to run on after a parameter's requires_grad was flipped, and put
-    back the frozen groups' reshard settings if an FSDP setter was called around the guard."""
-    entries = [(fqn, fp, fqn not in frozen) for fqn, fp in fsdp_params.items()]
+    back the frozen groups' reshard settings if an FSDP setter was called around the guard.
+
+    [Note: no-grad forwards] A forward under ``torch.no_grad()`` (or inference mode) builds no
+    graph, so no gradient can reach a group that was built for the other side of the split: the
+    check is skipped there. That is the reference-model forward of DPO/GRPO trainers on a PEFT model:
+    ``with model.disable_adapter():`` sets ``requires_grad=False`` on every adapter for the duration
+    (PEFT's ``enable_adapters(False)``) and puts it back on exit ([Note: stale requires_grad])."""
+    entries = _freezing_entries(state)
 
     def check(module: nn.Module, args: Any) -> None:
         state.restore_frozen_policy()
-        for fqn, fp, want in entries:
-            for tensor in (compat.sharded_param(fp), compat.unsharded_param_if_any(fp)):
-                if tensor is not None and tensor.requires_grad != want:
-                    raise FreezingChangedError(
-                        f"requires_grad of parameter {fqn!r} changed from {want} to {not want} after "
-                        f"shard_with_freezing; its param group was built as "
-                        f"{'trainable' if want else 'frozen'}. Set requires_grad (or FreezePolicy.freeze/"
-                        f"unfreeze) before sharding: rebuild the model, shard it with the new policy and "
-                        f"load your checkpoint into it, or restore requires_grad={want}."
-                    )
+        if not torch.is_grad_enabled():  # [Note: no-grad forwards]
+            return
+        for fqn, want in _sync_flags(entries)[:1]:
+            raise FreezingChangedError(
+                f"requires_grad of parameter {fqn!r} changed from {want} to {not want} after "
+                f"shard_with_freezing; its param group was built as "
+                f"{'trainable' if want else 'frozen'}. Set requires_grad (or FreezePolicy.freeze/"
+                f"unfreeze) before sharding: rebuild the model, shard it with the new policy and "
+                f"load your checkpoint into it, use fsdp_frozen.refreeze, or restore "
+                f"requires_grad={want}.{DISABLED_ADAPTER_HINT if want else ''}"
+            )
 
     return check

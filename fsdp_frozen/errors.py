@@ -18,6 +18,11 @@ class FreezingChangedError(RuntimeError):
     """
 
 
+#: added to the FreezingChangedError of a trainable parameter found with requires_grad=False
+DISABLED_ADAPTER_HINT = (" (PEFT's disable_adapter() sets requires_grad=False on the adapters while it is "
+                         "active: run that forward under torch.no_grad(), as DPO/GRPO reference forwards do)")
+
+
 class CheckpointLayoutError(RuntimeError):
     """A checkpoint cannot be loaded into this model as asked, or cannot be saved as asked.
 

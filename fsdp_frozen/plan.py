@@ -125,13 +125,15 @@ def resolve_units(model: nn.Module, patterns: tuple[str, ...], names: ModelNames
     """Canonical unit FQNs matched by `patterns` (FQN globs or class names), deepest first, root last.
 
     A glob is matched against canonical module names; a class name against every module, wrapped
-    ones included, and names the outermost module of that canonical name (see `names.py`).
+    ones included, and names the outermost module of that canonical name (see `names.py`). A module
+    ``fully_shard`` has made ``FSDP<Cls>`` still matches ``Cls``: the same policy names the same
+    units before and after sharding (`refreeze`).
     """
     names = names or model_names(model)
     named = [(names.canonical(n), m) for n, m in model.named_modules() if n]
     units: set[str] = set()
     for pattern in patterns:
-        hits = {n for n, m in named if glob_match(pattern, n) or type(m).__name__ == pattern}
+        hits = {n for n, m in named if glob_match(pattern, n) or compat.user_class(m).__name__ == pattern}
         if not hits:
             raise PolicyError(
                 f"FreezePolicy.units pattern {pattern!r} matches no submodule of {type(model).__name__} "

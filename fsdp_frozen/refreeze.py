@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor
 
 from . import _torch_compat as compat
 from . import _torchao_compat as ao
-from .apply import check_supported, shard_with_freezing, sharded_state, unshard_with_freezing
+from .apply import check_supported, shard_with_freezing, sharded_state, sync_requires_grad, unshard_with_freezing
 from .errors import PolicyError
 from .plan import build_plan
 from .policy import FreezePolicy
@@ -88,6 +88,7 @@ def refreeze(
             "current parameters. Call it after backward and optimizer.step() (or run that forward under "
             "torch.no_grad())"
         )
+    sync_requires_grad(model)  # before the reshard: [Note: stale requires_grad]
     for module in model.modules():  # kept-gathered groups show their shards (values unchanged)
         if compat.has_fsdp_state(module):
             module.reshard()

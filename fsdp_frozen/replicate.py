@@ -61,7 +61,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from . import _torch_compat as compat
-from .errors import FreezingChangedError
+from .errors import DISABLED_ADAPTER_HINT, FreezingChangedError
 
 
 def _divide(reduce_dtype: torch.dtype, size: int) -> tuple[float | None, float | None, Any]:
@@ -203,7 +203,7 @@ class ReplicatedTrainables:
                 raise FreezingChangedError(
                     f"requires_grad of parameter {fqn!r} changed from True to False after "
                     f"shard_with_freezing (trainable_grouping='replicate'); restore it, or use "
-                    f"fsdp_frozen.refreeze to freeze it")
+                    f"fsdp_frozen.refreeze to freeze it.{DISABLED_ADAPTER_HINT}")
 
     def _prepare_compute(self) -> None:
         """The tensors forward computes with: a ``param_dtype`` copy per parameter (refreshed from
@@ -232,8 +232,9 @@ class ReplicatedTrainables:
         if key != self._key:
             self._prepare_compute()
             self._key = key
-        if not all(p.requires_grad for p in self.params) or any(p.requires_grad for p in self.frozen):
-            self._check_freezing()
+        if torch.is_grad_enabled() and (not all(p.requires_grad for p in self.params)
+                                        or any(p.requires_grad for p in self.frozen)):
+            self._check_freezing()  # not under no_grad: [Note: no-grad forwards] in apply.py
         if self.copy_dsts:
             with torch.no_grad():
                 torch._foreach_copy_(self.copy_dsts, self.copy_srcs)

@@ -26,6 +26,7 @@ from .models import batch, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA tier needs a CUDA GPU (none here)")
 HF_MISSING = any(importlib.util.find_spec(m) is None for m in ("transformers", "peft", "safetensors"))
+TORCHAO_MISSING = importlib.util.find_spec("torchao") is None
 WORLDS = [1] + ([2] if torch.cuda.is_available() and torch.cuda.device_count() >= 2 else [])
 
 
@@ -95,14 +96,14 @@ def test_cuda_shard_train_save_load(tmp_path, world):
         assert r["load_peak_above_base"] < r["frozen_bytes"], r
 
 
-def _pretrained(rank: int, world: int, directory: str) -> dict:
+def _pretrained(rank: int, world: int, directory: str, dtype: str) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
     from .test_pretrained import NF4, _config, _frozen_shards
 
     out = {}
-    for dtype in ("bfloat16", "nf4"):
+    for dtype in (dtype,):
         policy = FreezePolicy(units=["base_model.model.model.layers.*"], frozen_dtype=dtype, param_dtype="bfloat16",
                               **(NF4 if dtype == "nf4" else {}))
         lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
@@ -128,11 +129,13 @@ def _pretrained(rank: int, world: int, directory: str) -> dict:
 
 @pytest.mark.skipif(HF_MISSING, reason="needs the 'hf' extra")
 @pytest.mark.parametrize("world", WORLDS)
-def test_cuda_load_pretrained_bf16_and_nf4(tmp_path, world):
+@pytest.mark.parametrize("dtype", ["bfloat16", pytest.param("nf4", marks=pytest.mark.skipif(
+    TORCHAO_MISSING, reason="NF4 needs torchao (carry its wheel: scripts/gpu_wheels.sh)"))])
+def test_cuda_load_pretrained_bf16_and_nf4(tmp_path, world, dtype):
     from .test_pretrained import save_tiny
 
     directory = save_tiny(str(tmp_path / "tiny"))
-    for r in run_ranks(_pretrained, world, directory, backend="nccl", timeout=300):
+    for r in run_ranks(_pretrained, world, directory, dtype, backend="nccl", timeout=300):
         for dtype, got in r.items():
             assert got["devices"] == ["cuda"], (dtype, got)
             assert got["frozen_bitwise"], (dtype, got)

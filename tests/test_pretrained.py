@@ -319,3 +319,27 @@ def test_load_pretrained_host_memory_stays_near_the_shard(tmp_path):
         # stated in docs/pretrained.md; the issue's target is <= 0.6x of the whole model per rank.
         assert r["peak"] <= 0.6 * whole, (r, whole)
         assert r["peak"] <= r["shard"] + dim * dim * 4 + 16 * 2**20, (r, whole)
+
+
+def _cuda_seeds(rank: int, world: int, directory: str) -> list:
+    """load_pretrained initialises adapters with the host generator only (issue 23, 8): every call
+    that would reseed a CUDA generator is recorded."""
+    calls = []
+    originals = (torch.cuda.manual_seed_all, torch.cuda.manual_seed)
+    torch.cuda.manual_seed_all = lambda seed: calls.append(("manual_seed_all", seed))
+    torch.cuda.manual_seed = lambda seed: calls.append(("manual_seed", seed))
+    try:
+        model = shard_with_freezing(_peft(_build_meta("llama", False, "meta"), "lora", "llama"), mesh_1d(world),
+                                    _policy("lora", "llama", None))
+        initialised = load_pretrained(model, directory)
+    finally:
+        torch.cuda.manual_seed_all, torch.cuda.manual_seed = originals
+    return [calls, len(initialised)]
+
+
+@pytest.mark.skipif(HF_MISSING, reason="needs the hf extra (transformers, peft, safetensors)")
+def test_load_pretrained_leaves_cuda_generators_alone(tmp_path):
+    directory = save_tiny(str(tmp_path / "llama"), "llama")
+    for calls, initialised in run_ranks(_cuda_seeds, 2, directory):
+        assert initialised > 0  # adapters were initialised, so the seeding ran
+        assert calls == [], calls

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .. import _torchao_compat as ao
 from .._torch_compat import flatten_state_dict, host_like, is_host_staged, local_tensor
+from ..apply import sync_requires_grad
 from ..errors import CheckpointLayoutError
 from ..storage import is_nf4
 from .atomic import replace_dir, temp_dir_for
@@ -82,6 +83,7 @@ def save_checkpoint(
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"checkpoint {path!r} exists; pass overwrite=True to replace it")
 
+    sync_requires_grad(model)  # before state_dict reshards: [Note: stale requires_grad]
     model_sd = get_model_state_dict(model)
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
@@ -262,6 +264,7 @@ def load_checkpoint(
     path = os.path.abspath(os.fspath(path))
     manifest = read_manifest(path)
     metadata = _read_metadata(path)
+    sync_requires_grad(model)  # before state_dict reshards: [Note: stale requires_grad]
     kinds = model_kinds(model)
     model_sd = get_model_state_dict(model)
     # get_optimizer_state_dict gives a fresh optimizer zero state (DCP runs a step with lr=0); a refused

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 from .. import _torch_compat as compat
 from .. import _torchao_compat as ao
 from .._torch_compat import local_tensor
-from ..apply import sharded_state
+from ..apply import sharded_state, sync_requires_grad
 from ..errors import CheckpointLayoutError
 from ..storage import is_nf4, materialize_meta, shard_device
 
@@ -66,6 +66,46 @@ class _FileTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     key: str = ""  #: the key it is stored under, where that differs from its name (DCP "model." prefix)
+    #: a tensor the file holds in pieces ([Note: per-expert files]): for each index of dim 0, the
+    #: (name, file tensor) pieces concatenated along their dim 0 to make that slice
+    parts: tuple[tuple[tuple[str, "_FileTensor"], ...], ...] = ()
+
+
+#: [Note: per-expert files] transformers >= 5 fuses a MoE block's experts into 3-D parameters
+#: (``mlp.experts.gate_up_proj``: E x 2I x H, ``mlp.experts.down_proj``: E x H x I), while the
+#: checkpoints users have (and ``save_pretrained`` writes) keep one tensor per expert; its loader
+#: converts them (``transformers/conversion_mapping.py``, checked on 5.24: ``"mixtral"`` renames
+#: ``.block_sparse_moe.`` to ``.mlp.`` and stacks ``experts.E.w1`` / ``w3`` concatenated, and ``w2``;
+#: ``"qwen2_moe"`` and the models mapped to it do the same with ``gate_proj`` / ``up_proj`` and
+#: ``down_proj``). A fused parameter the file lacks is read from those pieces, each rank reading
+#: only its experts (FSDP shards dim 0, the experts).
+_EXPERT_PIECES = {"gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")), "down_proj": (("w2",), ("down_proj",))}
+_MOE_RENAMES = ((".mlp.", ".block_sparse_moe."),)
+
+
+def _per_expert(name: str, index: dict[str, _FileTensor]) -> tuple[str, _FileTensor] | None:
+    """(file name, file tensor) behind `name` when the file keeps it in the per-expert layout
+    ([Note: per-expert files]): the renamed router, or a fused experts tensor read from its pieces
+    (a virtual entry, named `name`); None if `name` is neither or the file has no pieces that stack."""
+    head, _, leaf = name.rpartition(".")
+    olds = [head.replace(new, old) for new, old in _MOE_RENAMES if new in f"{head}."]
+    if leaf == "weight" and head.endswith(".mlp.gate"):  # the router, renamed only
+        return next(((f"{o}.weight", index[f"{o}.weight"]) for o in olds if f"{o}.weight" in index), None)
+    if leaf not in _EXPERT_PIECES or not head.endswith(".experts"):
+        return None
+    for prefix in (head, *olds):
+        for pieces in _EXPERT_PIECES[leaf]:
+            parts: list[tuple[tuple[str, _FileTensor], ...]] = []
+            while all(f"{prefix}.{len(parts)}.{p}.weight" in index for p in pieces):
+                e = len(parts)
+                parts.append(tuple((f"{prefix}.{e}.{p}.weight", index[f"{prefix}.{e}.{p}.weight"]) for p in pieces))
+            infos = [info for row in parts for _, info in row]
+            rows = {sum(info.shape[0] for _, info in row) for row in parts}
+            if not parts or len(rows) != 1 or len({(i.shape[1:], i.dtype) for i in infos}) != 1:
+                continue
+            return name, _FileTensor(infos[0].file, (len(parts), rows.pop(), *infos[0].shape[1:]), infos[0].dtype,
+                                     parts=tuple(parts))
+    return None
 
 
 def safetensors_index(path: str | os.PathLike) -> dict[str, _FileTensor]:
@@ -266,6 +306,10 @@ def _chunk_index(t: torch.Tensor) -> tuple[slice, ...] | None:
 def _read(info: _FileTensor, name: str, index: tuple[slice, ...] | None) -> torch.Tensor:
     """Rows (or the whole tensor when `index` is None) of one file tensor, on the host; a safetensors
     file is open only here. A DCP tensor is read whole (`_fill_dcp` reads shards in place instead)."""
+    if info.parts:  # [Note: per-expert files]: this rank's experts, each from its pieces
+        experts = range(len(info.parts))[index[0]] if index is not None else range(len(info.parts))
+        whole = torch.stack([torch.cat([_read(piece, n, None) for n, piece in info.parts[e]]) for e in experts])
+        return whole if index is None else whole[(slice(None), *index[1:])]
     if info.key:  # DCP
         import torch.distributed.checkpoint as dcp
 
@@ -344,6 +388,7 @@ def load_pretrained(
 
     device = shard_device(state.mesh)
     materialize_meta(model, device)
+    sync_requires_grad(model)  # before the reshard: [Note: stale requires_grad]
     for module in model.modules():  # kept-gathered groups must re-gather from the new shards
         if compat.has_fsdp_state(module):
             module.reshard()
@@ -375,6 +420,11 @@ def _map_to_file(model: nn.Module, targets: list[_Target], index: dict[str, _Fil
                 problems.append(f"key_map maps {name!r} to {mapped!r}, which the file does not hold")
                 break
             hit = mapped if mapped is not None else next((c for c in file_candidates(name) if c in index), None)
+            if hit is None:  # [Note: per-expert files]
+                found = next((f for f in map(lambda c: _per_expert(c, index), file_candidates(name)) if f), None)
+                if found is not None:
+                    hit = found[0]
+                    index.setdefault(hit, found[1])
             if hit is not None:
                 target.file_name = hit
                 break
@@ -394,6 +444,7 @@ def _map_to_file(model: nn.Module, targets: list[_Target], index: dict[str, _Fil
     problems += [f"frozen parameter {t.names[0]!r} is missing from the file (it would keep a random init forever)"
                  f"{tie_hint}" for t in targets if t.file_name is None and t.kind == "frozen"]
     used = {t.file_name for t in targets}
+    used |= {piece for t in targets if t.file_name is not None for row in index[t.file_name].parts for piece, _ in row}
     problems += [f"file tensor {n!r} matches no parameter or buffer of the model (map it with key_map)"
                  for n in sorted(set(index) - used)]
     return problems
@@ -477,8 +528,10 @@ def _init_unsharded(model: nn.Module, paths: list[str], init: Callable[[], None]
         compat.swap_parameter(module, leaf, whole)
         swapped.append((module, leaf, param, whole))
     try:
+        # the host generator only: the inits run on host tensors, and torch.manual_seed would also
+        # reseed every CUDA generator, which fork_rng(devices=[]) does not restore
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + zlib.crc32(paths[0].encode()))
+            torch.random.default_generator.manual_seed(seed + zlib.crc32(paths[0].encode()))
             init()
     finally:
         for module, leaf, param, _ in swapped:
