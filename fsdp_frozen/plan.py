@@ -217,7 +217,7 @@ def _label(names: list[str]) -> str:
 def _frozen_only_modules(
     model: nn.Module, unit: str, units: list[str], owned: set[str], frozen: set[str], names: ModelNames
 ) -> list[str]:
-    """Maximal submodules of `unit` (not crossing nested units) whose own parameters are all frozen."""
+    """Maximal submodules of `unit` holding no nested unit whose parameters are all frozen."""
     nested = [u for u in units if u != unit and _within(u, unit)]
     result: list[str] = []
     # a tied parameter counts under its first name (the one ownership uses): a head tied to a frozen
@@ -232,8 +232,12 @@ def _frozen_only_modules(
                 continue
             params = [primary.get(c, c) for n, _ in child.named_parameters(remove_duplicate=False)
                       for c in (names.canonical(f"{path}.{n}"),)]
-            params = [p for p in params if not any(_within(p, u) for u in nested if _within(u, name))]
-            if params and all(p in owned and p in frozen for p in params):
+            # a module holding a unit is never chosen, only its other children: its forward may be
+            # bypassed (PEFT's LoraModel is called through .model.forward, so hooks on it never run)
+            # nor the module a wrapper holds under the unit's own name (checkpoint_wrapper, compile):
+            # the unit's fully_shard goes to that name's outermost module, the same object
+            holds_unit = name == unit or any(_within(u, name) for u in nested)
+            if params and not holds_unit and all(p in owned and p in frozen for p in params):
                 if name not in result:
                     result.append(name)
             else:
@@ -276,18 +280,28 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
     grouping, grouping_why = _resolve_grouping(policy, units, holders, frozen)
-    if grouping == "replicate" and policy.trainable_grouping == "auto" and not split:
+    def plan_groups(grouping: str) -> tuple:
+        params, owner, ignored = _ownership(holders, units, frozen if grouping != "per_unit" else None,
+                                            replicate=grouping == "replicate")
+        quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
+        groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split,
+                                  grouping_why, replicate=grouping == "replicate")
+        return params, owner, ignored, quantized, not_quantized, groups, unsplit
+
+    try:
+        params, owner, ignored, quantized, not_quantized, groups, unsplit = plan_groups(grouping)
+    except PolicyError:
+        if not (grouping == "replicate" and policy.trainable_grouping == "auto" and not split):
+            raise
+        # the structural fallback (torch < 2.13) cannot split the root's frozen parameters off a
+        # replicated set (`_groups` refuses it): "auto" takes the next choice, one root group (the
+        # state fits replicated, so it fits gathered)
+        grouping = "root"
         mixed = _root_mixed_modules(model, units, frozen, names)
-        if mixed:  # the fallback could not split them off the replicated set: the next choice, one root group
-            grouping = "root"  # the state fits replicated, so it fits gathered
-            grouping_why = (grouping_why.removesuffix(": replicated") + f"; but the structural fallback (torch < "
-                            f"2.13) cannot split the frozen parameters of the root's modules {mixed} off a "
-                            f"replicated set: one root group")
-    params, owner, ignored = _ownership(holders, units, frozen if grouping != "per_unit" else None,
-                                        replicate=grouping == "replicate")
-    quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
-    groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split,
-                              grouping_why, replicate=grouping == "replicate")
+        what = f"the frozen parameters of the root's modules {mixed}" if mixed else "the root's frozen parameters"
+        grouping_why = (grouping_why.removesuffix(": replicated") + f"; but the structural fallback (torch < "
+                        f"2.13) cannot split {what} off a replicated set: one root group")
+        params, owner, ignored, quantized, not_quantized, groups, unsplit = plan_groups(grouping)
     if policy.frozen_reshard == "auto":
         groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
     groups, whole = _whole_frozen(groups, grouping, split)

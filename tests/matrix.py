@@ -70,6 +70,16 @@ LOSS_RTOL = {"fp32": 0.0, "bf16": 0.0, "bf16_fp32_frozen": 0.0, "nf4": 0.05}
 LOGITS_RTOL = {"fp32": 0.0, "bf16": 0.0, "bf16_fp32_frozen": 0.0, "nf4": 0.25}
 NF4_BLOCKS = {"nf4_block_size": 32, "nf4_scaler_block_size": 16}
 HF_VOCAB = 128
+#: FSDP_FROZEN_FORCE_FALLBACK=1: every case in torch < 2.13's structural fallback (frozen-only
+#: submodules as their own fully_shard groups), the path torch 2.11-2.12 users and the lent GPU take
+FALLBACK = os.environ.get("FSDP_FROZEN_FORCE_FALLBACK") == "1"
+#: what the fallback refuses beyond `REFUSED`: a replicated trainable group when the root module holds
+#: frozen and trainable parameters together (torch < 2.13 cannot split them), naming what to use instead
+FALLBACK_REFUSAL = ("trainable_grouping='replicate'", "use trainable_grouping='root' or 'per_unit'")
+#: fp32 parameters after 3 steps in the fallback, transformers families: the losses are bitwise, the
+#: parameters within this (measured up to 5.4e-6 on 2.13 with the fallback forced; the cause is not
+#: found yet: issue 23). The in-repo models are bitwise there too.
+FALLBACK_HF_PARAM_ATOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -396,6 +406,10 @@ def _all_gathers(model: nn.Module) -> int:
 
 def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
     """One case on the ranks; returns what the parent asserts (or the refusal's message)."""
+    if FALLBACK:  # what torch < 2.13 gets (the CI tier on 2.13 forces it)
+        import fsdp_frozen._torch_compat as compat
+
+        compat.SPLIT_GROUPS_SUPPORTED = False
     if case.refused is not None:
         try:
             _ours(case, tmp, world)
@@ -403,7 +417,12 @@ def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
             return {"refused": str(e)}
         return {"refused": None}
     out: dict[str, Any] = {}
-    model = _ours(case, tmp, world)
+    try:
+        model = _ours(case, tmp, world)
+    except PolicyError as e:
+        if FALLBACK and "cannot split them off" in str(e):  # FALLBACK_REFUSAL
+            return {"refused": str(e)}
+        raise
     plan = sharded_state(model).plan
     out["grouping"] = plan.trainable_grouping
     reference = _reference(case, tmp, world, _trainable(model))
