@@ -33,7 +33,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 from fsdp_frozen import FreezePolicy, PolicyError, describe, refreeze, shard_with_freezing
-from fsdp_frozen._torch_compat import has_fsdp_state, local_tensor, sharded_param
+from fsdp_frozen._torch_compat import has_fsdp_state, local_tensor, sharded_param, split_groups_supported
 from fsdp_frozen.storage import is_nf4
 from fsdp_frozen.apply import sharded_state, state_or_none
 from fsdp_frozen.checkpoint import load_checkpoint, load_pretrained, save_checkpoint
@@ -70,9 +70,9 @@ LOSS_RTOL = {"fp32": 0.0, "bf16": 0.0, "bf16_fp32_frozen": 0.0, "nf4": 0.05}
 LOGITS_RTOL = {"fp32": 0.0, "bf16": 0.0, "bf16_fp32_frozen": 0.0, "nf4": 0.25}
 NF4_BLOCKS = {"nf4_block_size": 32, "nf4_scaler_block_size": 16}
 HF_VOCAB = 128
-#: FSDP_FROZEN_FORCE_FALLBACK=1: every case in torch < 2.13's structural fallback (frozen-only
-#: submodules as their own fully_shard groups), the path torch 2.11-2.12 users and the lent GPU take
-FALLBACK = os.environ.get("FSDP_FROZEN_FORCE_FALLBACK") == "1"
+#: torch < 2.13's structural fallback (frozen-only submodules as their own fully_shard groups), the
+#: path torch 2.6-2.12 users and the lent GPU take; FSDP_FROZEN_FORCE_FALLBACK=1 forces it on 2.13
+FALLBACK = os.environ.get("FSDP_FROZEN_FORCE_FALLBACK") == "1" or not split_groups_supported()
 #: what the fallback refuses beyond `REFUSED`: a replicated trainable group when the root module holds
 #: frozen and trainable parameters together (torch < 2.13 cannot split them), naming what to use instead
 FALLBACK_REFUSAL = ("trainable_grouping='replicate'", "use trainable_grouping='root' or 'per_unit'")
