@@ -285,9 +285,9 @@ def _guard_setters(model: nn.Module, state: ShardedModelState) -> None:
 
 
 def _unmanaged(plan: ShardingPlan, unit: str) -> list[str]:
-    """The unit's frozen parameters the plan keeps out of FSDP (`ShardingPlan.unmanaged`)."""
-    group = plan.frozen_group(unit)
-    return [f for f in group.params if f in plan.unmanaged] if group else []
+    """The unit's frozen parameters the plan keeps out of FSDP (`ShardingPlan.unmanaged`): in its
+    frozen group, or (torch < 2.13 fallback) left in its trainable group with a trainable neighbour."""
+    return [f for g in plan.groups_of(unit) for f in g.params if f in plan.unmanaged]
 
 
 def _ignored(model: nn.Module, plan: ShardingPlan, unit: str) -> dict[str, Any]:
@@ -344,11 +344,14 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
         if frozen_group is not None:
             modules = [model.get_submodule(plan.path(m)) for m in frozen_group.modules]
             reshard = frozen_group.reshard
+            # what the plan keeps out of FSDP (NF4 weights at shard size 1) is out of this call too
+            unmanaged = {model.get_parameter(plan.path(f)) for f in frozen_group.params if f in plan.unmanaged}
             fully_shard(
                 modules,
                 mesh=mesh,
                 reshard_after_forward=reshard if isinstance(reshard, int) else reshard == "after_forward",
                 mp_policy=mp_policy,
+                **({"ignored_params": unmanaged} if unmanaged else {}),
             )
             if reshard == "never":
                 modules[0].set_reshard_after_backward(False, recurse=False)

@@ -333,3 +333,22 @@ def test_torchao_extension_noise_is_filtered():
     assert "Failed to load" not in ours.stderr and "kept" in ours.stderr, ours.stderr[-2000:]
     if "Failed to load" not in plain.stderr:
         pytest.skip("this torchao build loads its extensions: nothing to filter here")
+
+
+def _fallback_parity(rank: int, world: int, reshard: str) -> dict:
+    import warnings
+
+    import fsdp_frozen._torch_compat as compat
+
+    compat.SPLIT_GROUPS_SUPPORTED = False  # what torch < 2.13 gets
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's "cannot hold two param groups" warning
+        return _parity(rank, world, reshard)
+
+
+def test_nf4_at_shard_size_1_in_the_fallback():
+    """torch < 2.13 at one rank: NF4 weights stay out of FSDP (the plan's `unmanaged`), in the frozen-only
+    modules' fully_shard call too (torchao's all-gather hooks fail at shard size 1); bitwise the
+    quantize-dequantize model (issue 23, 3)."""
+    out = run_ranks(_fallback_parity, 1, "after_forward", fresh=True)[0]
+    assert out["losses"]["nf4"] == out["losses"]["ref"]
