@@ -447,23 +447,28 @@ def remove_forward_hooks(module: nn.Module) -> bool:
     return True
 
 
-def forward_inputs(args: tuple, kwargs: dict, device: torch.device | None,
-                   param_dtype: torch.dtype | None) -> tuple[tuple, dict]:
-    """What FSDP2's pre-forward does to a module's inputs (2.13 ``FSDPState._root_pre_forward`` and
-    ``_pre_forward``): at the root on an accelerator (`device` given, not CPU), moved to `device` as
-    DDP moves them (``torch.distributed.utils._to_kwargs``); then, with a `param_dtype`, floating-point
-    tensors cast to it with FSDP2's own rule (``_apply_to_tensors`` with ``_cast_fp_tensor``; both
-    in 2.4-2.13, the latter in ``torch.distributed.fsdp._fully_shard._fsdp_common``, so the rule cannot drift)."""
+def forward_inputs(device: torch.device | None, param_dtype: torch.dtype | None) -> Any:
+    """``prepare(args, kwargs) -> (args, kwargs)`` doing what FSDP2's pre-forward does to a module's
+    inputs (2.13 ``FSDPState._root_pre_forward`` and ``_pre_forward``): at the root on an accelerator
+    (`device` given, not CPU), moved to `device` as DDP moves them (``torch.distributed.utils._to_kwargs``);
+    then, with a `param_dtype`, floating-point tensors cast to it with FSDP2's own rule
+    (``_apply_to_tensors`` with ``_cast_fp_tensor`` from ``torch.distributed.fsdp._fully_shard._fsdp_common``,
+    so the rule cannot drift; checked on 2.11 and 2.13). The helpers are looked up once, here."""
     from torch.distributed.fsdp._fully_shard._fsdp_common import _cast_fp_tensor
     from torch.distributed.utils import _apply_to_tensors, _to_kwargs
 
-    if device is not None and device.type != "cpu" and (args or kwargs):
-        moved_args, moved_kwargs = _to_kwargs(args, kwargs, device, False)
-        args, kwargs = moved_args[0], moved_kwargs[0]
-    if param_dtype is not None:
-        cast = functools.partial(_cast_fp_tensor, param_dtype)
-        args, kwargs = _apply_to_tensors(cast, args), _apply_to_tensors(cast, kwargs)
-    return args, kwargs
+    move = device is not None and device.type != "cpu"
+    cast = functools.partial(_cast_fp_tensor, param_dtype) if param_dtype is not None else None
+
+    def prepare(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if move and (args or kwargs):
+            moved_args, moved_kwargs = _to_kwargs(args, kwargs, device, False)
+            args, kwargs = moved_args[0], moved_kwargs[0]
+        if cast is not None:
+            args, kwargs = _apply_to_tensors(cast, args), _apply_to_tensors(cast, kwargs)
+        return args, kwargs
+
+    return prepare
 
 
 # --- autograd and FSDP-layout internals of the replicated trainable group (`replicate.py`; checked on 2.6 and 2.13)

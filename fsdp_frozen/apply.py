@@ -147,7 +147,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
                                                 frozen=(tuple(whole), [plan.path(f) for f in whole]))
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
-    state.hooks = [model.register_forward_pre_hook(_freezing_check(fsdp_params, plan.frozen, state), prepend=True),
+    state.hooks = [model.register_forward_pre_hook(_freezing_check(state), prepend=True),
                    model.register_forward_hook(_track_backward(state))]
     _cast_inputs_outside_fsdp(model, state, mp_policy)
     if plan.split and not fsdp_params:
@@ -161,9 +161,10 @@ def _input_hook(device: torch.device | None, mp_policy: MixedPrecisionPolicy):
     device; then the cast of floating-point inputs to ``param_dtype`` under
     ``MixedPrecisionPolicy.cast_forward_inputs`` (`compat.forward_inputs`, FSDP2's own rule)."""
     param_dtype = mp_policy.param_dtype if mp_policy.cast_forward_inputs else None
+    prepare = compat.forward_inputs(device, param_dtype)
 
     def inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        return compat.forward_inputs(args, kwargs, device, param_dtype)
+        return prepare(args, kwargs)
 
     return inputs
 
@@ -400,7 +401,7 @@ def sync_requires_grad(model: nn.Module) -> None:
         _sync_flags(_freezing_entries(state))
 
 
-def _freezing_check(fsdp_params: dict[str, Any], frozen: frozenset[str], state: ShardedModelState):
+def _freezing_check(state: ShardedModelState):
     """Root forward pre-hook: refuse to run on after a parameter's requires_grad was flipped, and put
     back the frozen groups' reshard settings if an FSDP setter was called around the guard.
 
