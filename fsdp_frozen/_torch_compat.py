@@ -109,6 +109,13 @@ def group_mesh_infos(group: Any) -> list[Any]:
     return [info for info in (group.mesh_info, group.post_forward_mesh_info) if info is not None]
 
 
+def process_group_alive(pg: Any) -> bool:
+    """False once `pg` was destroyed (it left c10d's registry ``_world.pg_map``; the same in 2.6-2.13)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    return dist.is_initialized() and pg in c10d._world.pg_map
+
+
 def mesh_groups(mesh: DeviceMesh) -> tuple[Any, ...]:
     """The process group of each dim of `mesh` (public ``get_group``)."""
     return tuple(mesh.get_group(d) for d in range(mesh.ndim))

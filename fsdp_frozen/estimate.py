@@ -33,6 +33,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import _torch_compat as compat
+from . import process_groups
 from .apply import shard_with_freezing, sharded_state
 from .errors import PolicyError
 from .plan import FROZEN, REPLICATED
@@ -76,6 +77,9 @@ class Estimate:
     checkpoint_full_bytes: int  #: every rank together: parameters + buffers + AdamW state
     checkpoint_trainable_bytes: int  #: trainable parameters + AdamW state (what frozen="auto" writes later)
     activations: dict[str, Any] = field(default_factory=dict)  #: with batch and seq: bytes and the method
+    #: process groups the frozen groups add beyond the mesh's (NCCL: one communicator each, its buffers
+    #: and setup at first use; `fsdp_frozen.process_groups.count`)
+    frozen_process_groups: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -187,6 +191,7 @@ def measure(model: nn.Module) -> Estimate:
         all_gather_bytes_per_step=all_gather, reduce_scatter_bytes_per_step=reduce,
         all_reduce_bytes_per_step=(reduce // shard_size if replicate > 1 else 0) + all_reduce,
         checkpoint_full_bytes=full, checkpoint_trainable_bytes=trainable_global + optimizer_global,
+        frozen_process_groups=process_groups.count(plan, state.mesh.ndim),
     )
 
 

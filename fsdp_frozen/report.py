@@ -8,6 +8,7 @@ from typing import Any
 import torch.nn as nn
 
 from . import _torch_compat as compat
+from . import process_groups
 from .apply import sharded_state
 from .plan import FROZEN
 from .storage import storage_nbytes
@@ -39,6 +40,10 @@ class GroupRecord:
 class Description(list):
     """A list of `GroupRecord`; ``str()`` renders it as a table."""
 
+    #: process groups the frozen groups communicate on beyond the mesh's own (on NCCL, one
+    #: communicator each; `fsdp_frozen.process_groups.count`)
+    frozen_process_groups: int = 0
+
     def to_dicts(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self]
 
@@ -58,7 +63,9 @@ class Description(list):
         lines.insert(1, "-+-".join("-" * w for w in widths))
         whys = [f"why ({r.unit or '<root>'} {r.kind}): {r.why}" for r in self if r.why]
         notes = [f"note ({r.unit or '<root>'} {r.kind}): {r.note}" for r in self if r.note]
-        return "\n".join(lines + whys + notes)
+        pgs = [f"frozen groups add {self.frozen_process_groups} process group(s) of their own (NCCL: one "
+               f"communicator each, created at first use)"] if self.frozen_process_groups else []
+        return "\n".join(lines + whys + notes + pgs)
 
     def __str__(self) -> str:
         return self.table()
@@ -94,6 +101,7 @@ def describe(model: nn.Module) -> Description:
     state = sharded_state(model)
     plan = state.plan
     records = Description()
+    records.frozen_process_groups = process_groups.count(plan, state.mesh.ndim)
     for g in plan.groups:
         unsplit = [p for p in g.params if p in plan.unsplit]
         dense = {p: plan.not_quantized[p] for p in g.params if p in plan.not_quantized}

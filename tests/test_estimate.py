@@ -16,6 +16,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from fsdp_frozen import FreezePolicy, PolicyError, shard_with_freezing
 from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen._torch_compat import local_tensor
+from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import save_checkpoint
 from fsdp_frozen.estimate import estimate, measure
 
@@ -88,6 +89,10 @@ def _real(rank: int, world: int, tmp: str) -> dict:
             "checkpoint_full": sum(v for k, v in saved.items() if not k.startswith("extra/")),
             "checkpoint_trainable": sum(v for k, v in saved.items() if k.split("/")[0] in ("trainable", "optimizer")),
             "measured_here": measure(model).to_dict(),  # the same function on real gloo ranks
+            # the process groups the frozen FSDP groups really communicate on, beyond the mesh's own
+            "frozen_pgs": len({id(pg) for group, _ in sharded_state(model).frozen_settings
+                               for info in compat.group_mesh_infos(group) for pg in compat.mesh_info_groups(info)
+                               if all(pg is not m for m in compat.mesh_groups(mesh_1d(world)))}),
         }
     return out
 
@@ -116,6 +121,7 @@ def test_estimate_equals_real_ranks(tmp_path, world):
             if name != "nf4":  # DCP metadata holds NF4 weights by their logical shape, not their packed bytes
                 checks["checkpoint bytes (full)"] = (est.checkpoint_full_bytes, r["checkpoint_full"])
             checks["checkpoint bytes (trainable + AdamW)"] = (est.checkpoint_trainable_bytes, r["checkpoint_trainable"])
+            checks["frozen process groups"] = (est.frozen_process_groups, r["frozen_pgs"])
             failures += [f"{name} world {world} rank {rank}: {what}: estimate {a}, measured {b}"
                          for what, (a, b) in checks.items() if a != b]
             if est.to_dict() != r["measured_here"] and rank == 0:

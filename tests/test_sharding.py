@@ -213,8 +213,15 @@ def _process_groups_reused(rank: int, world: int) -> dict:
     second = shard_with_freezing(make_model(seed=1), mesh, FreezePolicy(units=["layers.*"], frozen_reshard="never"))
     hsdp = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     other = shard_with_freezing(make_model(), hsdp, FreezePolicy(units=["layers.*"]))
+    # an equal mesh built anew (new sub-groups for a 2-D mesh) reuses them: keyed by rank layout (issue 23, 10)
+    rebuilt = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    again = shard_with_freezing(make_model(), rebuilt, FreezePolicy(units=["layers.*"]))
     out = {"same_mesh": frozen_pgs(first) == frozen_pgs(second) and len(frozen_pgs(first)) == 1,
-           "other_mesh_differs": not (frozen_pgs(first) & frozen_pgs(other))}
+           "other_mesh_differs": not (frozen_pgs(first) & frozen_pgs(other)),
+           "rebuilt_mesh_reuses": frozen_pgs(again) == frozen_pgs(other) and rebuilt.get_group(1) is not hsdp.get_group(1),
+           "counted": [describe(m).frozen_process_groups for m in (first, other, shard_with_freezing(
+               make_model(), mesh, FreezePolicy(units=["layers.*"], frozen_reshard=2)))],
+           "table": str(describe(other))}
     kept = [compat.mesh_info_groups(g.mesh_info)[0] for g, _ in sharded_state(first).frozen_settings[:1]]
     out["released"] = release_process_groups()
     third = shard_with_freezing(make_model(), mesh, FreezePolicy(units=["layers.*"]))
@@ -227,4 +234,7 @@ def _process_groups_reused(rank: int, world: int) -> dict:
 def test_frozen_process_groups_are_created_once_per_mesh_and_released():
     for r in run_ranks(_process_groups_reused, 4, fresh=True):
         assert r["same_mesh"] and r["other_mesh_differs"] and r["fresh_after_release"], r
-        assert r["released"] == 3, r  # the 1-D mesh's shard group; the HSDP mesh's shard and replicate groups
+        assert r["rebuilt_mesh_reuses"], r
+        assert r["counted"] == [1, 2, 3], r  # 1-D: the shard dim's; HSDP: shard and replicate; int: + its 2 x 2 mesh's two
+        assert "frozen groups add 2 process group(s)" in r["table"], r["table"]
+        assert r["released"] == 5, r  # the 1-D mesh's shard group, the int reshard's 2 x 2 post-forward mesh's two; the HSDP mesh's shard and replicate groups
