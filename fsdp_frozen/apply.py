@@ -139,6 +139,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
                        for (_, kind), group in param_groups.items() if kind == FROZEN]
     state = ShardedModelState(policy=policy, plan=plan, mesh=mesh, fsdp_params=fsdp_params, param_groups=param_groups,
                               frozen_settings=frozen_settings, original_dtypes=original_dtypes)
+    _move_unmanaged(model, plan, shard_device(mesh))
     if plan.replicated:
         group = next(g for g in plan.groups if g.params and g.params[0] in plan.replicated)
         whole = sorted(plan.unmanaged - plan.quantized)  # "never" frozen groups kept whole ([Note: whole frozen groups])
@@ -153,6 +154,32 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     if plan.split and not fsdp_params:
         _dormant_root(model, state, mp_policy)
     return model
+
+
+def _move_unmanaged(model: nn.Module, plan: ShardingPlan, device: torch.device) -> None:
+    """Move the parameters the plan keeps out of FSDP (`ShardingPlan.unmanaged`: NF4 weights at shard
+    size 1, ``"never"`` groups kept whole) to the mesh's device, as ``fully_shard`` moves the ones it
+    manages: it leaves its ``ignored_params`` where they are, so a model built on the CPU would compute
+    with CPU weights on a GPU mesh. Plain tensors move in place; an NF4Tensor cannot take
+    ``.data =`` across devices, so its moved Parameter takes every slot of the old one. Meta ones stay
+    (`load_pretrained` allocates them on the device)."""
+    if not plan.unmanaged:
+        return
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for path, param in model.named_parameters(remove_duplicate=False):
+        parent, _, leaf = path.rpartition(".")
+        slots.setdefault(id(param), []).append((model.get_submodule(parent), leaf))
+    with torch.no_grad():
+        for fqn in sorted(plan.unmanaged):
+            param = model.get_parameter(plan.path(fqn))
+            if param.device.type == "meta" or param.device == device:
+                continue
+            if type(param.data) is torch.Tensor:
+                param.data = param.data.to(device)
+                continue
+            moved = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
+            for module, leaf in slots[id(param)]:
+                compat.swap_parameter(module, leaf, moved)
 
 
 def _input_hook(device: torch.device | None, mp_policy: MixedPrecisionPolicy):

@@ -146,7 +146,7 @@ class ReplicatedTrainables:
         self.swapped = False
         self.queued = False
         with torch.no_grad():
-            for p in (*self.params, *self.frozen):
+            for p in self.params:  # the frozen ones: apply._move_unmanaged
                 if not p.is_meta and p.device != device:
                     p.data = p.data.to(device)
             self.broadcast()

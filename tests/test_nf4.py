@@ -352,3 +352,27 @@ def test_nf4_at_shard_size_1_in_the_fallback():
     quantize-dequantize model (issue 23, 3)."""
     out = run_ranks(_fallback_parity, 1, "after_forward", fresh=True)[0]
     assert out["losses"]["nf4"] == out["losses"]["ref"]
+
+
+def _moved(rank: int, world: int) -> dict:
+    from fsdp_frozen.apply import _move_unmanaged
+
+    model = shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=["layers.*"], frozen_dtype="nf4",
+                                                                           **BLOCKS))
+    plan = sharded_state(model).plan
+    # CPU cannot show a CUDA mesh; the mechanism is the same for any target device: meta here
+    _move_unmanaged(model, plan, torch.device("meta"))
+    devices = {n: str(p.device) for n, p in model.named_parameters()}
+    unmanaged = {plan.names.canonical(n) for n in devices} & plan.unmanaged
+    return {"unmanaged": sorted(unmanaged), "devices": devices,
+            "nf4_inner": [str(model.get_parameter(plan.path(f)).quantized_data.device) for f in sorted(unmanaged)]}
+
+
+def test_nf4_kept_out_of_fsdp_moves_to_the_mesh_device():
+    """At shard size 1 NF4 weights stay out of FSDP, which would leave them where the model was built
+    (issue 23, 4): they are moved with the rest; everything FSDP manages is left to FSDP."""
+    out = run_ranks(_moved, 1)[0]
+    assert len(out["unmanaged"]) >= 7, out["unmanaged"]
+    assert all(out["devices"][f] == "meta" for f in out["unmanaged"]), out["devices"]
+    assert set(out["nf4_inner"]) == {"meta"}
+    assert all(d == "cpu" for n, d in out["devices"].items() if n not in out["unmanaged"]), out["devices"]
