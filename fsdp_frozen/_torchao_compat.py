@@ -9,7 +9,9 @@ dim-0 chunks by FSDP), ``scaler_mean`` and ``nf4`` (replicated in every chunk).
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -90,20 +92,58 @@ def nf4_materialize_(t: torch.Tensor, device: torch.device) -> None:
 
 def nf4_on_meta(weight: torch.Tensor, block_size: int, scaler_block_size: int) -> torch.Tensor:
     """The NF4Tensor ``to_nf4`` would give for the meta tensor `weight`, without running torchao's
-    quantization on meta (it loops over blocks: ~25 s for a 70B model). Inner tensors and context are
-    those of a small real quantization in `weight`'s dtype, resized: packed data numel/2 (uint8), one
-    int8 scaler per block, one factor per scaler block."""
-    probe = to_nf4(torch.zeros(block_size * scaler_block_size, dtype=weight.dtype), block_size, scaler_block_size)
+    quantization on meta (it loops over blocks: ~25 s for a 70B model): `nf4_empty` on the meta device
+    (packed data numel/2 uint8, one int8 scaler per block, one factor per scaler block)."""
+    return nf4_empty(tuple(weight.shape), weight.dtype, block_size, scaler_block_size, device="meta")
+
+
+@functools.lru_cache(maxsize=None)
+def _nf4_probe(dtype: torch.dtype, block_size: int, scaler_block_size: int) -> torch.Tensor:
+    """torchao's quantization of the smallest zero weight it takes at these block sizes (one scaler
+    block: ``block_size * scaler_block_size`` elements), on the CPU: `nf4_empty`'s source of inner
+    tensor names, dtypes and context, and of the replicated inner tensors' values. Never mutated."""
+    return to_nf4(torch.zeros(block_size * scaler_block_size, dtype=dtype), block_size, scaler_block_size)
+
+
+def nf4_empty(shape: tuple[int, ...], dtype: torch.dtype, block_size: int, scaler_block_size: int,
+              device: torch.device | str | None = None, *, n_blocks: int | None = None) -> torch.Tensor:
+    """An NF4Tensor with the layout ``to_nf4`` gives a weight of `shape` and `dtype`, built without
+    quantizing anything of that size (torchao's quantization loops over blocks: minutes per 8B model):
+    a target for a copy that overwrites every inner tensor, such as DCP's read of a saved NF4 shard.
+
+    The packed inner tensors are allocated, not initialized (``torch.empty``: ``numel / 2`` uint8 codes,
+    one int8 scaler per block, one factor per scaler block). The replicated ones are copies of what
+    ``to_nf4`` gives a zero weight at these block sizes and dtype (the ``nf4`` lookup table, the same
+    for every weight; ``scaler_mean`` 0): the values the placeholders quantized from a zero weight had.
+
+    Args:
+        n_blocks: the context's block count, where it is not the shape's: torchao's split (FSDP's dim-0
+            chunks of an NF4 weight) keeps the whole weight's in every chunk, and torchao copies the
+            inner tensors of an NF4Tensor only into one of equal block sizes and block count.
+    """
+    numel = math.prod(shape)
+    if numel % (block_size * scaler_block_size):
+        raise ValueError(
+            f"nf4_empty: a weight of shape {tuple(shape)} ({numel} elements) does not split into whole scaler "
+            f"blocks of block_size={block_size} x scaler_block_size={scaler_block_size} elements (torchao's NF4 needs it)"
+        )
+    device = torch.device(device if device is not None else "cpu")
+    probe = _nf4_probe(dtype, block_size, scaler_block_size)
     names, ctx = probe.__tensor_flatten__()
-    n_blocks = weight.numel() // block_size
-    sizes = {"quantized_data": (weight.numel() // 2,), "quantized_scalers": (n_blocks,),
-             "quantization_factor": (n_blocks // scaler_block_size,)}
-    inner = {n: torch.empty(sizes.get(n, getattr(probe, n).shape), dtype=getattr(probe, n).dtype, device="meta")
-             for n in names}
+    sizes = {"quantized_data": numel // 2, "quantized_scalers": numel // block_size,
+             "quantization_factor": numel // block_size // scaler_block_size}
+    inner = {}
+    for name in names:
+        like = getattr(probe, name)
+        if name in NF4_PACKED:
+            inner[name] = torch.empty(sizes[name], dtype=like.dtype, device=device)
+        else:  # replicated: the lookup table and scaler_mean, copied from the probe
+            inner[name] = like.to(device=device, copy=True)
+    stride = torch.empty(shape, device="meta").stride()
     meta = ctx["tensor_meta"]
-    ctx = dict(ctx, n_blocks=n_blocks, tensor_meta=type(meta)(weight.shape, weight.stride(), 0, weight.dtype,
-                                                              torch.device("meta"), False))
-    return type(probe).__tensor_unflatten__(inner, ctx, weight.shape, weight.stride())
+    ctx = dict(ctx, n_blocks=numel // block_size if n_blocks is None else n_blocks,
+               tensor_meta=type(meta)(torch.Size(shape), stride, 0, dtype, device, False))
+    return type(probe).__tensor_unflatten__(inner, ctx, torch.Size(shape), stride)
 
 
 def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:

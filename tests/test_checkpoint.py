@@ -654,3 +654,156 @@ def test_frozen_state_is_staged_on_the_host_with_the_shards_layout():
         for name, r in per_rank.items():
             assert r["same_layout"] and not r["same_storage"], (name, r)
             assert r["host"] == (r["kind"] == "frozen"), (name, r)
+
+
+# --------------------------------------------------------------------- checksums: host syncs (issue 23, 7)
+def _checksum_tensors() -> dict[str, torch.Tensor]:
+    """Deterministic tensors (no RNG, no quantization) covering the checksum's cases."""
+    from fsdp_frozen._torchao_compat import nf4_empty
+
+    nf4 = nf4_empty((64, 32), torch.bfloat16, 16, 4)  # inner tensors filled below
+    nf4.quantized_data.copy_(torch.arange(nf4.quantized_data.numel()) * 7 % 256)
+    nf4.quantized_scalers.copy_(torch.arange(nf4.quantized_scalers.numel()) % 255 - 127)
+    nf4.quantization_factor.copy_(torch.arange(1, nf4.quantization_factor.numel() + 1) / 8)
+    nf4.scaler_mean.fill_(0.75)
+    return {
+        "f32": torch.arange(-51, 52, dtype=torch.float32) / 4,  # 412 bytes: a partial last word
+        "bf16": (torch.arange(37 * 5 * 3) - 200).to(torch.bfloat16).reshape(37, 5, 3),  # 30-byte rows
+        "u8": (torch.arange(65521 * 8 + 13) % 251).to(torch.uint8),  # longer than a weight period
+        "bool": torch.arange(11) % 3 == 0,
+        "scalar": torch.tensor(3.5),
+        "nf4": nf4,
+    }
+
+
+#: `_checksum_tensors`'s checksums as the code before issue 23 (7) computed them: what manifests written
+#: then hold, so what checkpoints saved then must still verify against.
+PINNED_CHECKSUMS = {
+    "f32": "2050001a1fa00000c820020b46100000", "bf16": "076b4b364acf0b44cc48768245c98820",
+    "u8": "43382d7e7265dcdb7c92694e0e56000b", "bool": "00010000010001010001000001000201",
+    "scalar": "00000000406000000000000040600000", "nf4": "0afdeb3ecb7fe67082b18e910a84c2c8",
+}
+
+
+class _HostReads:
+    """Counts the host's reads of tensor values while active: ``.item()``/``int()``/``bool()``
+    (``aten._local_scalar_dense``), ``torch.equal``, copies from a device to the host (a dispatch
+    mode), ``.tolist()`` and ``.numpy()`` (not dispatched: counted by wrapping them); and all-reduces.
+    On CUDA each read of device data is a stream sync. Not counted, in `dtensor_bookkeeping`: reads made
+    by DTensor's own code (``int(offsets[0])`` of the offsets tensor it builds on the host to place a
+    shard: CPU metadata, the same reads for DCP's planning)."""
+
+    _SKIP = ("torch/_compile.py", "torch/_dynamo/", "torch/utils/_python_dispatch.py")
+
+    def __init__(self) -> None:
+        from fsdp_frozen._torch_compat import TorchDispatchMode
+
+        outer = self
+        aten = torch.ops.aten
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func in (aten._local_scalar_dense.default, aten.equal.default):
+                    outer._read()
+                elif func is aten.copy_.default and args[1].device.type != "cpu" and args[0].device.type == "cpu":
+                    outer._read()
+                elif func is aten._to_copy.default and args[0].device.type != "cpu" and \
+                        torch.device(kwargs.get("device") or args[0].device).type == "cpu":
+                    outer._read()
+                return func(*args, **kwargs)
+
+        self.mode, self.syncs, self.all_reduces, self.dtensor_bookkeeping = Mode(), 0, 0, 0
+
+    def _read(self) -> None:
+        import inspect
+
+        frame = inspect.currentframe().f_back.f_back  # the caller of the mode or of a wrapped method
+        while frame is not None and any(s in frame.f_code.co_filename.replace("\\", "/") for s in self._SKIP):
+            frame = frame.f_back
+        if frame is not None and "torch/distributed/tensor/" in frame.f_code.co_filename.replace("\\", "/"):
+            self.dtensor_bookkeeping += 1
+        else:
+            self.syncs += 1
+
+    def __enter__(self) -> "_HostReads":
+        self.saved = {n: torch.Tensor.__dict__.get(n) for n in ("tolist", "numpy")}
+        for name in self.saved:
+            setattr(torch.Tensor, name, self._counting(getattr(torch.Tensor, name), self._read))
+        self.all_reduce = dist.all_reduce
+        dist.all_reduce = self._counting(self.all_reduce, self._all_reduce)
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+        dist.all_reduce = self.all_reduce
+        for name, attr in self.saved.items():
+            if attr is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, attr)
+
+    def _all_reduce(self) -> None:
+        self.all_reduces += 1
+
+    @staticmethod
+    def _counting(fn, count):
+        def counted(*args, **kwargs):
+            count()
+            return fn(*args, **kwargs)
+
+        return counted
+
+
+def _count_checksums(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, str], int, int]:
+    from fsdp_frozen.checkpoint.checksum import checksums
+
+    with _HostReads() as reads:
+        sums = checksums(tensors)
+    return sums, reads.syncs, reads.all_reduces
+
+
+def test_checksums_sync_the_host_once_and_keep_their_values():
+    """One host sync per `checksums` call however many tensors (each used to cost several: a CUDA stream
+    stall each), values unchanged: checkpoints saved before still verify."""
+    from fsdp_frozen.checkpoint.checksum import local_checksum
+
+    tensors = _checksum_tensors()
+    sums, syncs, _ = _count_checksums(tensors)
+    assert sums == PINNED_CHECKSUMS
+    assert {k: local_checksum(v) for k, v in tensors.items()} == PINNED_CHECKSUMS
+    many = {f"{k}/{i}": v for i in range(4) for k, v in tensors.items()}  # 4x the tensors
+    many_sums, many_syncs, _ = _count_checksums(many)
+    assert many_sums == {f"{k}/{i}": v for i in range(4) for k, v in PINNED_CHECKSUMS.items()}
+    assert (syncs, many_syncs) == (1, 1), (syncs, many_syncs)
+    with _HostReads() as reads:
+        local_checksum(tensors["nf4"])
+    assert reads.syncs == 1
+
+
+def _sharded_checksum_syncs(rank: int, world: int) -> dict:
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = mesh_1d(world)
+    sharded = {}
+    for name, t in _checksum_tensors().items():
+        if name == "nf4":  # torchao's dim-0 split, as FSDP shards an NF4 weight
+            part = torch.chunk(t, world, dim=0)[rank]
+            sharded[name] = DTensor.from_local(part, mesh, [Shard(0)], run_check=False, shape=t.shape, stride=t.stride())
+        elif t.dim():
+            sharded[name] = distribute_tensor(t, mesh, [Shard(0)])  # uneven: shards start mid-word
+        else:
+            sharded[name] = t  # a plain tensor, the same on every rank: counted once
+    few = _count_checksums(sharded)
+    many = _count_checksums({f"{k}/{i}": v for i in range(4) for k, v in sharded.items()})
+    return {"few": few, "many": many}
+
+
+def test_sharded_checksums_sync_the_host_once():
+    """World 2, uneven dim-0 shards (starting mid-word) and NF4 shards: the figures of the whole tensors
+    (the pinned values), one all-reduce and one host sync per call, for 6 tensors as for 24."""
+    for out in run_ranks(_sharded_checksum_syncs, 2):
+        assert out["few"][0] == PINNED_CHECKSUMS
+        assert out["many"][0] == {f"{k}/{i}": v for i in range(4) for k, v in PINNED_CHECKSUMS.items()}
+        assert [out[n][1:] for n in ("few", "many")] == [(1, 1), (1, 1)], out  # (host syncs, all-reduces)

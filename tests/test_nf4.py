@@ -376,3 +376,131 @@ def test_nf4_kept_out_of_fsdp_moves_to_the_mesh_device():
     assert all(out["devices"][f] == "meta" for f in out["unmanaged"]), out["devices"]
     assert set(out["nf4_inner"]) == {"meta"}
     assert all(d == "cpu" for n, d in out["devices"].items() if n not in out["unmanaged"]), out["devices"]
+
+
+# ------------------------------------------------------------------ NF4 read placeholders (issue 23, 6)
+def _quantized_elements(fn):
+    """(fn(), number of elements torchao's NF4 quantization ran on meanwhile): the count of its cost."""
+    from fsdp_frozen._torchao_compat import to_nf4
+
+    nf4_class = type(to_nf4(torch.zeros(64), 16, 4))
+    original = nf4_class.__dict__["convert_to_norm_float_weight"]
+    seen = []
+
+    def counting(input_tensor, *args, **kwargs):
+        seen.append(input_tensor.numel())
+        return original.__func__(input_tensor, *args, **kwargs)
+
+    nf4_class.convert_to_norm_float_weight = staticmethod(counting)
+    try:
+        return fn(), sum(seen)
+    finally:
+        nf4_class.convert_to_norm_float_weight = original
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_empty_is_a_chunk_of_torchaos_layout_without_quantizing(dtype):
+    """`nf4_empty` builds the read placeholder of a saved NF4 shard with exactly the inner tensors, dtypes,
+    context and replicated values of torchao's chunk of a quantized zero weight (what the reader used to
+    build), quantizing nothing beyond one scaler block however large the weight."""
+    from torchao.quantization import to_nf4
+
+    from fsdp_frozen._torchao_compat import NF4_PACKED, nf4_clone, nf4_empty
+
+    rows, cols, n, block, scaler = 64, 32, 4, 16, 4
+    want = [nf4_clone(p) for p in torch.chunk(to_nf4(torch.zeros(rows, cols, dtype=dtype), block, scaler), n)]
+    got = [nf4_empty((rows // n, cols), dtype, block, scaler, n_blocks=rows * cols // block) for _ in range(n)]
+    for w, g in zip(want, got):
+        (wn, wctx), (gn, gctx) = w.__tensor_flatten__(), g.__tensor_flatten__()
+        assert wn == gn
+        for name in wn:
+            a, b = getattr(w, name), getattr(g, name)
+            assert (a.shape, a.dtype, a.device) == (b.shape, b.dtype, b.device), name
+            if name not in NF4_PACKED:  # the replicated lookup table and scaler_mean: values too
+                assert torch.equal(a, b), name
+        assert {k: v for k, v in wctx.items() if k != "tensor_meta"} == {k: v for k, v in gctx.items() if k != "tensor_meta"}
+        assert (g.shape, g.stride(), g.dtype, g.requires_grad) == (w.shape, w.stride(), w.dtype, w.requires_grad)
+    assert got[0].quantized_data.data_ptr() != got[1].quantized_data.data_ptr()  # each shard its own storage
+    big, quantized = _quantized_elements(lambda: nf4_empty((2048, 1024), dtype, 64, 256))
+    assert quantized <= 64 * 256, quantized  # at most the one-scaler-block probe, not 2M elements
+    assert big.quantized_data.numel() == 2048 * 1024 // 2 and big.n_blocks == 2048 * 1024 // 64
+    with pytest.raises(ValueError, match=r"nf4_empty: a weight of shape \(3, 16\) \(48 elements\) does not split"):
+        nf4_empty((3, 16), dtype, 16, 4)
+
+
+def _save_nf4_weights(rank: int, world: int, tmp: str) -> dict:
+    """Save an NF4 model; return this rank's inner tensors of every NF4 weight (what was saved)."""
+    import os
+
+    model = shard_with_freezing(make_model(frozen_block=False), mesh_1d(world), FreezePolicy(**NF4_POLICY))
+    save_checkpoint(os.path.join(tmp, "nf4"), model)
+    out = {}
+    for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        if type(local).__name__ == "NF4Tensor":
+            out[name] = {n: getattr(local, n).clone() for n in local.__tensor_flatten__()[0]}
+    return out
+
+
+def _read_nf4_whole(rank: int, world: int, tmp: str) -> dict:
+    """Read every NF4 weight of the checkpoint whole, as resharding does, counting torchao's quantization."""
+    import json
+    import os
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from fsdp_frozen.checkpoint.checksum import local_checksum
+    from fsdp_frozen.checkpoint.convert_on_load import _read_nf4
+
+    path = os.path.join(tmp, "nf4")
+    params = json.loads(open(os.path.join(path, "fsdp_frozen.json")).read())["params"]
+    keys = {"frozen/" + n: (e["quantization"]["block_size"], e["quantization"]["scaler_block_size"])
+            for n, e in params.items() if e.get("quantization")}
+    whole, quantized = _quantized_elements(lambda: _read_nf4(path, FileSystemReader(path).read_metadata(), keys))
+    return {
+        "quantized": quantized,
+        "whole": {k[len("frozen/"):]: {n: getattr(t, n) for n in t.__tensor_flatten__()[0]} for k, t in whole.items()},
+        "checksums_ok": [k for k, t in whole.items() if local_checksum(t) == params[k[len("frozen/"):]]["checksum"]],
+        "numel": {k[len("frozen/"):]: t.numel() for k, t in whole.items()},
+    }
+
+
+def test_nf4_shards_are_read_whole_into_placeholders_without_quantizing(tmp_path):
+    """Resharding an NF4 checkpoint reads each weight's saved shards into placeholders that are allocated,
+    not quantized from a zero weight (issue 23, 6: an hour at 70B): torchao quantizes at most the
+    one-scaler-block probe, and the weight read is bitwise the saved shards end to end, the replicated
+    scaler_mean and lookup table those saved (they are stored with each shard), its checksum the manifest's."""
+    saved = run_ranks(_save_nf4_weights, 2, str(tmp_path))
+    got = run_ranks(_read_nf4_whole, 1, str(tmp_path))[0]
+    assert sorted(got["whole"]) == sorted(saved[0]) and len(got["whole"]) >= 7, sorted(got["whole"])
+    assert sorted(got["checksums_ok"]) == sorted("frozen/" + n for n in got["whole"])
+    block, scaler = BLOCKS["nf4_block_size"], BLOCKS["nf4_scaler_block_size"]
+    assert got["quantized"] <= block * scaler < min(got["numel"].values()), got["quantized"]
+    for name, inner in got["whole"].items():
+        for n, t in inner.items():
+            want = torch.cat([s[name][n] for s in saved]) if n in ("quantized_data", "quantized_scalers",
+                                                                   "quantization_factor") else saved[0][name][n]
+            assert torch.equal(t, want) and t.dtype == want.dtype, (name, n)
+        assert inner["scaler_mean"].item() != 0, name  # the saved value, not the placeholder's
+
+
+def test_nf4_placeholders_refuse_shards_torchao_cannot_hold():
+    """Saved NF4 shards that are not equal dim-0 chunks, or that do not hold whole scaler blocks, are
+    refused naming the weight (before the placeholders are built: torchao's split would assert)."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorProperties, TensorStorageMetadata
+
+    from fsdp_frozen.checkpoint.convert_on_load import _placeholders
+
+    def md(rows, cols, cuts):
+        chunks = [ChunkStorageMetadata(offsets=torch.Size([a, 0]), sizes=torch.Size([b - a, cols]))
+                  for a, b in zip(cuts, cuts[1:])]
+        return TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16), torch.Size([rows, cols]), chunks), chunks
+
+    parts = _placeholders("frozen/w", *md(64, 32, [0, 16, 32, 48, 64]), 16, 4)
+    assert [tuple(p.shape) for p in parts] == [(16, 32)] * 4 and {p.n_blocks for p in parts} == {64 * 32 // 16}
+    with pytest.raises(CheckpointLayoutError, match=r"NF4 weight 'frozen/w' of shape \(64, 32\) is saved in shards of "
+                                                    r"unequal sizes or other than dim-0 chunks \(sizes \[\(40, 32\), \(24, 32\)\]\)"):
+        _placeholders("frozen/w", *md(64, 32, [0, 40, 64]), 16, 4)
+    with pytest.raises(CheckpointLayoutError, match=r"NF4 weight 'frozen/w' is saved in shards of shape \(1, 32\), which "
+                                                    r"do not hold whole scaler blocks of block_size=16 x scaler_block_size=4"):
+        _placeholders("frozen/w", *md(64, 32, list(range(65))), 16, 4)  # 32 elements: half a scaler block

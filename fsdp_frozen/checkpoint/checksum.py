@@ -60,8 +60,10 @@ def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     return local, first_row * row_bytes, counts
 
 
-def _sums(data: torch.Tensor, start: int) -> tuple[int, int]:
-    """(plain, weighted) contribution of bytes ``[start, start + nbytes)`` of a tensor's byte string.
+def _device_sums(data: torch.Tensor, start: int) -> torch.Tensor:
+    """(plain, weighted) contribution of bytes ``[start, start + nbytes)`` of a tensor's byte string, as
+    an int64 tensor of two on `data`'s device, computed there without a host sync (the values modulo
+    2**64, as int64: torch's integer sums wrap).
 
     The byte string is read as little-endian 64-bit words (zero-padded); plain = sum of words,
     weighted = sum of word * (word index % P + 1), both modulo 2**64. Each is linear in the bytes,
@@ -71,18 +73,25 @@ def _sums(data: torch.Tensor, start: int) -> tuple[int, int]:
     n = raw.numel()
     head = min((-start) % 8, n)
     mid = (n - head) // 8 * 8
-    plain, weighted = _byte_terms(raw[:head], start)
+    terms = [_partial_word(raw[:head], start)] if head else []
     if mid:
         words = raw[head : head + mid]
         words = (words if words.storage_offset() % 8 == 0 else words.clone()).view(torch.int64)
-        p, w = _word_sums(words, (start + head) // 8)
-        plain, weighted = plain + p, weighted + w
-    p, w = _byte_terms(raw[head + mid :], start + head + mid)
-    return (plain + p) & _MASK, (weighted + w) & _MASK
+        terms.append(_word_sums(words, (start + head) // 8))
+    if n > head + mid:
+        terms.append(_partial_word(raw[head + mid :], start + head + mid))
+    return torch.stack(terms).sum(0) if terms else torch.zeros(2, dtype=torch.int64, device=raw.device)
 
 
-def _nf4_sums(local: torch.Tensor, whole: torch.Tensor) -> tuple[int, int]:
-    """Checksum contribution of one NF4 shard: its packed tensors, as if laid end to end globally.
+def _sums(data: torch.Tensor, start: int) -> tuple[int, int]:
+    """`_device_sums` on the host, as non-negative ints below 2**64 (one host sync: for tests and tools)."""
+    plain, weighted = _device_sums(data, start).tolist()
+    return plain & _MASK, weighted & _MASK
+
+
+def _nf4_sums(local: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """Checksum contribution of one NF4 shard (as `_device_sums`): its packed tensors, as if laid end to
+    end globally.
 
     FSDP splits each inner tensor of an NF4Tensor into equal dim-0 chunks, so a shard starting at
     row r of R holds the fraction r/R of each; regions follow one another (data, scalers, factors).
@@ -90,32 +99,29 @@ def _nf4_sums(local: torch.Tensor, whole: torch.Tensor) -> tuple[int, int]:
     """
     rows = whole.shape[0]
     first = compat.chunk_list(whole)[0].offsets[0] if isinstance(whole, DTensor) else 0
-    plain = weighted = 0
+    terms = []
     base = 0
     for attr in NF4_PACKED:
         inner = getattr(local, attr)
         total = inner.numel() * rows // max(local.shape[0], 1) * inner.element_size()
-        p, w = _sums(inner, base + first * total // rows)
-        plain, weighted, base = plain + p, weighted + w, base + total
+        terms.append(_device_sums(inner, base + first * total // rows))
+        base += total
     if first == 0:
-        p, w = _sums(local.scaler_mean.reshape(1), base)
-        plain, weighted = plain + p, weighted + w
-    return plain & _MASK, weighted & _MASK
+        terms.append(_device_sums(local.scaler_mean.reshape(1), base))
+    return torch.stack(terms).sum(0)
 
 
-def _byte_terms(raw: torch.Tensor, start: int) -> tuple[int, int]:
-    """Contribution of a few (< 8) bytes that do not fill a word of their own."""
-    plain = weighted = 0
-    for i, byte in enumerate(raw.tolist()):
-        j = start + i
-        term = byte << (8 * (j % 8))
-        plain += term
-        weighted += term * ((j // 8) % _PERIOD + 1)
-    return plain, weighted
+def _partial_word(raw: torch.Tensor, start: int) -> torch.Tensor:
+    """Contribution of a few (1 to 7) bytes that do not fill a word of their own, all in word ``start // 8``:
+    that word, zero-padded around them, times its weight (on `raw`'s device, no host sync)."""
+    padded = torch.zeros(8, dtype=torch.uint8, device=raw.device)
+    padded[start % 8 : start % 8 + raw.numel()] = raw
+    word = padded.view(torch.int64)
+    return torch.cat([word, word * ((start // 8) % _PERIOD + 1)])
 
 
-def _word_sums(words: torch.Tensor, first: int) -> tuple[int, int]:
-    """(sum(words), sum(words[i] * ((first + i) % P + 1))) in one read of `words`.
+def _word_sums(words: torch.Tensor, first: int) -> torch.Tensor:
+    """(sum(words), sum(words[i] * ((first + i) % P + 1))) in one read of `words`, as `_device_sums`.
 
     Words P apart share a weight, so the whole periods in the middle are first summed by column (the
     one pass over the bulk); the head up to the next period boundary and the tail are summed as they are.
@@ -125,49 +131,61 @@ def _word_sums(words: torch.Tensor, first: int) -> tuple[int, int]:
     blocks = (n - head) // _PERIOD
     body = words[head : head + blocks * _PERIOD].view(blocks, _PERIOD).sum(0) if blocks else words[:0]
     segments = ((words[:head], first % _PERIOD), (body, 0), (words[head + blocks * _PERIOD :], 0))
-    plain = weighted = 0
     weights = _weights(words.device)
+    plain, weighted = [], []
     for part, weight0 in segments:  # (words, index of the first one's weight)
         if part.numel():
-            plain += int(part.sum())
-            weighted += int((part * weights[weight0 : weight0 + part.numel()]).sum())
-    return plain, weighted
+            plain.append(part.sum())
+            weighted.append((part * weights[weight0 : weight0 + part.numel()]).sum())
+    return torch.stack([torch.stack(plain).sum(), torch.stack(weighted).sum()])
 
 
 def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """A hex checksum per tensor, equal for equal global tensors however they are sharded.
 
     Collective when a process group is initialized (one all-reduce of two int64 per tensor): call
-    it on every rank with the same keys. Cost: one read of each local shard.
+    it on every rank with the same keys. Cost: one read of each local shard, summed where it lives
+    (no host sync per tensor: a sync stalls a CUDA stream); the sums of all tensors reach the host in
+    one transfer when they are on one device, one per device otherwise (plus one for the all-reduce).
     """
     names = list(tensors)
     sums = []
     for name in names:
         local, start, counts = _local_view(tensors[name])
-        plain, weighted = (_nf4_sums(local, tensors[name]) if is_nf4(local) else _sums(local, start)) if counts else (0, 0)
-        sums += [_wrap(plain), _wrap(weighted)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        # One tensor on the process group's device (NCCL all-reduces CUDA tensors only, gloo CPU ones).
-        reduced = torch.tensor(sums, dtype=torch.int64, device=collective_device())
-        dist.all_reduce(reduced)
-        sums = reduced.tolist()
-    return {name: _hex(sums[2 * i], sums[2 * i + 1]) for i, name in enumerate(names)}
+        if not counts:
+            sums.append(torch.zeros(2, dtype=torch.int64, device=local.device))
+        else:
+            sums.append(_nf4_sums(local, tensors[name]) if is_nf4(local) else _device_sums(local, start))
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    # One tensor on the process group's device (NCCL all-reduces CUDA tensors only, gloo CPU ones).
+    target = collective_device() if distributed else (sums[0].device if sums else None)
+    if sums and all(s.device == target for s in sums):
+        stacked = torch.stack(sums)  # the usual case: every shard on the collective's device
+        if distributed:
+            dist.all_reduce(stacked)
+        values = stacked.tolist()  # the one host sync
+    else:  # shards on several devices (say, frozen state staged on the host beside CUDA shards)
+        values = [[0, 0] for _ in names]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, s in enumerate(sums):
+            by_device.setdefault(s.device, []).append(i)
+        for indices in by_device.values():  # one transfer per device
+            for i, v in zip(indices, torch.stack([sums[i] for i in indices]).tolist()):
+                values[i] = v
+        if distributed:
+            reduced = torch.tensor(values, dtype=torch.int64, device=target).reshape(len(names), 2)
+            dist.all_reduce(reduced)
+            values = reduced.tolist()
+    return {name: _hex(*values[i]) for i, name in enumerate(names)}
 
 
 def local_checksum(t: torch.Tensor) -> str:
     """The checksum of a whole tensor held by this rank (no collective); equals `checksums`'s."""
-    plain, weighted = _nf4_sums(t, t) if is_nf4(t) else _sums(t, 0)
-    return _hex(plain, weighted)
+    return _hex(*(_nf4_sums(t, t) if is_nf4(t) else _device_sums(t, 0)).tolist())
 
 
 def _hex(plain: int, weighted: int) -> str:
     return f"{plain & _MASK:016x}{weighted & _MASK:016x}"
-
-
-def _wrap(x: int) -> int:
-    """Python int -> the int64 with the same low 64 bits (torch sums wrap the same way)."""
-    x &= 2**64 - 1
-    return x - 2**64 if x >= 2**63 else x
 
 
 def fingerprint(entries: Mapping[str, Mapping[str, object]]) -> str:

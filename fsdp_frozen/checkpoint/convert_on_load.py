@@ -21,6 +21,7 @@ full-precision copy of the weight being converted.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -128,15 +129,34 @@ def _read_nf4(src_path: str, metadata: Metadata, keys: dict[str, tuple[int, int]
         md = metadata.state_dict_metadata[key]
         assert isinstance(md, TensorStorageMetadata)
         chunks = sorted(md.chunks, key=lambda c: tuple(c.offsets))
-        # Placeholders with each shard's shape and metadata (torchao copies packed tensors only between
-        # NF4Tensors of equal block sizes and block count): chunks of a quantized zero weight.
-        zeros = ao.to_nf4(torch.zeros(tuple(md.size), dtype=md.properties.dtype), block, scaler_block)
-        parts = [ao.nf4_clone(p) for p in torch.chunk(zeros, len(chunks), dim=0)]
-        if [tuple(p.shape) for p in parts] != [tuple(c.sizes) for c in chunks]:
-            raise CheckpointLayoutError(f"NF4 weight {key!r} is saved in shards of unequal sizes; cannot read it")
-        shards[key] = list(zip(chunks, parts))
+        shards[key] = list(zip(chunks, _placeholders(key, md, chunks, block, scaler_block)))
     dcp.load({}, checkpoint_id=src_path, planner=_NF4ShardReader(shards))
     return {key: ao.nf4_concat([t for _, t in parts]) for key, parts in shards.items()}
+
+
+def _placeholders(key: str, md: TensorStorageMetadata, chunks: list[Any], block: int,
+                  scaler_block: int) -> list[torch.Tensor]:
+    """Read targets for the saved shards `chunks` of the NF4 weight `key`: what torchao's dim-0 split of
+    the quantized weight gives (each shard's shape, the whole weight's block count: torchao copies inner
+    tensors only between NF4Tensors of equal block sizes and block count), allocated without quantizing
+    (`nf4_empty`). The read overwrites every inner tensor: a saved shard is the whole NF4Tensor, its
+    replicated ``scaler_mean`` and ``nf4`` table included."""
+    size, n = tuple(md.size), len(chunks)
+    part = (size[0] // n, *size[1:]) if size else ()
+    if not size or size[0] % n or [(tuple(c.offsets)[0], tuple(c.sizes)) for c in chunks] != [
+        (i * part[0], part) for i in range(n)
+    ]:
+        raise CheckpointLayoutError(
+            f"NF4 weight {key!r} of shape {size} is saved in shards of unequal sizes or other than dim-0 chunks "
+            f"(sizes {[tuple(c.sizes) for c in chunks]}); cannot read it"
+        )
+    numel = math.prod(part)
+    if numel % (block * scaler_block):
+        raise CheckpointLayoutError(
+            f"NF4 weight {key!r} is saved in shards of shape {part}, which do not hold whole scaler blocks of "
+            f"block_size={block} x scaler_block_size={scaler_block} elements; cannot read it"
+        )
+    return [ao.nf4_empty(part, md.properties.dtype, block, scaler_block, n_blocks=numel * n // block) for _ in chunks]
 
 
 def _fill(target: torch.Tensor, whole: torch.Tensor) -> None:
