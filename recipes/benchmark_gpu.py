@@ -1,174 +1,469 @@
 """GPU benchmark: a Llama-3.1-8B-shaped LoRA / QLoRA step on one GPU, through the real path.
 
     python recipes/benchmark_gpu.py --out DIR [--layers 32] [--steps 5] [--batch 2 --seq 2048]
+    python recipes/benchmark_gpu.py --out DIR --tiny --device cpu     # the CPU dry run: gloo, tiny shapes
 
 A Llama-3.1-8B-shaped ``LlamaForCausalLM`` (hidden 4096, MLP 14336, 32 layers, 32 heads, 8 KV heads,
 vocab 128256) gets random bf16 weights written once with ``save_pretrained``. For each frozen storage
 (bf16, NF4) the model is built on the meta device, wrapped with PEFT LoRA (rank 8, alpha 16) on the
 modules torchtune's ``llama3_1/8B_lora_single_device`` adapts (q_proj, v_proj, output_proj = o_proj,
 and the MLP: gate_proj, up_proj, down_proj; not the output head), sharded with `shard_with_freezing` on
-a 1-rank NCCL mesh, loaded with `load_pretrained`, and trained with activation checkpointing
-(transformers' ``gradient_checkpointing_enable``), bf16 compute, AdamW on the adapters, on random
-tokens of batch x seq. Not compiled (torchtune's published figures are). Records the peak
-``torch.cuda.max_memory_allocated`` and tokens/s (steps after ``--warmup``), plus load time.
+a 1-rank mesh (NCCL on CUDA, gloo on the CPU), loaded with `load_pretrained`, and trained with
+activation checkpointing (transformers' ``gradient_checkpointing_enable``), bf16 compute, AdamW on the
+adapters, on random tokens of batch x seq. Not compiled (torchtune's published figures are). Records
+the peak ``torch.cuda.max_memory_allocated`` and tokens/s (steps after ``--warmup``), plus load time.
+On the CPU (``--device cpu``, the dry run) there is no device peak: the row records the process's
+peak host RSS instead, labelled as such (``peak_metric``); its figures are not comparable to anything.
+
+Each variant runs in a process of its own (several ``--frozen-dtypes``: this script re-invokes itself
+once per variant; ``--in-process`` runs them in one process, freeing each model before the next):
+``del model`` alone frees nothing (FSDP's state and this package's state attached to the model form
+reference cycles with it), so in one process the QLoRA peak would start from the bf16 model's bytes.
+Stages (`scripts/gpu_check.sh` runs each in its own process, with its own timeout):
+
+    --write-base           only write the random base (once: reused while its config matches)
+    --frozen-dtypes X      one variant; writes OUT/gpu_bench_X.json and .md as it goes (a kill
+                           leaves the row, marked incomplete with its last phase), then the combined
+                           OUT/gpu_bench.json and OUT/gpu_bench.md of every variant written so far
+    --combine              only rewrite the combined files (no torch import)
+    --check-args           only parse the arguments (gpu_check.sh --dry-run checks every mode's flags)
+
+The base goes to ``--base`` (default: ``$GPU_BASE_ROOT``, else /dev/shm when it has room, else the
+temporary directory; a name per model shape), written once to a temporary name and renamed, so a
+killed write is never reused, and every variant reads the same files (from RAM when on /dev/shm).
 
 The estimate (`fsdp_frozen.estimate`, same model, world 1, plus its AC activation formula) is recorded
-beside each measured peak, with their ratio. Reference (torchtune, Llama-3.1-8B, batch 2 x 2048, compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s,
-QLoRA 7.4 GiB at 2413 tok/s. Writes ``OUT/gpu_bench.json`` and ``OUT/gpu_bench.md``.
+beside each measured peak, with their ratio. Reference (torchtune, Llama-3.1-8B, batch 2 x 2048,
+compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s, QLoRA 7.4 GiB at 2413 tok/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+_T0 = time.perf_counter()  # process start, for --time-limit
 #: torchtune llama3_1/8B_lora_single_device: lora_attn_modules [q_proj, v_proj, output_proj], apply_lora_to_mlp
 TARGET_MODULES = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REFERENCE = {"bfloat16": (16.2, 3083), "nf4": (7.4, 2413)}  # GiB, tok/s (torchtune, RTX 4090, compiled)
+#: Llama-3.1-8B's shape; --tiny replaces it (and the run's sizes) with TINY
+SHAPE_8B = {"layers": 32, "hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "vocab": 128256}
+TINY = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "vocab": 256,
+        "batch": 1, "seq": 16, "steps": 1, "warmup": 0, "nf4_block_size": 32, "nf4_scaler_block_size": 16}
+ORDER = ["bfloat16", "nf4"]
+PEAK_CUDA = "torch.cuda.max_memory_allocated"
+PEAK_HOST = "host peak RSS (CPU dry run: not a GPU figure)"
 
 
-def llama_8b_config(layers: int):
+# ---------------------------------------------------------------------------------------------- config
+def llama_config(a: argparse.Namespace):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                       rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16")
+    return LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+                       num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+                       max_position_embeddings=max(8192 if a.hidden == 4096 else 64, a.seq),
+                       rope_theta=500000.0, tie_word_embeddings=False)
 
 
-def write_base(directory: Path, layers: int) -> float:
-    """Random bf16 weights, built on the GPU and written with save_pretrained; returns seconds."""
+def shape_tag(a: argparse.Namespace) -> str:
+    key = json.dumps({k: getattr(a, k) for k in SHAPE_8B}, sort_keys=True)
+    return f"l{a.layers}_h{a.hidden}_v{a.vocab}_" + hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def param_bytes(a: argparse.Namespace) -> int:
+    """bf16 bytes of the base (embedding, layers, norms, untied head), from the shape alone."""
+    h, m, layers, v = a.hidden, a.intermediate, a.layers, a.vocab
+    kv = h // a.heads * a.kv_heads
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * m + 2 * h
+    return 2 * (2 * v * h + layers * per_layer + h)
+
+
+def base_dir(a: argparse.Namespace) -> Path:
+    if a.base:
+        return Path(a.base)
+    root = os.environ.get("GPU_BASE_ROOT")
+    if not root:
+        shm = Path("/dev/shm")
+        try:
+            room = shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1.3 * param_bytes(a)
+        except OSError:
+            room = False
+        root = str(shm) if room else tempfile.gettempdir()
+    return Path(root) / f"fsdp_frozen_bench_{shape_tag(a)}"
+
+
+def base_ready(directory: Path) -> bool:
+    return (directory / ".complete").exists() and (directory / "config.json").exists()
+
+
+def write_base(directory: Path, a: argparse.Namespace) -> dict:
+    """Random bf16 weights, built on the device and written once with save_pretrained (to a temporary
+    name, renamed when complete). Returns what was done and how long it took."""
+    if base_ready(directory):
+        return {"base": str(directory), "written": False, "seconds": 0.0}
     import torch
     from transformers import LlamaForCausalLM
 
-    if (directory / "config.json").exists():
-        return 0.0
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(llama_8b_config(layers)).to(torch.bfloat16)
-    model.save_pretrained(str(directory), max_shard_size="4GB")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16: no fp32 copy of 8B on the way
+    try:
+        with torch.device(a.device):
+            model = LlamaForCausalLM(llama_config(a))
+    finally:
+        torch.set_default_dtype(previous)
+    build_s = time.perf_counter() - t0
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), max_shard_size="4GB")
+    (tmp / ".complete").write_text("")
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
     del model
-    torch.cuda.empty_cache()
-    return time.perf_counter() - t0
+    release(a.device)
+    return {"base": str(directory), "written": True, "seconds": time.perf_counter() - t0, "build_s": build_s,
+            "bytes": sum(f.stat().st_size for f in directory.iterdir() if f.is_file())}
 
 
-def run(directory: Path, frozen_dtype: str, batch: int, seq: int, steps: int, warmup: int) -> dict:
+# ---------------------------------------------------------------------------------------------- running
+def release(device: str) -> None:
+    """Collect the reference cycles a sharded model leaves (FSDP state <-> module, the package's state
+    on the model) and hand cached device memory back, so the next variant's peak starts from zero."""
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def host_peak_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # Linux: KiB
+
+
+def policy_for(frozen_dtype: str, units: list[str], a: argparse.Namespace):
+    from fsdp_frozen import FreezePolicy
+
+    nf4 = ({"nf4_block_size": a.nf4_block_size, "nf4_scaler_block_size": a.nf4_scaler_block_size}
+           if frozen_dtype == "nf4" else {})
+    return FreezePolicy(units=units, frozen_dtype=frozen_dtype, param_dtype="bfloat16", reduce_dtype="float32",
+                        frozen_reshard="never", **nf4)
+
+
+def estimate_gib(frozen_dtype: str, a: argparse.Namespace) -> float:
+    """`fsdp_frozen.estimate` of the same run (fake process group: call before the real one exists)."""
+    from fsdp_frozen.estimate import activation_bytes, estimate, hf_builder
+
+    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGET_MODULES}
+    config = llama_config(a)
+    est = estimate(hf_builder(config, lora), 1, policy_for(frozen_dtype, ["LlamaDecoderLayer"], a))
+    return (est.peak_bytes + activation_bytes(config, a.batch, a.seq)["checkpointing_bytes"]) / 2**30
+
+
+def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lambda **kw: None) -> dict:
+    """One variant: meta build, PEFT LoRA, shard_with_freezing, load_pretrained, AdamW steps."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import LlamaForCausalLM
 
-    from fsdp_frozen import FreezePolicy, shard_with_freezing
+    from fsdp_frozen import shard_with_freezing
+    from fsdp_frozen._torch_compat import local_tensor
     from fsdp_frozen.checkpoint import load_pretrained
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    cuda = a.device == "cuda"
+    release(a.device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    at_start = torch.cuda.memory_allocated() / 2**30 if cuda else 0.0
     config = LlamaForCausalLM.config_class.from_pretrained(str(directory))
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES))
-    policy = FreezePolicy(units=["base_model.model.model.layers.*"], frozen_dtype=frozen_dtype,
-                          param_dtype="bfloat16", reduce_dtype="float32", frozen_reshard="never")
-    model = shard_with_freezing(model, init_device_mesh("cuda", (1,)), policy)
+    policy = policy_for(frozen_dtype, ["base_model.model.model.layers.*"], a)
+    model = shard_with_freezing(model, init_device_mesh(a.device, (1,)), policy)
     load_pretrained(model, directory)
-    torch.cuda.synchronize()
+    sync()
     load_s = time.perf_counter() - t0
+    storage: dict[str, int] = {}  # what the frozen shards are: NF4Tensor for QLoRA, bfloat16 otherwise
+    for p in model.parameters():
+        if not p.requires_grad:
+            t = local_tensor(p)
+            kind = type(t).__name__ if type(t) is not torch.Tensor else str(t.dtype).replace("torch.", "")
+            storage[kind] = storage.get(kind, 0) + 1
+    load_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else host_peak_rss_gib()
+    progress(phase="loaded", load_s=load_s)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    g = torch.Generator("cuda").manual_seed(0)
-    times = []
-    for step in range(warmup + steps):
-        ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda", generator=g)
-        torch.cuda.synchronize()
+    g = torch.Generator(a.device).manual_seed(0)
+    times: list[float] = []
+    loss = None
+    for step in range(a.warmup + a.steps):
+        ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
+        sync()
         t = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - t)
+        sync()
+        took = time.perf_counter() - t
+        if step >= a.warmup:
+            times.append(took)
+        so_far = sorted(times)
+        progress(phase=f"step {step + 1}/{a.warmup + a.steps}", load_s=load_s, steps_measured=len(times),
+                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else host_peak_rss_gib(),
+                 peak_metric=PEAK_CUDA if cuda else PEAK_HOST,
+                 **({"tokens_per_s": a.batch * a.seq / so_far[len(so_far) // 2]} if times else {}))
+        # --time-limit (this process's seconds): stop once a further step would not fit (>= 1 measured step)
+        if a.time_limit and times and time.perf_counter() - _T0 + 1.5 * took > a.time_limit:
+            break
     times.sort()
     median = times[len(times) // 2]
-    out = {"frozen_dtype": frozen_dtype, "load_s": load_s, "step_s_median": median,
-           "tokens_per_s": batch * seq / median, "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "loss": loss.item(), "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    del model, opt
+    out = {"frozen_dtype": frozen_dtype, "load_s": load_s, "step_s_median": median, "steps_measured": len(times),
+           "tokens_per_s": a.batch * a.seq / median,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else host_peak_rss_gib(),
+           "peak_metric": PEAK_CUDA if cuda else PEAK_HOST, "load_peak_gib": load_peak,
+           "allocated_at_start_gib": at_start, "loss": loss.item(), "frozen_storage": storage,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    del model, opt, loss
+    release(a.device)
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ---------------------------------------------------------------------------------------------- results
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def header(meta: dict) -> list[str]:
+    shape = "Llama-3.1-8B-shaped" if meta.get("hidden") == SHAPE_8B["hidden"] else \
+        f"tiny Llama (hidden {meta.get('hidden')}, vocab {meta.get('vocab')})"
+    layers = meta.get("layers")
+    partial = "" if layers == SHAPE_8B["layers"] or meta.get("hidden") != SHAPE_8B["hidden"] else \
+        f" ({layers} of 32 layers: not comparable to the 8B reference)"
+    peak = "peak GiB" if meta.get("device") == "cuda" else "host peak RSS GiB (CPU)"
+    return [f"{meta.get('date')}, {meta.get('gpu')}, torch {meta.get('torch')}: {shape}, {layers} layers{partial}, "
+            f"LoRA r=8 on {', '.join(TARGET_MODULES)}, batch {meta.get('batch')} x {meta.get('seq')}, bf16, "
+            f"activation checkpointing, not compiled; peak = {meta.get('peak_metric')}", "",
+            f"| frozen | {peak} | estimate GiB (ratio) | tok/s | load s | torchtune (8B, RTX 4090, compiled) |",
+            "|---|---|---|---|---|---|"]
+
+
+def row(dtype: str, r: dict) -> str:
+    ref = REFERENCE.get(dtype)
+    ref_s = f"{ref[0]} GiB, {ref[1]} tok/s" if ref else ""
+    if "error" in r:
+        return f"| {dtype} | error: {r['error'][:100]} | | | | {ref_s} |"
+    if r.get("status") != "done":  # a variant killed on its way: what it had measured by then
+        load = f"{r['load_s']:.1f}" if "load_s" in r else ""
+        peak = f"{r['peak_gib']:.3g} " if "peak_gib" in r else ""
+        tps = f"{r['tokens_per_s']:,.0f} ({r['steps_measured']} steps)" if "tokens_per_s" in r else ""
+        return (f"| {dtype} | {peak}(incomplete: killed or failed after {r.get('phase', '?')}) | | {tps} | {load} "
+                f"| {ref_s} |")
+    ratio = f" ({r['measured_vs_estimate']:.2f}x)" if r.get("measured_vs_estimate") is not None else ""
+    est = f"{r['estimate_gib']:.3g}{ratio}" if r.get("estimate_gib") is not None else "-"
+    return (f"| {dtype} | {r['peak_gib']:.3g} | {est} | {r['tokens_per_s']:,.0f} | "
+            f"{r['load_s']:.1f} | {ref_s} |")
+
+
+def variant_path(out: Path, dtype: str, suffix: str) -> Path:
+    return out / f"gpu_bench_{dtype}.{suffix}"
+
+
+def write_variant(out: Path, meta: dict, dtype: str, r: dict) -> None:
+    _write(variant_path(out, dtype, "json"), json.dumps({"meta": meta, "run": r}, indent=2))
+    _write(variant_path(out, dtype, "md"), "\n".join(header(meta) + [row(dtype, r)]) + "\n")
+
+
+def combine(out: Path) -> dict:
+    """OUT/gpu_bench.json and .md from every OUT/gpu_bench_<dtype>.json written so far."""
+    found = {p.name[len("gpu_bench_"):-len(".json")]: p for p in out.glob("gpu_bench_*.json")}
+    dtypes = [d for d in ORDER if d in found] + sorted(d for d in found if d not in ORDER)
+    results: dict = {"meta": {}, "runs": {}}
+    for d in dtypes:
+        try:
+            data = json.loads(found[d].read_text())
+        except (OSError, ValueError) as e:
+            results["runs"][d] = {"error": f"unreadable {found[d].name}: {e}"}
+            continue
+        results["meta"] = results["meta"] or data["meta"]
+        results["runs"][d] = data["run"]
+    _write(out / "gpu_bench.json", json.dumps(results, indent=2))
+    lines = header(results["meta"]) + [row(d, r) for d, r in results["runs"].items()] if dtypes else \
+        ["no benchmark rows yet"]
+    _write(out / "gpu_bench.md", "\n".join(lines) + "\n")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/gpu_bench"))
-    ap.add_argument("--base", default="/tmp/llama31_8b_random")
-    ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--base", default=None, help="base directory (default: see above)")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                    help="cuda (NCCL; the benchmark) or cpu (gloo; the dry run: no memory figure)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes and one step (the CPU dry run): "
+                    + ", ".join(f"{k}={v}" for k, v in TINY.items()))
+    for k, v in SHAPE_8B.items():
+        ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {v}")
+    ap.add_argument("--batch", type=int, default=None, help="default 2")
+    ap.add_argument("--seq", type=int, default=None, help="default 2048")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps, default 5")
+    ap.add_argument("--warmup", type=int, default=None, help="default 2")
+    ap.add_argument("--nf4-block-size", type=int, default=None, help="default 64 (torchao's)")
+    ap.add_argument("--nf4-scaler-block-size", type=int, default=None, help="default 256 (torchao's)")
+    ap.add_argument("--time-limit", type=float, default=0.0,
+                    help="seconds this process may take: fewer measured steps (at least 1) when the load was slow")
     ap.add_argument("--frozen-dtypes", default="bfloat16,nf4")
-    args = ap.parse_args()
+    ap.add_argument("--in-process", action="store_true", help="all variants in this process (freed in between)")
+    ap.add_argument("--write-base", action="store_true", help="only write the base")
+    ap.add_argument("--require-base", action="store_true",
+                    help="fail (error rows) instead of writing the base when it is missing")
+    ap.add_argument("--combine", action="store_true", help="only rewrite OUT/gpu_bench.json and .md")
+    ap.add_argument("--check-args", action="store_true", help="only parse the arguments and print them (no torch)")
+    a = ap.parse_args(argv)
+    if a.steps is not None and a.steps < 1:
+        ap.error("--steps must be at least 1 (the measured steps)")
+    defaults = {**SHAPE_8B, "batch": 2, "seq": 2048, "steps": 5, "warmup": 2, "nf4_block_size": 64,
+                "nf4_scaler_block_size": 256}
+    if a.tiny:
+        defaults.update(TINY)
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """argv without --frozen-dtypes (and its value) and --in-process."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--frozen-dtypes":
+            skip = True
+        elif not x.startswith("--frozen-dtypes=") and x != "--in-process":
+            out.append(x)
+    return out
+
+
+def _init_process_group(device: str) -> None:
+    import atexit
 
     import torch
     import torch.distributed as dist
 
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmark_gpu.py needs a CUDA GPU (none here); the CPU benchmarks are benchmark.py and "
-                         "benchmark_load.py")
-    # The estimate of the same runs (fake process group, before the real one exists): its ratio to the
-    # measured peak is recorded per frozen dtype.
-    from fsdp_frozen import FreezePolicy
-    from fsdp_frozen.estimate import activation_bytes, estimate, hf_builder
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    store = tempfile.mkdtemp(prefix="bench_pg_")  # a file store: no port to collide on; removed at exit
+    atexit.register(shutil.rmtree, store, ignore_errors=True)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}/store", rank=0,
+                            world_size=1)
 
-    lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGET_MODULES}
-    estimates = {}
-    for dtype in args.frozen_dtypes.split(","):
-        policy = FreezePolicy(units=["LlamaDecoderLayer"], frozen_dtype=dtype, param_dtype="bfloat16",
-                              reduce_dtype="float32", frozen_reshard="never")
-        est = estimate(hf_builder(llama_8b_config(args.layers), lora), 1, policy)
-        acts = activation_bytes(llama_8b_config(args.layers), args.batch, args.seq)
-        estimates[dtype] = (est.peak_bytes + acts["checkpointing_bytes"]) / 2**30
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    torch.cuda.set_device(0)
-    out = Path(args.out)
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse(argv)
+    if a.check_args:  # gpu_check.sh --dry-run: the full and quick runs' flags, parsed before they reach a GPU
+        print(json.dumps(vars(a)))
+        return 0
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = Path(args.base)
-    write_s = write_base(base, args.layers)
-    results = {"meta": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers,
-                        "batch": args.batch, "seq": args.seq, "steps": args.steps, "write_base_s": write_s,
-                        "date": time.strftime("%Y-%m-%d"), "lora_targets": TARGET_MODULES}, "runs": {}}
-    for dtype in args.frozen_dtypes.split(","):
+    if a.combine:
+        combine(out)
+        print((out / "gpu_bench.md").read_text())
+        return 0
+    dtypes = [d for d in a.frozen_dtypes.split(",") if d]
+    if len(dtypes) > 1 and not a.write_base and not a.in_process:  # one process per variant
+        rc = subprocess.call([sys.executable, __file__, *_child_argv(argv), "--write-base"])
+        for d in dtypes:
+            rc |= subprocess.call([sys.executable, __file__, *_child_argv(argv), "--frozen-dtypes", d])
+        print((out / "gpu_bench.md").read_text())
+        return rc
+
+    import torch
+    import torch.distributed as dist
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark_gpu.py needs a CUDA GPU (none here); --device cpu --tiny is the CPU dry run, "
+                         "and the CPU benchmarks are benchmark.py and benchmark_load.py")
+    base = base_dir(a)
+    if a.write_base:
+        done = write_base(base, a)
+        _write(out / "bench_base.json", json.dumps(done, indent=2))
+        print(json.dumps(done))
+        return 0
+
+    estimates = {}
+    for d in dtypes:  # before the real process group: estimate uses a fake one
         try:
-            results["runs"][dtype] = run(base, dtype, args.batch, args.seq, args.steps, args.warmup)
-            results["runs"][dtype]["estimate_gib"] = estimates[dtype]
-            results["runs"][dtype]["measured_vs_estimate"] = results["runs"][dtype]["peak_allocated_gib"] / estimates[dtype]
+            estimates[d] = estimate_gib(d, a)
+        except Exception as e:  # noqa: BLE001 - the measurement matters more than its estimate
+            print(f"estimate for {d} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            estimates[d] = None
+    if a.require_base and not base_ready(base):
+        meta = {"device": a.device, "date": time.strftime("%Y-%m-%d"), **{k: getattr(a, k) for k in SHAPE_8B}}
+        for d in dtypes:
+            write_variant(out, meta, d, {"frozen_dtype": d, "status": "error",
+                                         "error": f"no base at {base} (the --write-base stage failed?)"})
+        combine(out)
+        print(f"no base at {base}; not writing one (--require-base)", file=sys.stderr)
+        return 1
+    _init_process_group(a.device)
+    written = write_base(base, a)  # normally done by the --write-base stage; then this is a no-op
+    meta = {"gpu": torch.cuda.get_device_name() if a.device == "cuda" else "CPU (dry run)", "device": a.device,
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "lora_targets": TARGET_MODULES,
+            "peak_metric": PEAK_CUDA if a.device == "cuda" else PEAK_HOST, "base": str(base),
+            "write_base_s": written["seconds"], **{k: getattr(a, k) for k in (*SHAPE_8B, "batch", "seq", "steps",
+                                                                           "warmup")}}
+    rc = 0
+    for d in dtypes:
+        t0 = time.perf_counter()
+        state = {"frozen_dtype": d, "status": "running", "phase": "started"}
+
+        def progress(**kw):
+            state.update(kw)
+            write_variant(out, meta, d, state)
+
+        progress()
+        try:
+            r = run(base, d, a, progress)
+            r["estimate_gib"] = estimates.get(d)
+            r["measured_vs_estimate"] = (r["peak_gib"] / r["estimate_gib"]
+                                         if a.device == "cuda" and r["estimate_gib"] else None)
+            r.update(status="done", phase="done", wall_s=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
-            results["runs"][dtype] = {"error": f"{type(e).__name__}: {e}"}
-        (out / "gpu_bench.json").write_text(json.dumps(results, indent=2))
-    lines = [f"{results['meta']['date']}, {results['meta']['gpu']}, torch {torch.__version__}: Llama-3.1-8B-shaped "
-             f"({args.layers} layers), LoRA r=8 on {', '.join(TARGET_MODULES)}, batch {args.batch} x {args.seq}, "
-             f"bf16, activation checkpointing, not compiled", "",
-             "| frozen | peak GiB | estimate GiB (ratio) | tok/s | load s | torchtune (RTX 4090, compiled) |",
-             "|---|---|---|---|---|---|"]
-    for dtype, r in results["runs"].items():
-        ref = REFERENCE.get(dtype)
-        if "error" in r:
-            lines.append(f"| {dtype} | error: {r['error'][:80]} | | | | |")
-        else:
-            lines.append(f"| {dtype} | {r['peak_allocated_gib']:.1f} | {r['estimate_gib']:.1f} "
-                         f"({r['measured_vs_estimate']:.2f}x) | {r['tokens_per_s']:,.0f} | {r['load_s']:.1f} | "
-                         f"{ref[0]} GiB, {ref[1]} tok/s |")
-    (out / "gpu_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            import traceback
+
+            traceback.print_exc()
+            r = {**state, "status": "error", "error": f"{type(e).__name__}: {e}", "wall_s": time.perf_counter() - t0}
+            rc = 1
+        release(a.device)  # here, not in the except block: its traceback would still hold the model
+        write_variant(out, meta, d, r)
+        combine(out)
+        print(row(d, r), flush=True)
     dist.destroy_process_group()
+    return rc
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -50,6 +50,80 @@ def _train(model, steps: int, rank: int, opt=None) -> tuple[list[float], torch.o
     return losses, opt
 
 
+def _block_bytes(t: torch.Tensor) -> int:
+    """Bytes the CUDA caching allocator charges to ``torch.cuda.memory_allocated`` for a tensor of
+    ``t``'s size: every block is rounded up to a multiple of 512 B (the smallest block is 512 B;
+    empty tensors take none). The toy model's tensors are all in the small pool (< 1 MiB), where a
+    block is split off exactly at that size."""
+    n = t.numel() * t.element_size()
+    return 0 if n == 0 else -(-n // 512) * 512
+
+
+def _staged_on_device(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """What `load_checkpoint` legitimately stages on the device: a zeroed copy of every trainable
+    parameter's shard, persistent buffer and optimizer-state tensor that lives there (frozen plain
+    shards are staged on the host), each rounded to the allocator's 512 B blocks."""
+    persistent = set(model.state_dict())
+    tensors = [p for p in model.parameters() if p.requires_grad]
+    tensors += [b for n, b in model.named_buffers() if n in persistent]
+    tensors += [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return sum(_block_bytes(local_tensor(t)) for t in tensors if local_tensor(t).is_cuda)
+
+
+class _PeakOutsideCollectives:
+    """The peak ``torch.cuda.memory_allocated`` while not inside an object collective or barrier.
+
+    On an NCCL-only process group, object collectives (DCP's plan gather and scatter, its result
+    all-gather, `broadcast_object_list`) pickle their payload into device tensors: input and output
+    buffers of the pickled load plan, ~2 x 13.4 KiB for the toy model at world 1, more than its frozen
+    shards (~14 KiB). That memory is freed when the collective returns (a waited work releases the
+    tensors it stashed) and does not depend on where frozen shards are staged, so it is kept apart:
+    the peak is reset around each call and only the stretches between calls make up `peak`.
+    The functions are replaced on `torch.distributed` (DCP calls ``dist.X``) and on `distributed_c10d`,
+    and restored on exit, also on an error (the pooled rank is left as it was).
+    """
+
+    NAMES = ("gather_object", "scatter_object_list", "all_gather_object", "broadcast_object_list", "barrier")
+
+    def __enter__(self) -> "_PeakOutsideCollectives":
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        self.saved = [(m, n, getattr(m, n)) for m in (dist, c10d) for n in self.NAMES]
+        self.segments: list[int] = []
+        self.collective_peak = 0  # the most one call added (reported, not asserted)
+        depth = [0]
+
+        def wrap(fn):
+            def inner(*args, **kwargs):
+                if depth[0]:  # called from inside another one (c10d's own calls): already counted
+                    return fn(*args, **kwargs)
+                self.segments.append(torch.cuda.max_memory_allocated())
+                start = torch.cuda.memory_allocated()
+                depth[0] += 1
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    depth[0] -= 1
+                    self.collective_peak = max(self.collective_peak, torch.cuda.max_memory_allocated() - start)
+                    torch.cuda.reset_peak_memory_stats()
+            return inner
+
+        for m, n, fn in self.saved:
+            setattr(m, n, wrap(fn))
+        torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.segments.append(torch.cuda.max_memory_allocated())
+        for m, n, fn in self.saved:
+            setattr(m, n, fn)
+
+    @property
+    def peak(self) -> int:
+        return max(self.segments)
+
+
 def _shard_train_save_load(rank: int, world: int, tmp: str) -> dict:
     from .common import plain_fsdp
 
@@ -74,12 +148,15 @@ def _shard_train_save_load(rank: int, world: int, tmp: str) -> dict:
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     _train(fresh, 1, rank, fresh_opt)  # optimizer state exists, as on a resume
     torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    staged = _staged_on_device(fresh, fresh_opt)
     base = torch.cuda.memory_allocated()
-    load_checkpoint(path, fresh, fresh_opt)
-    torch.cuda.synchronize()
+    with _PeakOutsideCollectives() as peak:
+        load_checkpoint(path, fresh, fresh_opt)
+        torch.cuda.synchronize()
     frozen_bytes = sum(local_tensor(p).untyped_storage().nbytes() for p in fresh.parameters() if not p.requires_grad)
-    out["load_peak_above_base"] = torch.cuda.max_memory_allocated() - base
+    out["load_peak_above_base"] = peak.peak - base
+    out["staged_on_device"] = staged
+    out["collective_peak"] = peak.collective_peak
     out["frozen_bytes"] = frozen_bytes
     out["resume_bitwise"] = _train(fresh, 2, rank, fresh_opt)[0] == _train(model, 2, rank, opt)[0]
     return out
@@ -92,8 +169,13 @@ def test_cuda_shard_train_save_load(tmp_path, world):
         assert r["losses_bitwise"], r
         assert r["checksums_match_cpu"], r
         assert r["resume_bitwise"], r
-        # Frozen shards are staged on the host: the load adds less than one copy of them on the device.
-        assert r["load_peak_above_base"] < r["frozen_bytes"], r
+        # Frozen shards are staged on the host: beyond what the load must stage on the device (trainable
+        # shards, buffers, optimizer state, each in 512 B allocator blocks: ~24 KiB at world 1, more than
+        # the toy model's ~14 KiB of frozen shards) it adds less than one copy of the frozen shards. The
+        # rest (checksum temporaries, <= one tensor + 1 KiB, ~5 KiB) fits under that; a device copy of the
+        # frozen shards (>= frozen_bytes, 22 blocks: ~18.5 KiB) does not. Object collectives are left out
+        # (see _PeakOutsideCollectives).
+        assert r["load_peak_above_base"] - r["staged_on_device"] < r["frozen_bytes"], r
 
 
 def _pretrained(rank: int, world: int, directory: str, dtype: str) -> dict:
