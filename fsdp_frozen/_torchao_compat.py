@@ -90,11 +90,12 @@ def nf4_materialize_(t: torch.Tensor, device: torch.device) -> None:
             setattr(t, name, torch.empty_like(inner, device=device))
 
 
-def nf4_on_meta(weight: torch.Tensor, block_size: int, scaler_block_size: int) -> torch.Tensor:
-    """The NF4Tensor ``to_nf4`` would give for the meta tensor `weight`, without running torchao's
+def nf4_on_meta(weight: torch.Tensor, block_size: int, scaler_block_size: int,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The NF4Tensor ``to_nf4`` would give for the meta tensor `weight` (cast to `dtype` if given), without running torchao's
     quantization on meta (it loops over blocks: ~25 s for a 70B model): `nf4_empty` on the meta device
     (packed data numel/2 uint8, one int8 scaler per block, one factor per scaler block)."""
-    return nf4_empty(tuple(weight.shape), weight.dtype, block_size, scaler_block_size, device="meta")
+    return nf4_empty(tuple(weight.shape), dtype or weight.dtype, block_size, scaler_block_size, device="meta")
 
 
 @functools.lru_cache(maxsize=None)
@@ -164,6 +165,52 @@ def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:
         chunks = torch.chunk(quantized, target.device_mesh.size(dim), dim=0)
         quantized = chunks[target.device_mesh.get_coordinate()[dim]]
     local.copy_(quantized)  # every inner tensor (same shape and block sizes)
+
+
+def nf4_quantize_chunk_(target: torch.Tensor, rows: torch.Tensor) -> None:
+    """Quantize `rows`, this rank's dim-0 chunk of a weight, into `target` (a DTensor of an NF4Tensor,
+    sharded on one mesh dimension): bitwise the chunk ``to_nf4(whole)`` would give, without any rank
+    reading or quantizing the whole weight. Collective over the shard dimension's process group.
+
+    [Note: NF4 from row chunks]
+    torchao 0.18's quantization is local per block except one global value: the mean of every block's
+    absmax (``scaler_mean``), subtracted before the scalers are quantized. Each rank computes its
+    blocks' absmax (exact), the ranks all-gather them (``numel / block_size`` values, 1/32 of the
+    weight's bf16 bytes at block 64), and every rank takes the mean of the same gathered vector, as
+    torchao does of the whole one; the rest (double-quantized scalers per scaler block, 4-bit codes per
+    block) is torchao's own code on the chunk, whose blocks and scaler blocks are whole (`nf4_ineligible`).
+    """
+    from ._torch_compat import all_gather_single, local_tensor
+
+    local = local_tensor(target)
+    nf4_class = type(local)
+    block, scaler_block = local.block_size, local.scaler_block_size
+    (dim,) = [i for i, p in enumerate(target.placements) if p.is_shard()]
+    group = target.device_mesh.get_group(dim)
+    flat = rows.to(device=local.device, dtype=local.dtype).contiguous().flatten()
+    if flat.numel() != local.numel() or flat.numel() % (block * scaler_block):
+        raise ValueError(f"nf4_quantize_chunk_: {tuple(rows.shape)} rows for an NF4 shard of shape {tuple(local.shape)} "
+                         f"(blocks of {block} x {scaler_block} elements)")
+    absmax = flat.view(-1, block).abs().max(dim=1).values  # torchao's get_block_absmax
+    gathered = absmax.new_empty(absmax.numel() * group.size())
+    all_gather_single(gathered, absmax, group=group)
+    mean = gathered.mean()
+    # torchao 0.18 NF4Tensor.double_quantize_scalers, on this chunk's scaler blocks with the global mean
+    scaler_blocks = (absmax - mean).view(-1, scaler_block)
+    scaler_absmax = scaler_blocks.abs().max(dim=1).values.unsqueeze(-1).expand_as(scaler_blocks)
+    factor = 256 / (2 * scaler_absmax)
+    scalers = (scaler_blocks * factor).round().clamp(-128, 127).flatten().to(torch.int8)
+    names, ctx = local.__tensor_flatten__()
+    # the lookup table torchao builds for this dtype (the target's may be a placeholder, e.g. after a meta build)
+    table = _nf4_probe(local.dtype, block, scaler_block).nf4.to(local.device)
+    inner = dict(
+        quantized_scalers=scalers, quantization_factor=factor[:, 0].contiguous(), scaler_mean=mean, nf4=table,
+        quantized_data=nf4_class.convert_to_norm_float_weight(flat, flat.numel() // block, block, table),
+    )
+    if set(inner) != set(names):  # a torchao whose NF4Tensor holds other inner tensors than 0.18's
+        raise NotImplementedError(f"nf4_quantize_chunk_: NF4Tensor's inner tensors are {sorted(names)}, "
+                                  f"checked on torchao 0.18's {sorted(inner)}")
+    local.copy_(nf4_class.__tensor_unflatten__(inner, ctx, local.size(), local.stride()))
 
 
 def nf4_concat(parts: list[torch.Tensor]) -> torch.Tensor:

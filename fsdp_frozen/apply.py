@@ -121,7 +121,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
         param.requires_grad_(plan.names.canonical(path) not in plan.frozen)
     if plan.quantized:
         quantize_nf4(model, [plan.path(f) for f in sorted(plan.quantized)], policy.nf4_block_size,
-                     policy.nf4_scaler_block_size)
+                     policy.nf4_scaler_block_size, policy.torch_param_dtype)
     if policy.torch_frozen_dtype is not None:
         cast_frozen(model, [plan.path(f) for f in sorted(plan.frozen - plan.quantized)], policy.torch_frozen_dtype)
 

@@ -17,7 +17,7 @@ from ._globs import glob_match
 from .errors import PolicyError
 from .names import ModelNames, model_names
 from .policy import FreezePolicy
-from .storage import NF4, nf4_ineligible, nf4_nbytes
+from .storage import NF4, nf4_dtype, nf4_ineligible, nf4_nbytes
 
 #: The two kinds of param group (and of parameter); the one definition, used by the checkpoint keys too.
 GroupKind = Literal["frozen", "trainable"]
@@ -395,7 +395,8 @@ def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.P
         cast = mp is not None and param.is_floating_point()
         nbytes = param.numel() * (mp.itemsize if cast else dtype.itemsize)
         if tied[0] in frozen and policy.frozen_dtype == NF4 and param.dim() == 2:
-            nbytes = nf4_nbytes(param.numel(), policy.nf4_block_size, policy.nf4_scaler_block_size)
+            nbytes = nf4_nbytes(param.numel(), policy.nf4_block_size, policy.nf4_scaler_block_size,
+                                nf4_dtype(mp, param.dtype))
         unit = _enclosing_unit(_parent(tied[0]), units)
         unit_bytes[unit] = unit_bytes.get(unit, 0) + nbytes
         if tied[0] not in frozen:
@@ -502,7 +503,8 @@ def _groups(
         gathered = [mp_dtype if (mp_dtype and s.is_floating_point) else s for s in storage]
         labels = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, storage)]
         gathered_labels = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, gathered)]
-        nbytes = [nf4_nbytes(params[f].numel(), policy.nf4_block_size, policy.nf4_scaler_block_size)
+        nbytes = [nf4_nbytes(params[f].numel(), policy.nf4_block_size, policy.nf4_scaler_block_size,
+                             nf4_dtype(mp_dtype, params[f].dtype))
                   if f in quantized else params[f].numel() * d.itemsize for f, d in zip(fqns, gathered)]
         return GroupPlan(
             unit=unit, kind=kind, params=tuple(fqns), numel=sum(params[f].numel() for f in fqns),

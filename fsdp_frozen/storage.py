@@ -3,8 +3,19 @@
 * a float dtype (bf16/fp16/fp32): `cast_frozen`, in place;
 * ``"nf4"``: torchao's `NF4Tensor` (4-bit NormalFloat with double-quantized block scalers), which
   implements FSDP2's all-gather extension: shards stay packed, are all-gathered packed and are
-  dequantized to the compute dtype inside the linear. Quantization is torchao's (`to_nf4`);
-  `nf4_ineligible` says which frozen weights can take it.
+  dequantized to the compute dtype inside the linear. Quantization is torchao's (`to_nf4`), from the
+  compute dtype (`nf4_dtype`); `nf4_ineligible` says which frozen weights can take it.
+
+[Note: NF4 in the compute dtype]
+torchao's NF4Tensor dequantizes to the dtype it was quantized from (its lookup table, scaler factors
+and mean are kept in that dtype), and its FSDP post-all-gather ignores ``param_dtype``. A weight
+quantized from fp32 (an HF model built on meta is fp32) therefore dequantizes to fp32 in every linear
+and is then cast to bf16: twice the transient bytes and an extra pass per use. So weights are quantized
+from the compute dtype (``param_dtype`` where mixed precision is set, else the weight's own dtype), as
+torchtune does from its bf16 model: the dequantization writes the compute dtype directly. The NF4
+codes can differ from a quantization of the fp32 values (the block scalers are computed in bf16), the
+stored factors are in the compute dtype (2 bytes each in bf16), and the checkpoint records that dtype,
+so a checkpoint of fp32-quantized NF4 is refused by the layout check instead of loaded into bf16 ones.
 """
 
 from __future__ import annotations
@@ -61,22 +72,32 @@ def nf4_ineligible(
     return next((why for ok, why in checks if not ok), None)
 
 
-def nf4_nbytes(numel: int, block_size: int, scaler_block_size: int) -> int:
-    """Bytes of an NF4Tensor of `numel` elements: 4-bit data, int8 block scalers, fp32 factors."""
+def nf4_dtype(param_dtype: torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight of `dtype` is quantized from, and its NF4Tensor dequantizes to: the compute
+    dtype (`param_dtype` under mixed precision, else `dtype`). [Note: NF4 in the compute dtype]"""
+    return param_dtype if param_dtype is not None else dtype
+
+
+def nf4_nbytes(numel: int, block_size: int, scaler_block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of an NF4Tensor of `numel` elements quantized from `dtype`: 4-bit data, int8 block
+    scalers, one factor per scaler block in `dtype`."""
     n_blocks = numel // block_size
-    return numel // 2 + n_blocks + 4 * math.ceil(n_blocks / scaler_block_size)
+    return numel // 2 + n_blocks + dtype.itemsize * math.ceil(n_blocks / scaler_block_size)
 
 
-def quantize_nf4(model: nn.Module, paths: Iterable[str], block_size: int, scaler_block_size: int) -> None:
-    """Replace each frozen weight at `paths` by a frozen Parameter holding torchao's NF4Tensor of it."""
+def quantize_nf4(model: nn.Module, paths: Iterable[str], block_size: int, scaler_block_size: int,
+                 param_dtype: torch.dtype | None = None) -> None:
+    """Replace each frozen weight at `paths` by a frozen Parameter holding torchao's NF4Tensor of it,
+    quantized from the compute dtype (`nf4_dtype`: `param_dtype`, else the weight's own)."""
     for path in paths:
         parent, _, leaf = path.rpartition(".")
         module = model.get_submodule(parent)
         weight = getattr(module, leaf)
+        dtype = nf4_dtype(param_dtype, weight.dtype)
         if weight.is_meta:  # a meta build: the layout only (load_pretrained quantizes the real values)
-            quantized = nf4_on_meta(weight, block_size, scaler_block_size)
+            quantized = nf4_on_meta(weight, block_size, scaler_block_size, dtype)
         else:
-            quantized = to_nf4(weight.detach().contiguous(), block_size, scaler_block_size)
+            quantized = to_nf4(weight.detach().to(dtype).contiguous(), block_size, scaler_block_size)
         setattr(module, leaf, nn.Parameter(quantized, requires_grad=False))
 
 

@@ -117,6 +117,7 @@ def _parity(rank: int, world: int) -> dict:
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.split_layout
 def test_root_grouping_matches_plain_fsdp_and_counts_one_collective_each_way(world):
     results = run_ranks(_parity, world)
     for key, r0 in results[0].items():
@@ -183,6 +184,7 @@ def _nf4(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.split_layout
 def test_root_grouping_with_nf4_equals_per_unit():
     for r in run_ranks(_nf4, 2):
         per_unit, root = r["per_unit"], r["root"]
@@ -225,6 +227,7 @@ def test_checkpoint_layout_does_not_depend_on_grouping(tmp_path):
         assert r["per_unit"][2] == r["root"][2]  # the same files
 
 
+@pytest.mark.split_layout
 def test_root_grouping_plan_and_refusals(monkeypatch):
     model = make_model()
     plan = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root"), shard_size=2)

@@ -83,14 +83,16 @@ def _bytes_and_training(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.split_layout
 def test_nf4_bytes_all_gather_and_training():
     out = run_ranks(_bytes_and_training, 2)[0]
     nf4, bf16 = out["nf4"], out["bf16"]
     assert nf4["frozen_ag"] < 0.5 * bf16["frozen_ag"], (nf4["frozen_ag"], bf16["frozen_ag"])
     assert nf4["frozen_bytes"] < 0.5 * bf16["frozen_bytes"], (nf4["frozen_bytes"], bf16["frozen_bytes"])
     block = next(r for r in nf4["records"] if r["unit"] == "layers.0" and r["kind"] == "frozen")
-    # 3 NF4 weights of 64x64 per block, half on this rank: 4-bit data + int8 scalers + fp32 factors.
-    nf4_weights = 3 * (64 * 64 // 2 // 2 + 64 * 64 // 64 // 2 + 4 * (64 * 64 // 64 // 4) // 2)
+    # 3 NF4 weights of 64x64 per block, half on this rank: 4-bit data + int8 scalers + factors in the
+    # compute dtype, bf16 ([Note: NF4 in the compute dtype]).
+    nf4_weights = 3 * (64 * 64 // 2 // 2 + 64 * 64 // 64 // 2 + 2 * (64 * 64 // 64 // 4) // 2)
     dense = 2 * 64 * 2 // 2  # the LayerNorm weight and bias in bf16, half on this rank
     assert block["sharded_bytes"] == nf4_weights + dense, block
     # LoRA training on NF4 weights converges like the bf16 run.
@@ -504,3 +506,66 @@ def test_nf4_placeholders_refuse_shards_torchao_cannot_hold():
     with pytest.raises(CheckpointLayoutError, match=r"NF4 weight 'frozen/w' is saved in shards of shape \(1, 32\), which "
                                                     r"do not hold whole scaler blocks of block_size=16 x scaler_block_size=4"):
         _placeholders("frozen/w", *md(64, 32, list(range(65))), 16, 4)  # 32 elements: half a scaler block
+
+
+# ------------------------------------------------------- NF4 quantized from the compute dtype (issue 23, 5)
+def _dequantized_dtypes(rank: int, world: int, path: str) -> dict:
+    """An fp32 model (as HF builds one on meta), NF4 storage, bf16 compute: the dtype of every NF4
+    dequantization a forward and backward run, and what loading an NF4 checkpoint quantized from fp32
+    says."""
+    from fsdp_frozen._torchao_compat import to_nf4
+    from fsdp_frozen.checkpoint import load_checkpoint
+
+    nf4_class = type(to_nf4(torch.zeros(64), 16, 4))
+    original = nf4_class.get_original_weight
+    seen = []
+
+    def recording(self):
+        out = original(self)
+        seen.append(str(out.dtype))
+        return out
+
+    policy = dict(units=("layers.*",), frozen_dtype="nf4", **BLOCKS)
+    fp32 = shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(**policy))
+    save_checkpoint(path, fp32)
+    model = shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(param_dtype="bfloat16", **policy))
+    plan = sharded_state(model).plan
+    stored = {str(local(model.get_parameter(plan.path(f))).dtype) for f in plan.quantized}
+    nf4_class.get_original_weight = recording
+    try:
+        train(model, 1, rank)
+    finally:
+        nf4_class.get_original_weight = original
+    try:
+        load_checkpoint(path, model)
+        refused = ""
+    except CheckpointLayoutError as e:
+        refused = str(e)
+    load_checkpoint(path, model, cast=True)  # what the refusal offers: the saved values re-quantized from bf16
+    differs = []
+    for f in plan.quantized:
+        saved = local(fp32.get_parameter(plan.path(f))).get_original_weight().to(torch.bfloat16)
+        want = to_nf4(saved, BLOCKS["nf4_block_size"], BLOCKS["nf4_scaler_block_size"]).get_original_weight()
+        if not torch.equal(local(model.get_parameter(plan.path(f))).get_original_weight(), want):
+            differs.append(f)
+    return {"differs": differs, "stored": sorted(stored), "dequantized": sorted(set(seen)), "uses": len(seen), "refused": refused}
+
+
+def local(t):
+    from fsdp_frozen._torch_compat import local_tensor
+
+    return local_tensor(t)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nf4_is_quantized_from_the_compute_dtype(tmp_path, world):
+    """[Note: NF4 in the compute dtype]: an fp32 model with bf16 compute stores NF4 quantized from bf16,
+    so every dequantization in the forward and backward writes bf16 (before: fp32, then a cast: twice
+    the transient bytes); a checkpoint of fp32-quantized NF4 is refused by name, not cast silently."""
+    out = run_ranks(_dequantized_dtypes, world, str(tmp_path / "ckpt"))[0]
+    assert out["stored"] == ["torch.bfloat16"], out
+    assert out["uses"] >= 2 * 7 and out["dequantized"] == ["torch.bfloat16"], out
+    assert ("'frozen/layers.0.attn.base_layer.weight': nf4(block_size=16, scaler_block_size=4) quantized from "
+            "float32 in the checkpoint, from bfloat16 in the model (pass cast=True to re-quantize on load)"
+            ) in out["refused"], out["refused"]
+    assert out["differs"] == [], out["differs"]

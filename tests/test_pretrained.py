@@ -122,7 +122,24 @@ def _case(rank: int, world: int, directory: str, arch: str, peft: str | None, dt
     model = _peft(_build_meta(arch, tied, how), peft, arch)
     model = shard_with_freezing(model, mesh, _policy(peft, arch, dtype))
     assert all(local_tensor(p).is_meta or is_nf4(local_tensor(p)) for p in model.parameters())
-    initialised = load_pretrained(model, directory)
+    import fsdp_frozen.checkpoint.pretrained as pretrained_module
+
+    ao = pretrained_module.ao
+    nf4_reads, fills = [], (ao.nf4_copy_chunk_, ao.nf4_quantize_chunk_)
+    nf4_names = {n for n, p in model.named_parameters() if is_nf4(local_tensor(p))}
+
+    def recording(fill):
+        def record(target, values):
+            nf4_reads.append(values.numel())  # elements read from the file for one NF4 weight on this rank
+            return fill(target, values)
+        return record
+
+    ao.nf4_copy_chunk_, ao.nf4_quantize_chunk_ = map(recording, fills)
+    try:
+        initialised = load_pretrained(model, directory)
+    finally:
+        ao.nf4_copy_chunk_, ao.nf4_quantize_chunk_ = fills
+    nf4_numel = sum(local_tensor(p).numel() for n, p in model.named_parameters() if n in nf4_names)
     reference.eval()  # from_pretrained returns eval mode (GPT-2 has dropout)
     model.eval()
 
@@ -154,6 +171,7 @@ def _case(rank: int, world: int, directory: str, arch: str, peft: str | None, dt
         "logits_diff": diff,
         "initialised": initialised,
         "devices": sorted({str(local_tensor(p).device) for p in model.parameters()}),
+        "nf4_read_fraction": sum(nf4_reads) / nf4_numel if nf4_names else None,
     }
 
 
@@ -212,6 +230,10 @@ def test_load_pretrained_equals_from_pretrained(tmp_path, world):
                 "lora_A initialised (kaiming, not zero or garbage)": r["lora_a_random"],
                 "logits equal": r["logits_diff"] <= (1e-5 if dtype is None else 0.0),
                 "shards on the mesh's device": r["devices"] == ["cpu"],
+                # [Note: NF4 from row chunks]: each rank reads (and quantizes) only its rows of a
+                # safetensors NF4 weight; a DCP source is read whole
+                "NF4 read in this rank's rows only": dtype != "nf4" or r["nf4_read_fraction"] == (
+                    world if shard == "dcp" else 1),
             }
             failures += [f"{case} rank {rank}: {what} ({r if what != 'frozen shards bitwise' else ''})"
                          for what, ok in checks.items() if not ok]

@@ -130,6 +130,7 @@ def _counted(model, rank: int, opt) -> dict:
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.split_layout
 def test_refreeze_equals_save_rebuild_load(tmp_path, world):
     results = run_ranks(_parity, world, str(tmp_path))
     failures = []

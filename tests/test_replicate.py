@@ -71,6 +71,7 @@ def _parity(rank: int, world: int) -> dict:
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.split_layout
 def test_replicate_matches_plain_fsdp_and_counts_one_all_reduce(world):
     results = run_ranks(_parity, world)
     for key, r0 in results[0].items():
@@ -185,6 +186,7 @@ def _nf4(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.split_layout
 def test_replicate_with_nf4_equals_per_unit():
     for r in run_ranks(_nf4, 2):
         per_unit, rep = r["per_unit"], r["replicate"]
@@ -356,6 +358,7 @@ def _dormant(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.split_layout
 def test_dormant_root_moves_and_casts_inputs_as_fsdp_does():
     for r in run_ranks(_dormant, 2):
         ref, got = r["per_unit"], r["replicate"]
@@ -366,6 +369,7 @@ def test_dormant_root_moves_and_casts_inputs_as_fsdp_does():
         assert all(torch.equal(ref["params"][k], got["params"][k]) for k in ref["params"])
 
 
+@pytest.mark.split_layout
 def test_replicate_between_steps_and_refusals():
     results = run_ranks(_states, 2)
     assert results[0]["sum"] == results[1]["sum"]  # rank 0's values on both ranks
@@ -377,6 +381,7 @@ def test_replicate_between_steps_and_refusals():
         assert r["new_storage"] == [True, True]
 
 
+@pytest.mark.split_layout
 def test_replicate_plan_estimate_and_refusals(monkeypatch):
     model = make_model()
     plan = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="replicate"), shard_size=2)
@@ -433,6 +438,7 @@ def _estimate(rank: int, world: int) -> dict:
             "copies": sum(p.numel() * 2 for p in trainable)}
 
 
+@pytest.mark.split_layout
 def test_replicate_estimate_matches_the_ranks():
     for r in run_ranks(_estimate, 2):
         est = r["est"]
@@ -474,6 +480,7 @@ def _gpt2_tied(model) -> bool:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
+@pytest.mark.split_layout
 def test_replicate_on_transformers_and_peft_models(tmp_path):
     for r in run_ranks(_hf, 2, str(tmp_path)):
         for arch, peft, wrapper in HF_CASES:

@@ -37,6 +37,7 @@ def _storage(rank: int, world_size: int) -> dict:
             "losses": losses, "ref_losses": ref_losses}
 
 
+@pytest.mark.split_layout
 def test_bf16_frozen_storage_halves_bytes_and_describe():
     results = run_ranks(_storage, 2)
     for r in results:
@@ -231,6 +232,7 @@ def _process_groups_reused(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.split_layout
 def test_frozen_process_groups_are_created_once_per_mesh_and_released():
     for r in run_ranks(_process_groups_reused, 4, fresh=True):
         assert r["same_mesh"] and r["other_mesh_differs"] and r["fresh_after_release"], r

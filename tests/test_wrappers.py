@@ -153,6 +153,7 @@ def test_wrapped_blocks_checkpoint_as_unwrapped(tmp_path):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.split_layout
 def test_wrapped_blocks_under_replicate(tmp_path):
     """The same under trainable_grouping="replicate" with `never` frozen groups: the adapters whole
     outside FSDP, the frozen groups whole too and the blocks without fully_shard, wrapped for

@@ -69,7 +69,10 @@ def _device_sums(data: torch.Tensor, start: int) -> torch.Tensor:
     weighted = sum of word * (word index % P + 1), both modulo 2**64. Each is linear in the bytes,
     so any split of the string into shards sums to the same values.
     """
-    raw = data.detach().contiguous().view(-1).view(torch.uint8)
+    flat = data.detach().reshape(-1)
+    if flat.numel() and flat.stride(0) != 1:  # e.g. a 1-element view with stride 4: "contiguous", yet not viewable
+        flat = flat.new_empty(flat.shape).copy_(flat)
+    raw = flat.view(torch.uint8)
     n = raw.numel()
     head = min((-start) % 8, n)
     mid = (n - head) // 8 * 8

@@ -10,7 +10,7 @@ Three cases need a weight's whole saved value rather than DCP's usual shard-to-s
 * **reshard NF4** (same NF4 format, other shard count): torchao's NF4Tensor cannot be sliced at DCP's
   boundaries, but its saved shards are equal dim-0 chunks of every packed tensor. They are read whole,
   laid end to end into the packed weight and chunked again: bitwise, no re-quantization.
-* **dequantize / re-quantize** (NF4 in the checkpoint, plain or other block sizes in the model; only
+* **dequantize / re-quantize** (NF4 in the checkpoint, plain or other block sizes or dtype in the model; only
   with ``cast=True``): the whole packed weight is dequantized with torchao, then cast or re-quantized.
 
 Reads go through DCP (a custom load plan for NF4 shards). Cost: every rank reads each such weight in
@@ -163,9 +163,10 @@ def _fill(target: torch.Tensor, whole: torch.Tensor) -> None:
     """Copy this rank's part of `whole`, converted to the target's storage, into `target`."""
     local = local_tensor(target)
     if is_nf4(local):
-        same = is_nf4(whole) and (whole.block_size, whole.scaler_block_size) == (local.block_size, local.scaler_block_size)
-        if is_nf4(whole) and not same:
-            whole = whole.get_original_weight()  # dequantized, then quantized at the model's block sizes
+        same = is_nf4(whole) and (whole.block_size, whole.scaler_block_size, whole.dtype) == (
+            local.block_size, local.scaler_block_size, local.dtype)
+        if is_nf4(whole) and not same:  # dequantized, then quantized at the model's block sizes and dtype
+            whole = whole.get_original_weight()  # ([Note: NF4 in the compute dtype]: never a cast of its factors)
         ao.nf4_copy_chunk_(target, whole)
         return
     plain = whole.get_original_weight() if is_nf4(whole) else whole

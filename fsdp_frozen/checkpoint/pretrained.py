@@ -362,17 +362,19 @@ def load_pretrained(
       tensor nothing maps to, a shape mismatch, a float/non-float dtype mismatch, a trainable
       tensor without an initialiser, a meta buffer nothing can recompute.
     * Float dtypes convert on the way in (an fp32 or bf16 file into bf16 frozen shards), and NF4
-      weights are quantized with torchao from the file's values in the model's original dtype:
-      bitwise the shards `shard_with_freezing` gives a model loaded with ``from_pretrained``.
+      weights are quantized from the file's values in the NF4 weights' dtype (the compute dtype),
+      each rank its own rows ([Note: NF4 from row chunks]: one all-gather of block maxima per
+      weight): bitwise the shards `shard_with_freezing` gives a model loaded with ``from_pretrained``.
     * Trainable tensors the file lacks get their module's own init: PEFT's LoRA init (A kaiming,
       B zero; ``init_lora_weights`` from the model's ``peft_config``), IA3's ones, DoRA's magnitude
       (the base weight's row norms, read from the file), else ``reset_parameters()``. Buffers a meta
       build left empty are recomputed (transformers' ``_init_weights`` for rotary ``inv_freq``,
       torchtune's ``rope_init``, ``reset_parameters``).
 
-    Cost: each rank reads its own rows of every weight (NF4 weights whole), one tensor at a time;
-    peak host memory beyond the rank's shards is about one tensor's rows (NF4: one whole weight).
-    No collective for safetensors: every rank reads the same headers and decides alike.
+    Cost: each rank reads its own rows of every weight, one tensor at a time; peak host memory beyond
+    the rank's shards is about one tensor's rows. Collectives for safetensors: one small all-gather
+    per sharded NF4 weight (its block maxima); every rank reads the same headers and decides alike.
+    NF4 weights kept out of FSDP (shard size 1) and DCP sources are read whole.
     """
     state = sharded_state(model)
     path = os.fspath(path)
@@ -498,7 +500,8 @@ def _initialisers(model: nn.Module, targets: list[_Target]) -> tuple[
 def _read_all(model: nn.Module, loaded: list[_Target], index: dict[str, _FileTensor], path: str,
               device: torch.device) -> None:
     """Fill every target the file holds: one collective DCP read for a DCP source (each rank reads the
-    chunks of its own shards), else row slices per tensor; NF4 weights whole."""
+    chunks of its own shards; NF4 weights whole), else row slices per tensor (NF4 too, quantized by
+    `nf4_quantize_chunk_`, collective: every rank fills the same targets in the same order)."""
     dcp_targets = {index[t.file_name].key: _tensor(model, t) for t in loaded
                    if index[t.file_name].key and not is_nf4(local_tensor(_tensor(model, t)))}
     if dcp_targets:
@@ -561,8 +564,10 @@ def _fill(tensor: torch.Tensor, info: _FileTensor, name: str, device: torch.devi
     """Copy this rank's part of the file tensor `name` into `tensor` (a shard, a plain tensor, NF4)."""
     local = local_tensor(tensor)
     if is_nf4(local):
-        whole = _read(info, name, None).to(device=device, dtype=local.dtype)
-        ao.nf4_copy_chunk_(tensor, whole)
+        if isinstance(tensor, DTensor) and not info.key:  # [Note: NF4 from row chunks]: this rank's rows only
+            ao.nf4_quantize_chunk_(tensor, _read(info, name, _chunk_index(tensor)).to(device=device))
+        else:  # a plain NF4Tensor (kept out of FSDP) is the whole weight; a DCP source is read whole anyway
+            ao.nf4_copy_chunk_(tensor, _read(info, name, None).to(device=device, dtype=local.dtype))
         return
     index = _chunk_index(tensor)
     if index is None:
