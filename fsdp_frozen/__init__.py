@@ -12,6 +12,7 @@ from .policy import FreezePolicy
 from .process_groups import release_process_groups
 from .refreeze import refreeze
 from .report import GroupRecord, describe
+from .tp import lora_tp_plan
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "PolicyError",
     "describe",
     "estimate",
+    "lora_tp_plan",
     "refreeze",
     "release_process_groups",
     "shard_with_freezing",

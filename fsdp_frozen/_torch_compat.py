@@ -116,6 +116,24 @@ def process_group_alive(pg: Any) -> bool:
     return dist.is_initialized() and pg in c10d._world.pg_map
 
 
+def first_of_replicas(mesh: DeviceMesh) -> bool:
+    """True if this rank is at coordinate 0 of every dim of `mesh`'s world (root) mesh that `mesh` is
+    not on: a tensor on a sub-mesh (``world["dp"]``) is the same on the ranks that differ only there
+    (the TP ranks of a plain parameter). Sub-meshes are matched by dim name (``_get_root_mesh``,
+    checked on torch 2.11 and 2.13)."""
+    root = mesh._get_root_mesh()
+    if root is mesh or root == mesh:
+        return True
+    names = root.mesh_dim_names or ()
+    if not mesh.mesh_dim_names or any(n not in names for n in mesh.mesh_dim_names):
+        raise NotImplementedError(
+            f"a tensor on mesh {mesh} whose dims {mesh.mesh_dim_names} are not dims {names} of its world mesh "
+            f"(a flattened sub-mesh): fsdp_frozen's checksums take sub-meshes of named world dims"
+        )
+    coord = root.get_coordinate()
+    return all(coord[i] == 0 for i, n in enumerate(names) if n not in mesh.mesh_dim_names)
+
+
 def mesh_groups(mesh: DeviceMesh) -> tuple[Any, ...]:
     """The process group of each dim of `mesh` (public ``get_group``)."""
     return tuple(mesh.get_group(d) for d in range(mesh.ndim))
@@ -125,9 +143,29 @@ def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """A mesh over the same ranks as `mesh` with new process groups.
 
     FSDP 2.13 groups parameters by process group, so the frozen group needs its own.
+
+    [Note: frozen meshes under TP] A data-parallel sub-mesh of a larger mesh (``world_mesh["dp"]``
+    beside ``world_mesh["tp"]``) stays a sub-mesh of that root: FSDP concatenates it with a TP
+    parameter's mesh (``DeviceMesh._concatenate``, which needs one root and dim names), so the fresh
+    mesh is a copy of `mesh` (same layout, root and names; equal to it) whose dims resolve to the new
+    groups (``_dim_group_names``; checked on torch 2.13). A root mesh gets a root mesh of its own.
     """
     ranks = mesh.mesh
     rank = dist.get_rank()
+    if mesh._get_root_mesh() is not mesh:
+        import copy
+
+        lines = [ranks] if mesh.ndim == 1 else [ranks.t(), ranks]
+        names = []
+        for dim_lines in lines:
+            mine = None
+            for line in dim_lines.reshape(-1, dim_lines.shape[-1]).tolist():
+                if rank in line:
+                    mine = dist.new_group(line, use_local_synchronization=True)
+            names.append(mine.group_name)
+        fresh = copy.copy(mesh)
+        fresh._dim_group_names = names
+        return fresh
     if mesh.ndim == 1:
         pg = dist.new_group(ranks.tolist(), use_local_synchronization=True)
         return DeviceMesh.from_group(pg, mesh.device_type, mesh=ranks)

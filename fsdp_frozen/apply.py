@@ -19,6 +19,7 @@ from .plan import FROZEN, ShardingPlan, build_plan
 from .policy import FreezePolicy
 from .replicate import ReplicatedTrainables
 from .storage import cast_frozen, quantize_nf4, shard_device
+from .tp import check_tp
 
 _STATE_ATTR = "_fsdp_frozen_state"
 
@@ -106,6 +107,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
             raise PolicyError(
                 f"module {name or '<root>'!r} already has fully_shard applied; pass an unsharded model"
             )
+    check_tp(model, mesh)  # FSDP x TP: one world mesh, adapters placed ([Note: LoRA under TP])
     check_supported(policy, mesh)
     plan = build_plan(model, policy, shard_size=mesh.size(mesh.ndim - 1))
     if plan.unsplit:

@@ -11,6 +11,7 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from . import _torch_compat as compat
 from ._globs import glob_match
@@ -77,6 +78,9 @@ class ShardingPlan:
     #: trainable parameters no FSDP group manages (``trainable_grouping="replicate"``): whole on
     #: every rank, reduced by `fsdp_frozen.replicate` ([Note: replicated trainables])
     replicated: frozenset[str] = frozenset()
+    #: tensor-parallel parameters (DTensors placed by ``parallelize_module`` before sharding) -> the
+    #: elements a rank holds once all-gathered over the data-parallel ranks (its TP-local part)
+    tensor_parallel: dict[str, int] = field(default_factory=dict)
 
     @functools.cached_property  # read per fully_shard call at sharding time; the plan is immutable
     def units_without_fsdp(self) -> frozenset[str]:
@@ -258,7 +262,8 @@ def _frozen_only_modules(
     return result
 
 
-def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split: bool | None = None) -> ShardingPlan:
+def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split: bool | None = None,
+               tensor_parallel: dict[str, int] | None = None) -> ShardingPlan:
     """Plan the frozen/trainable param groups of `model` under `policy` for a given shard size.
 
     Steps, each a function below: names and units, the frozen set, ownership (tied parameters
@@ -267,6 +272,8 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
     Args:
         shard_size: ranks a parameter is sharded over (the mesh's last dim).
         split: per-parameter groups (torch >= 2.13); default: what this torch supports.
+        tensor_parallel: `ShardingPlan.tensor_parallel` of a model already sharded (`refreeze`, whose
+            FSDP parameters are all DTensors); default: the DTensor parameters of the unsharded model.
     """
     split = compat.split_groups_supported() if split is None else split
     for key in ("frozen_reshard", "trainable_reshard"):
@@ -279,12 +286,16 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         if name not in holders.setdefault(param, []):
             holders[param].append(name)
     frozen = _resolve_frozen(holders, policy, names.params)
-    grouping, grouping_why = _resolve_grouping(policy, units, holders, frozen)
+    if tensor_parallel is None:
+        tensor_parallel = {names[0]: p.to_local().numel() for p, names in holders.items() if isinstance(p, DTensor)}
+    grouping, grouping_why = _resolve_grouping(policy, units, holders, frozen, tensor_parallel)
     def plan_groups(grouping: str) -> tuple:
         params, owner, ignored = _ownership(holders, units, frozen if grouping != "per_unit" else None,
                                             replicate=grouping == "replicate")
-        quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size)
+        quantized, not_quantized = _quantization(model, policy, names, holders, params, frozen, shard_size,
+                                                 tensor_parallel)
         groups, unsplit = _groups(model, policy, names, units, params, owner, frozen, quantized, shard_size, split,
+                                  tensor_parallel,
                                   grouping_why, replicate=grouping == "replicate")
         return params, owner, ignored, quantized, not_quantized, groups, unsplit
 
@@ -313,6 +324,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         unit_reshard={u: _trainable_reshard(policy, u) for u in units},
         trainable_grouping=grouping, grouping_why=grouping_why,
         replicated=frozenset(set(params) - frozen) if grouping == "replicate" else frozenset(),
+        tensor_parallel=dict(tensor_parallel),
     )
 
 
@@ -354,7 +366,7 @@ def _whole_frozen(groups: list[GroupPlan], grouping: str, split: bool) -> tuple[
 
 
 def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.Parameter, list[str]],
-                      frozen: set[str]) -> tuple[str, str]:
+                      frozen: set[str], tensor_parallel: dict[str, int]) -> tuple[str, str]:
     """("per_unit", "root" or "replicate", why). [Note: auto grouping] ``"auto"`` lets the trainable
     parameters cost at most about one more block (the largest unit other than the root, gathered):
 
@@ -377,6 +389,16 @@ def _resolve_grouping(policy: FreezePolicy, units: list[str], holders: dict[nn.P
                           f"use trainable_grouping='per_unit' or 'auto'")
     if choice == "root":
         return "root", "trainable_grouping='root': every unit's trainable parameters in the root's group"
+    tp_trainable = sorted(n for n in tensor_parallel if n not in frozen)
+    if choice == "replicate" and tp_trainable:
+        raise PolicyError(
+            f"FreezePolicy.trainable_grouping='replicate' keeps trainable parameters out of FSDP, whole on every rank, "
+            f"which does not take tensor-parallel (DTensor) ones: {tp_trainable[:4]}{' ...' if len(tp_trainable) > 4 else ''}; "
+            f"use trainable_grouping='root' (one all-gather and one reduce-scatter per step) or 'per_unit'"
+        )
+    if choice == "auto" and tp_trainable:
+        return "root", (f"trainable_grouping='auto': one root group ('replicate' does not take tensor-parallel "
+                        f"trainable parameters such as {tp_trainable[0]!r})")
     if choice == "replicate":
         return "replicate", ("trainable_grouping='replicate': every trainable parameter whole on every rank, "
                              "gradients all-reduced once per step")
@@ -466,7 +488,7 @@ def _ownership(
 
 def _quantization(
     model: nn.Module, policy: FreezePolicy, names: ModelNames, holders: dict[nn.Parameter, list[str]],
-    params: dict[str, nn.Parameter], frozen: set[str], shard_size: int,
+    params: dict[str, nn.Parameter], frozen: set[str], shard_size: int, tensor_parallel: dict[str, int],
 ) -> tuple[set[str], dict[str, str]]:
     """(frozen params stored as NF4, frozen params NF4 cannot hold -> why); empty unless frozen_dtype="nf4"."""
     quantized: set[str] = set()
@@ -477,6 +499,13 @@ def _quantization(
         raise PolicyError(
             f"FreezePolicy.frozen_dtype='nf4' at shard size 1 keeps NF4 weights out of FSDP "
             f"(ignored_params), which needs torch >= 2.7 (found {torch.__version__})"
+        )
+    tp = sorted(f for f in frozen & set(params) if f in tensor_parallel)
+    if tp:
+        raise PolicyError(
+            f"FreezePolicy.frozen_dtype='nf4' with tensor-parallel frozen weights {tp[:4]}{' ...' if len(tp) > 4 else ''}: "
+            f"torchao's NF4Tensor cannot be the local tensor of a TP DTensor (its all-gather and dequantization "
+            f"are per whole weight); use frozen_dtype='bfloat16' under TP, or NF4 without TP"
         )
     for fqn in sorted(frozen & set(params)):
         why = nf4_ineligible(model, names.params[fqn], params[fqn], shard_size, policy.nf4_block_size,
@@ -490,8 +519,8 @@ def _quantization(
 
 def _groups(
     model: nn.Module, policy: FreezePolicy, names: ModelNames, units: list[str], params: dict[str, nn.Parameter],
-    owner: dict[str, str], frozen: set[str], quantized: set[str], shard_size: int, split: bool, grouping_why: str = "",
-    replicate: bool = False,
+    owner: dict[str, str], frozen: set[str], quantized: set[str], shard_size: int, split: bool,
+    tensor_parallel: dict[str, int], grouping_why: str = "", replicate: bool = False,
 ) -> tuple[list[GroupPlan], list[str]]:
     """Each unit's frozen and trainable groups (frozen first), and the frozen params left unsplit
     (structural fallback, torch < 2.13)."""
@@ -505,7 +534,8 @@ def _groups(
         gathered_labels = [NF4 if f in quantized else _dtype_label({d}) for f, d in zip(fqns, gathered)]
         nbytes = [nf4_nbytes(params[f].numel(), policy.nf4_block_size, policy.nf4_scaler_block_size,
                              nf4_dtype(mp_dtype, params[f].dtype))
-                  if f in quantized else params[f].numel() * d.itemsize for f, d in zip(fqns, gathered)]
+                  if f in quantized else tensor_parallel.get(f, params[f].numel()) * d.itemsize
+                  for f, d in zip(fqns, gathered)]
         return GroupPlan(
             unit=unit, kind=kind, params=tuple(fqns), numel=sum(params[f].numel() for f in fqns),
             storage_dtype=_label(labels), gathered_dtype=_label(gathered_labels),

@@ -92,7 +92,8 @@ def refreeze(
     for module in model.modules():  # kept-gathered groups show their shards (values unchanged)
         if compat.has_fsdp_state(module):
             module.reshard()
-    new_plan = build_plan(model, policy, shard_size=old_plan.shard_size)  # patterns and values checked here
+    new_plan = build_plan(model, policy, shard_size=old_plan.shard_size,  # patterns and values checked here
+                          tensor_parallel=old_plan.tensor_parallel)
     if new_plan.units != old_plan.units:
         raise PolicyError(
             f"refreeze keeps the units: FreezePolicy.units gives {list(new_plan.units[:-1])}, the model was "

@@ -43,6 +43,9 @@ class Description(list):
     #: process groups the frozen groups communicate on beyond the mesh's own (on NCCL, one
     #: communicator each; `fsdp_frozen.process_groups.count`)
     frozen_process_groups: int = 0
+    #: tensor parallelism, if the model was parallelized: {"degree", "colwise", "rowwise"} (linears
+    #: by their weight's TP placement), else None
+    tensor_parallel: dict[str, int] | None = None
 
     def to_dicts(self) -> list[dict[str, Any]]:
         return [r.to_dict() for r in self]
@@ -65,7 +68,12 @@ class Description(list):
         notes = [f"note ({r.unit or '<root>'} {r.kind}): {r.note}" for r in self if r.note]
         pgs = [f"frozen groups add {self.frozen_process_groups} process group(s) of their own (NCCL: one "
                f"communicator each, created at first use)"] if self.frozen_process_groups else []
-        return "\n".join(lines + whys + notes + pgs)
+        tp = self.tensor_parallel
+        tps = [f"tensor parallel: degree {tp['degree']}, {tp['colwise']} colwise and {tp['rowwise']} rowwise linears "
+               f"(bytes above are per TP rank); the TP plan's own collectives, on the TP group, not counted above: "
+               f"about {tp['rowwise']} all-reduces in forward (again in an activation-checkpoint recompute) and "
+               f"{tp['colwise']} in backward per step (Replicate layouts; sequence parallel differs)"] if tp else []
+        return "\n".join(lines + whys + notes + pgs + tps)
 
     def __str__(self) -> str:
         return self.table()
@@ -93,6 +101,25 @@ def _effective(g: Any, group: Any, shard_size: int) -> tuple[str, int]:
     return label, gathers
 
 
+def _tensor_parallel(model: nn.Module, dp_names: tuple[str, ...]) -> dict[str, int] | None:
+    """Degree and colwise/rowwise linear counts of a TP-parallelized model, from its weights' DTensor
+    placements on mesh dims other than the data-parallel ones."""
+    from torch.distributed.tensor import DTensor
+
+    degree, counts = 1, {0: 0, 1: 0}
+    for module in model.modules():
+        w = module._parameters.get("weight")
+        names = w.device_mesh.mesh_dim_names if isinstance(w, DTensor) else None
+        for i, name in enumerate(names or ()):
+            if name in dp_names or not w.placements[i].is_shard():
+                continue
+            degree = max(degree, w.device_mesh.size(i))
+            dim = w.placements[i].dim
+            if dim in counts:
+                counts[dim] += 1
+    return {"degree": degree, "colwise": counts[0], "rowwise": counts[1]} if degree > 1 else None
+
+
 def describe(model: nn.Module) -> Description:
     """Records of every param group `shard_with_freezing` built on `model` (this rank's bytes).
 
@@ -102,6 +129,7 @@ def describe(model: nn.Module) -> Description:
     plan = state.plan
     records = Description()
     records.frozen_process_groups = process_groups.count(plan, state.mesh.ndim)
+    records.tensor_parallel = _tensor_parallel(model, tuple(state.mesh.mesh_dim_names or ()))
     for g in plan.groups:
         unsplit = [p for p in g.params if p in plan.unsplit]
         dense = {p: plan.not_quantized[p] for p in g.params if p in plan.not_quantized}

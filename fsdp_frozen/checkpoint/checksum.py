@@ -34,30 +34,52 @@ def _weights(device: torch.device) -> torch.Tensor:
     return _WEIGHTS[device]
 
 
-def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
-    """(local data, byte offset of its first element in the global tensor, whether this rank adds it).
+def _local_view(t: torch.Tensor) -> tuple[torch.Tensor, int, int, bool]:
+    """(local data, byte offset of its first element in the global tensor, byte stride between its
+    dim-0 rows in the global tensor (0: the shard is one contiguous range), whether this rank adds it).
 
-    Shards must be contiguous ranges of the global tensor (FSDP's ``Shard(0)``, possibly replicated
-    over an HSDP dim); anything else is refused.
+    Shards are contiguous dim-0 ranges (FSDP's ``Shard(0)``, TP's colwise ``Shard(0)`` under it,
+    possibly replicated over an HSDP dim) or boxes cut on dims 0 and 1 (TP's rowwise ``Shard(1)``
+    under FSDP: one run of bytes per dim-0 row); anything else is refused.
     """
     if not isinstance(t, DTensor):
         counts = not dist.is_initialized() or dist.get_rank() == 0
-        return t, 0, counts
+        return t, 0, 0, counts
     local = local_tensor(t)
     coord = t.device_mesh.get_coordinate()
-    # A shard replicated over a mesh dim is counted once: by the ranks at coordinate 0 of that dim.
+    # A shard replicated over a mesh dim is counted once: by the ranks at coordinate 0 of that dim, and
+    # of every dim of the world mesh its mesh is not on (a plain parameter under TP: on world["dp"] only)
     counts = coord is not None and local.numel() > 0 and all(
         coord[d] == 0 for d, p in enumerate(t.placements) if isinstance(p, Replicate)
-    )
-    if not is_nf4(local) and local.dim() and tuple(local.shape[1:]) != tuple(t.shape[1:]):
-        raise NotImplementedError(
-            f"checksums need tensors sharded along dim 0 (FSDP's layout); got placements {t.placements} "
-            f"for a tensor of shape {tuple(t.shape)}"
-        )
+    ) and compat.first_of_replicas(t.device_mesh)
     chunks = compat.chunk_list(t)
     row_bytes = math.prod(t.shape[1:]) * t.element_size() if t.dim() else 0
-    first_row = chunks[0].offsets[0] if chunks and t.dim() else 0
-    return local, first_row * row_bytes, counts
+    offsets = chunks[0].offsets if chunks and t.dim() else (0,) * t.dim()
+    if is_nf4(local) or not local.dim() or tuple(local.shape[1:]) == tuple(t.shape[1:]):
+        return local, offsets[0] * row_bytes, 0, counts
+    if tuple(local.shape[2:]) != tuple(t.shape[2:]):
+        raise NotImplementedError(
+            f"checksums need tensors sharded along dims 0 and 1 (FSDP's and TP's layouts); got placements "
+            f"{t.placements} for a tensor of shape {tuple(t.shape)}"
+        )
+    inner = math.prod(t.shape[2:]) * t.element_size()  # bytes per dim-1 index
+    return local, offsets[0] * row_bytes + offsets[1] * inner, row_bytes, counts
+
+
+def _box_sums(local: torch.Tensor, start: int, row_stride: int) -> torch.Tensor:
+    """`_device_sums` of a shard whose dim-0 rows are runs of bytes `row_stride` apart in the global
+    tensor, the first at byte `start`. Word-aligned runs (the usual case: TP splits of widths that are
+    multiples of 8 bytes) are summed in one pass with their words' global indices; others row by row."""
+    rows = local.shape[0]
+    run = local[0].numel() * local.element_size() if rows else 0
+    if rows == 0 or run == 0:
+        return torch.zeros(2, dtype=torch.int64, device=local.device)
+    if start % 8 or row_stride % 8 or run % 8:
+        return torch.stack([_device_sums(local[i], start + i * row_stride) for i in range(rows)]).sum(0)
+    words = local.detach().contiguous().view(torch.uint8).view(rows, run).view(torch.int64)
+    first = torch.arange(rows, dtype=torch.int64, device=local.device) * (row_stride // 8) + start // 8
+    index = first[:, None] + torch.arange(run // 8, dtype=torch.int64, device=local.device)[None, :]
+    return torch.stack([words.sum(), (words * (index % _PERIOD + 1)).sum()])
 
 
 def _device_sums(data: torch.Tensor, start: int) -> torch.Tensor:
@@ -154,11 +176,13 @@ def checksums(tensors: Mapping[str, torch.Tensor]) -> dict[str, str]:
     names = list(tensors)
     sums = []
     for name in names:
-        local, start, counts = _local_view(tensors[name])
+        local, start, row_stride, counts = _local_view(tensors[name])
         if not counts:
             sums.append(torch.zeros(2, dtype=torch.int64, device=local.device))
+        elif is_nf4(local):
+            sums.append(_nf4_sums(local, tensors[name]))
         else:
-            sums.append(_nf4_sums(local, tensors[name]) if is_nf4(local) else _device_sums(local, start))
+            sums.append(_box_sums(local, start, row_stride) if row_stride else _device_sums(local, start))
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     # One tensor on the process group's device (NCCL all-reduces CUDA tensors only, gloo CPU ones).
     target = collective_device() if distributed else (sums[0].device if sums else None)

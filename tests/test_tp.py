@@ -1,0 +1,340 @@
+"""FSDP x TP: `shard_with_freezing` on a model parallelized with ``parallelize_module`` on the TP
+sub-mesh of a (dp, tp) world mesh, against plain FSDP2 with the same TP plan (4 ranks: dp=2 x tp=2)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from fsdp_frozen import FreezePolicy, PolicyError, describe, lora_tp_plan, shard_with_freezing
+from fsdp_frozen._torch_compat import split_groups_supported
+
+from .common import plain_fsdp
+from .dist_harness import run_ranks
+from .models import batch, make_model
+
+#: the toy's base plan: attention output gathered (a lone colwise linear), MLP colwise -> proj rowwise
+TOY_PLAN = {"layers.*.attn": ColwiseParallel(output_layouts=Replicate()), "layers.*.mlp": ColwiseParallel(),
+            "layers.*.proj": RowwiseParallel()}
+
+#: (policy, frozen params' storage / compute precision): each against plain FSDP2 + the same TP plan
+CASES = [
+    {},
+    {"trainable_grouping": "root"},
+    {"frozen_reshard": "never", "trainable_grouping": "root"},
+    {"frozen_reshard": "after_backward"},
+    {"frozen_dtype": "bfloat16", "param_dtype": "bfloat16"},
+    {"param_dtype": "bfloat16", "reduce_dtype": "float32", "trainable_grouping": "root"},
+]
+
+
+def _world():
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+
+def _toy_tp(world):
+    model = make_model()
+    parallelize_module(model, world["tp"], lora_tp_plan(model, TOY_PLAN))
+    return model
+
+
+def _mp(policy: dict):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dt = {None: None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+    return MixedPrecisionPolicy(param_dtype=dt[policy.get("param_dtype")], reduce_dtype=dt[policy.get("reduce_dtype")])
+
+
+def _steps(model, dp: int, steps: int = 3) -> list[float]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for step in range(steps):
+        x, y = batch(step, dp)  # the same batch on the TP ranks of one data-parallel rank
+        logits = model(x)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def _full(model) -> dict[str, torch.Tensor]:
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().clone()
+            for n, p in model.named_parameters()}
+
+
+def _parity(rank: int, world_size: int, cases: list[dict]) -> dict:
+    world = _world()
+    dp = world.get_coordinate()[0]
+    out = {}
+    for i, policy in enumerate(cases):
+        ref = _toy_tp(world)
+        frozen = {n for n, p in ref.named_parameters() if not p.requires_grad}
+        storage = {"bfloat16": torch.bfloat16}.get(policy.get("frozen_dtype"))
+        if storage is not None:  # the reference stores frozen params alike
+            for n, p in ref.named_parameters():
+                if n in frozen:
+                    p.data = p.data.to(storage)
+        plain_fsdp(ref, world["dp"], ("layers.*",), _mp(policy))
+        model = shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",), **policy))
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        tp_frozen = sorted(n for n, p in model.named_parameters() if n in frozen and isinstance(p, DTensor)
+                           and any(isinstance(pl, Shard) for pl in p.placements[1:]))
+        losses = {"ref": _steps(ref, dp), "ours": _steps(model, dp)}
+        got, want = _full(model), _full(ref)
+        out[i] = {
+            "losses": losses,
+            "differs": sorted(n for n in want if not torch.equal(want[n], got[n])),
+            "became_trainable": sorted(n for n in frozen if flags[n]),
+            "became_frozen": sorted(n for n, f in flags.items() if not f and n not in frozen),
+            "tp_frozen": tp_frozen,
+            "full": {n: got[n] for n in got if "lora_A" in n or n == "scale"},
+            "grads": sorted(n for n, p in model.named_parameters() if n in frozen and p.grad is not None),
+            "describe": str(describe(model)),
+        }
+    return out
+
+
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13); "
+                    "the fallback's TP parity is in test_tp_structural_fallback")
+def test_fsdp_x_tp_equals_plain_fsdp2_with_the_same_tp_plan():
+    """dp=2 x tp=2, fp32 and bf16 compute: losses and every parameter bitwise plain FSDP2 + the same
+    TP plan (the same ops on the same shards); frozen parameters stay frozen (torchtitan 0.3.0's rc
+    made them trainable under TP), get no gradient; adapters replicated on TP are equal on both TP
+    ranks (each TP rank training its own copy is the bug users report)."""
+    results = run_ranks(_parity, 4, CASES)
+    for i, policy in enumerate(CASES):
+        for rank, r in enumerate(results):
+            case = r[i]
+            assert case["losses"]["ours"] == case["losses"]["ref"], (policy, rank, case["losses"])
+            assert case["differs"] == [], (policy, rank, case["differs"])
+            assert case["became_trainable"] == [] and case["became_frozen"] == [] and case["grads"] == [], (policy, case)
+            # 3 x (attn, mlp base, proj) weights, and the frozen block's two colwise lora_B
+            assert len(case["tp_frozen"]) == 11, case["tp_frozen"]
+            # describe counts the TP plan: 3 layers x (attn, mlp) x (base, lora_B) colwise, 3 proj rowwise
+            assert "tensor parallel: degree 2, 12 colwise and 3 rowwise linears" in case["describe"], case["describe"]
+        for tp0, tp1 in ((0, 1), (2, 3)):  # ranks (dp, tp=0) and (dp, tp=1)
+            a, b = results[tp0][i]["full"], results[tp1][i]["full"]
+            assert all(torch.equal(a[n], b[n]) for n in a), (policy, [n for n in a if not torch.equal(a[n], b[n])])
+
+
+def _fallback_parity(rank: int, world_size: int, cases: list[dict]) -> dict:
+    import warnings
+
+    import fsdp_frozen._torch_compat as compat
+
+    compat.SPLIT_GROUPS_SUPPORTED = False  # what torch < 2.13 gets (a fresh process: nothing to restore)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's "cannot hold two param groups" warning
+        return _parity(rank, world_size, cases)
+
+
+def test_tp_structural_fallback():
+    """torch < 2.13 (forced here; real on the 2.11 tier): FSDP x TP through the structural fallback,
+    bitwise plain FSDP2 + the same TP plan, frozen parameters still frozen."""
+    cases = [{}, {"trainable_grouping": "root", "frozen_dtype": "bfloat16", "param_dtype": "bfloat16"}]
+    results = run_ranks(_fallback_parity, 4, cases, fresh=True)
+    for i, policy in enumerate(cases):
+        for r in results:
+            case = r[i]
+            assert case["losses"]["ours"] == case["losses"]["ref"], (policy, case["losses"])
+            assert case["differs"] == [] and case["became_trainable"] == [] and case["grads"] == [], (policy, case)
+
+
+def _single(rank: int, world_size: int) -> dict:
+    """The reference without TP or FSDP: one process, both data-parallel batches in one (the mean of
+    two equal-sized batches' losses is FSDP's averaged gradient)."""
+    model = make_model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        xs, ys = zip(*(batch(step, dp) for dp in range(2)))
+        x, y = torch.cat(xs), torch.cat(ys)
+        logits = model(x)
+        F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.skipif(not split_groups_supported(), reason="uses the split layout's parity run")
+def test_adapters_under_tp_train_as_without_tp():
+    """The adapters' gradients are whole: 3 steps under dp=2 x tp=2 end where one process without TP
+    does, to fp32 rounding (TP sums each output over two partial products: rounding only, ~1e-7
+    relative; adapters trained on partial gradients are off by O(1e-2) after one AdamW step)."""
+    want = run_ranks(_single, 1)[0]
+    got = run_ranks(_parity, 4, [{}])[0][0]["full"]
+    for name, value in got.items():
+        torch.testing.assert_close(value, want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _refusals(rank: int, world_size: int) -> dict:
+    world = _world()
+    out = {}
+
+    def refused(fn) -> str:
+        try:
+            fn()
+        except PolicyError as e:
+            return str(e)
+        return "not refused"
+
+    out["nf4"] = refused(lambda: shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(
+        units=("layers.*",), frozen_dtype="nf4", nf4_block_size=16, nf4_scaler_block_size=4)))
+    out["replicate"] = refused(lambda: shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(
+        units=("layers.*",), trainable_grouping="replicate")))
+
+    def unplaced():  # the base plan alone: adapters left plain beside TP-sharded bases
+        model = make_model()
+        parallelize_module(model, world["tp"], {"layers.*.attn.base_layer": ColwiseParallel(output_layouts=Replicate()),
+                                               "layers.*.mlp.base_layer": ColwiseParallel(),
+                                               "layers.*.proj": RowwiseParallel()})
+        shard_with_freezing(model, world["dp"], FreezePolicy(units=("layers.*",)))
+
+    out["unplaced"] = refused(unplaced)
+    other = init_device_mesh("cpu", (4,))
+    out["other_mesh"] = refused(lambda: shard_with_freezing(_toy_tp(world), other, FreezePolicy(units=("layers.*",))))
+    out["sequence_parallel"] = refused(lambda: lora_tp_plan(make_model(), {"layers.*.mlp": ColwiseParallel(
+        input_layouts=Shard(1))}))
+    out["no_match"] = refused(lambda: lora_tp_plan(make_model(), {"blocks.*.mlp": ColwiseParallel()}))
+    auto = shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",), trainable_grouping="auto"))
+    out["auto"] = str(describe(auto))
+    return out
+
+
+@pytest.mark.skipif(not split_groups_supported(), reason="refusals of the split path (torch >= 2.13)")
+def test_tp_refusals_name_what_to_do():
+    r = run_ranks(_refusals, 4)[0]
+    assert "frozen_dtype='nf4' with tensor-parallel frozen weights ['layers.0.attn.base_layer.weight'" in r["nf4"]
+    assert "use frozen_dtype='bfloat16' under TP" in r["nf4"]
+    assert "trainable_grouping='replicate'" in r["replicate"] and "use trainable_grouping='root'" in r["replicate"]
+    assert "LoRA layer 'layers.0.attn': its base weight is TP-sharded on dim 0 but 'lora_B' is not placed" \
+        in r["unplaced"] and "fsdp_frozen.lora_tp_plan" in r["unplaced"]
+    assert "is not a sub-mesh of the data-parallel mesh's world mesh" in r["other_mesh"], r["other_mesh"]
+    assert "'layers.*.mlp' has ColwiseParallel(input_layouts=" in r["sequence_parallel"], r["sequence_parallel"]
+    assert "plan key 'blocks.*.mlp' matches no module of ToyLM" in r["no_match"]
+    assert "'replicate' does not take tensor-parallel trainable parameters" in r["auto"], r["auto"]
+
+
+def test_lora_tp_plan_places_adapters_from_their_base():
+    plan = lora_tp_plan(make_model(n_layers=1, peft_style=True), TOY_PLAN)
+    assert sorted(plan) == ["layers.0.attn.base_layer", "layers.0.attn.lora_B.default", "layers.0.mlp.base_layer",
+                            "layers.0.mlp.lora_B.default", "layers.0.proj"]
+    assert isinstance(plan["layers.0.mlp.lora_B.default"], ColwiseParallel)
+    assert plan["layers.0.attn.lora_B.default"].output_layouts == (Replicate(),)
+    rowwise = lora_tp_plan(make_model(n_layers=1), {"layers.0.mlp": RowwiseParallel()})
+    assert sorted(rowwise) == ["layers.0.mlp.base_layer", "layers.0.mlp.lora_A"]
+
+
+# ------------------------------------------------------------------------ transformers Llama + PEFT LoRA
+LLAMA_PLAN = {
+    **{f"base_model.model.model.layers.*.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")},
+    "base_model.model.model.layers.*.self_attn.o_proj": RowwiseParallel(),
+    **{f"base_model.model.model.layers.*.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")},
+    "base_model.model.model.layers.*.mlp.down_proj": RowwiseParallel(),
+}
+
+
+def _hf_llama(world):
+    from peft import LoraConfig, get_peft_model
+
+    from .test_pretrained import _config, _model_class
+
+    torch.manual_seed(0)
+    model = _model_class("llama")(_config("llama"))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+                                             init_lora_weights="gaussian"))
+    parallelize_module(model, world["tp"], lora_tp_plan(model, LLAMA_PLAN))
+    return model
+
+
+def _hf(rank: int, world_size: int) -> dict:
+    world = _world()
+    dp = world.get_coordinate()[0]
+    out = {}
+    for name, make in (("ref", lambda m: plain_fsdp(m, world["dp"], ("base_model.model.model.layers.*",))),
+                       ("ours", lambda m: shard_with_freezing(m, world["dp"], FreezePolicy(
+                           units=("base_model.model.model.layers.*",), frozen_dtype="bfloat16",
+                           param_dtype="bfloat16", reduce_dtype="float32")))):
+        model = _hf_llama(world)
+        if name == "ref":
+            for p in model.parameters():
+                if not p.requires_grad:
+                    p.data = p.data.to(torch.bfloat16)
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            for layer in model.base_model.model.model.layers:
+                fully_shard(layer, mesh=world["dp"], mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+            fully_shard(model, mesh=world["dp"], mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+        else:
+            make(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(3):
+            ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(10 * step + dp))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        out[name] = {"losses": losses, "full": _full(model),
+                     "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad)}
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+def test_transformers_llama_peft_lora_under_tp_equals_plain_fsdp2():
+    """transformers Llama + PEFT LoRA on q/v (colwise) and o/down (rowwise), bf16 compute, frozen
+    weights stored in bf16: bitwise plain FSDP2 + the same TP plan (from `lora_tp_plan`)."""
+    for r in run_ranks(_hf, 4):
+        assert r["ours"]["losses"] == r["ref"]["losses"], (r["ours"]["losses"], r["ref"]["losses"])
+        assert r["ours"]["trainable"] == r["ref"]["trainable"] and len(r["ours"]["trainable"]) == 16
+        differs = [n for n in r["ref"]["full"] if not torch.equal(r["ref"]["full"][n], r["ours"]["full"][n])]
+        assert differs == [], differs
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def _save_tp(rank: int, world_size: int, path: str) -> dict:
+    from fsdp_frozen.checkpoint import save_checkpoint
+
+    world = _world()
+    model = shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",)))
+    _steps(model, world.get_coordinate()[0], 2)
+    save_checkpoint(path, model)
+    return {"full": _full(model)}
+
+
+def _load_at(rank: int, world_size: int, path: str, layout: tuple[int, int]) -> dict:
+    from fsdp_frozen.checkpoint import load_checkpoint
+
+    dp, tp = layout
+    if tp == 1:
+        mesh, model = init_device_mesh("cpu", (dp,)), make_model(seed=1)
+    else:
+        world = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        model = make_model(seed=1)
+        parallelize_module(model, world["tp"], lora_tp_plan(model, TOY_PLAN))
+        mesh = world["dp"]
+    model = shard_with_freezing(model, mesh, FreezePolicy(units=("layers.*",)))
+    load_checkpoint(path, model)
+    return {"full": _full(model)}
+
+
+def test_tp_checkpoint_has_the_same_keys_and_reshards(tmp_path):
+    """Saved at dp=2 x tp=2: the same keys as without TP, and loaded bitwise at (2, 2), (4, 1) and (1, 2)
+    (DCP reshards the DTensors)."""
+    import json
+
+    want = run_ranks(_save_tp, 4, str(tmp_path / "tp"))[0]["full"]
+    keys = sorted(json.loads((tmp_path / "tp" / "fsdp_frozen.json").read_text())["params"])
+    assert keys == sorted(n for n, _ in make_model().named_parameters())
+    for world_size, layout in ((4, (2, 2)), (4, (4, 1)), (2, (1, 2))):
+        for r in run_ranks(_load_at, world_size, str(tmp_path / "tp"), layout):
+            assert [n for n in want if not torch.equal(want[n], r["full"][n])] == [], layout
