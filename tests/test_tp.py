@@ -338,3 +338,55 @@ def test_tp_checkpoint_has_the_same_keys_and_reshards(tmp_path):
     for world_size, layout in ((4, (2, 2)), (4, (4, 1)), (2, (1, 2))):
         for r in run_ranks(_load_at, world_size, str(tmp_path / "tp"), layout):
             assert [n for n in want if not torch.equal(want[n], r["full"][n])] == [], layout
+
+
+def _pretrained_tp(rank: int, world_size: int, directory: str) -> dict:
+    """A meta-built Llama + PEFT LoRA, TP-placed, sharded, filled by load_pretrained: each rank's (dp, tp)
+    box of every file tensor read, bitwise the shards of from_pretrained + the same TP and sharding."""
+    from peft import LoraConfig, get_peft_model
+
+    import fsdp_frozen.checkpoint.pretrained as pretrained_module
+    from fsdp_frozen._torch_compat import local_tensor
+    from fsdp_frozen.checkpoint import load_pretrained
+
+    from .test_pretrained import _config, _model_class
+
+    world = _world()
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"])
+    policy = FreezePolicy(units=("base_model.model.model.layers.*",), frozen_dtype="bfloat16", param_dtype="bfloat16")
+    reference = get_peft_model(_model_class("llama").from_pretrained(directory), config)
+    parallelize_module(reference, world["tp"], lora_tp_plan(reference, LLAMA_PLAN))
+    shard_with_freezing(reference, world["dp"], policy)
+    with torch.device("meta"):
+        model = get_peft_model(_model_class("llama")(_config("llama")), config)
+    parallelize_module(model, world["tp"], lora_tp_plan(model, LLAMA_PLAN))
+    shard_with_freezing(model, world["dp"], policy)
+    read, elements = pretrained_module._read, []
+
+    def counting(info, name, index):
+        out = read(info, name, index)
+        elements.append(out.numel())
+        return out
+
+    pretrained_module._read = counting
+    try:
+        load_pretrained(model, directory)
+    finally:
+        pretrained_module._read = read
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    differs = [n for n in frozen if not torch.equal(local_tensor(model.get_parameter(n)),
+                                                  local_tensor(reference.get_parameter(n)))]
+    file_elements = sum(p.numel() for p in _model_class("llama")(_config("llama")).parameters())
+    return {"differs": differs, "frozen": len(frozen), "read_fraction": sum(elements) / file_elements}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
+def test_load_pretrained_under_tp_reads_each_ranks_box(tmp_path):
+    from .test_pretrained import save_tiny
+
+    directory = save_tiny(str(tmp_path / "llama"))
+    for r in run_ranks(_pretrained_tp, 4, directory):
+        assert r["differs"] == [] and r["frozen"] > 10, r
+        # each of 4 ranks reads a quarter of the TP-sharded weights (81,920 elements of the layers'
+        # linears) and half of the rest (embedding, head, norms: 16,704, over dp only): 28,832 of 98,624
+        assert r["read_fraction"] == (81920 / 4 + 16704 / 2) / 98624, r["read_fraction"]
