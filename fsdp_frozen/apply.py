@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from . import _torch_compat as compat
 from . import process_groups
@@ -329,6 +330,15 @@ def _ignored(model: nn.Module, plan: ShardingPlan, unit: str) -> dict[str, Any]:
     return {"ignored_params": ignored} if ignored else {}
 
 
+def _dim1_placement(model: nn.Module, plan: ShardingPlan) -> Any:
+    """``shard_placement_fn`` giving ``Shard(1)`` to `ShardingPlan.shard_dim1` (None: FSDP's dim 0),
+    or None when there are none ([Note: adapters without padding] in plan.py)."""
+    if not plan.shard_dim1:
+        return None
+    ids = {id(model.get_parameter(plan.path(f))) for f in plan.shard_dim1}
+    return lambda p: Shard(1) if id(p) in ids else None
+
+
 def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
     """torch >= 2.13: one fully_shard per unit; frozen params go to a param group on their own PGs."""
     frozen_mesh_info = None
@@ -346,11 +356,12 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
             if frozen_group else set()
         )
         placement = compat.placement_on(frozen_mesh_info) if frozen_ids else None
+        dim1 = _dim1_placement(model, plan)
         fully_shard(
             module,
             mesh=mesh,
             reshard_after_forward=plan.unit_reshard[unit],
-            shard_placement_fn=(lambda p: placement if id(p) in frozen_ids else None) if frozen_ids else None,
+            shard_placement_fn=(lambda p: placement if id(p) in frozen_ids else dim1 and dim1(p)) if frozen_ids else dim1,
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
         )
@@ -389,6 +400,7 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
             model.get_submodule(plan.path(unit)),
             mesh=mesh,
             reshard_after_forward=plan.unit_reshard[unit],
+            shard_placement_fn=_dim1_placement(model, plan),
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
         )

@@ -78,6 +78,8 @@ class ShardingPlan:
     #: trainable parameters no FSDP group manages (``trainable_grouping="replicate"``): whole on
     #: every rank, reduced by `fsdp_frozen.replicate` ([Note: replicated trainables])
     replicated: frozenset[str] = frozenset()
+    #: trainable parameters FSDP shards on dim 1, not 0 ([Note: adapters without padding])
+    shard_dim1: frozenset[str] = frozenset()
     #: tensor-parallel parameters (DTensors placed by ``parallelize_module`` before sharding) -> the
     #: elements a rank holds once all-gathered over the data-parallel ranks (its TP-local part)
     tensor_parallel: dict[str, int] = field(default_factory=dict)
@@ -325,7 +327,37 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         trainable_grouping=grouping, grouping_why=grouping_why,
         replicated=frozenset(set(params) - frozen) if grouping == "replicate" else frozenset(),
         tensor_parallel=dict(tensor_parallel),
+        shard_dim1=_shard_dim1(params, frozen, tensor_parallel, shard_size) if grouping != "replicate" else frozenset(),
     )
+
+
+#: dim-0 padding above this fraction of a trainable matrix's rows moves its sharding to dim 1
+PADDING_LIMIT = 1 / 8
+
+
+def _padding(n: int, shard_size: int) -> float:
+    return (-n % shard_size) / n
+
+
+def _shard_dim1(params: dict[str, nn.Parameter], frozen: set[str], tensor_parallel: dict[str, int],
+                shard_size: int) -> frozenset[str]:
+    """[Note: adapters without padding] FSDP shards every parameter on dim 0, padding it to a multiple
+    of the shard count: a LoRA ``lora_A`` of rank 8 (8 rows) on 64 ranks is gathered as 64 rows, 8x
+    its bytes, and every all-gather and reduce-scatter of it sends the padding. A trainable matrix
+    whose dim-0 padding exceeds `PADDING_LIMIT` of its rows and whose dim 1 pads less is sharded on
+    dim 1 instead (``Shard(1)`` through ``shard_placement_fn``, as torchtitan shards MoE experts):
+    ``lora_A`` is rank x in_features, and in_features divides by the shard count in every real
+    model. Values and gradients are the same elements as under dim 0, in other positions of FSDP's
+    buffers (the parity tests compare with plain FSDP2 given the same placement). Tensor-parallel
+    parameters keep dim 0 (their TP placement already cuts a dim); frozen ones too (NF4 needs dim 0)."""
+    out = set()
+    for fqn, p in params.items():
+        if fqn in frozen or fqn in tensor_parallel or p.dim() != 2 or shard_size == 1:
+            continue
+        rows, cols = p.shape
+        if _padding(rows, shard_size) > PADDING_LIMIT and _padding(cols, shard_size) < _padding(rows, shard_size):
+            out.add(fqn)
+    return frozenset(out)
 
 
 def _root_mixed_modules(model: nn.Module, units: list[str], frozen: set[str], names: ModelNames) -> list[str]:
