@@ -215,13 +215,52 @@ def render_estimates(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fsdp_frozen")
-    sub = parser.add_subparsers(dest="command", required=True)
-    inspect = sub.add_parser("inspect", help="print a checkpoint's layout")
-    inspect.add_argument("path")
+INSPECT_EXAMPLES = """\
+examples:
+  # the README's main job writes runs/lora_tiny/step_100 and step_200
+  python -m fsdp_frozen inspect runs/lora_tiny/step_200
+  python -m fsdp_frozen inspect runs/lora_tiny/step_200 --json
+
+prints the format version, the torch and world size of the save, whether the frozen weights are in the
+checkpoint or referenced in a base (and whether that base's fingerprint still matches), and the bytes of
+frozen and trainable parameters, buffers and optimizer state. See docs/checkpoint.md.
+"""
+
+ESTIMATE_EXAMPLES = """\
+examples:
+  # the in-repo Llama of a recipe config, at 2 ranks
+  python -m fsdp_frozen estimate --model recipes/configs/lora_tiny.yaml --world 2
+  # Llama-3.1-8B + LoRA on 8 ranks, activations at batch 2 x 2048 (configs in docs/configs/, nothing downloaded)
+  python -m fsdp_frozen estimate --model docs/configs/llama-3.1-8b.json \\
+      --peft docs/configs/lora_torchtune_8b.json --world 8 --batch 2 --seq 2048
+  # a frozen teacher: the policy file fixes what it names, the rest is compared side by side
+  python -m fsdp_frozen estimate --model docs/configs/llama-3.1-8b.json --world 8 \\
+      --policy docs/policies/frozen_teacher.yaml
+
+one row per frozen_reshard x frozen_dtype the policy leaves open; per rank: shards, gradients, AdamW
+state, gathered bytes, peak; per step: all-gather, reduce-scatter, all-reduce bytes; checkpoint bytes.
+See docs/estimate.md.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m fsdp_frozen``: one sub-command per verb, each with examples."""
+    parser = argparse.ArgumentParser(
+        prog="python -m fsdp_frozen", description="fsdp_frozen's command-line tools.",
+        epilog="Run 'python -m fsdp_frozen COMMAND --help' for a command's options and examples.")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
+    raw = argparse.RawDescriptionHelpFormatter
+    inspect = sub.add_parser("inspect", help="print a checkpoint's layout, frozen base and bytes",
+                             description="Print the layout of a checkpoint written by save_checkpoint "
+                                         "(reads its JSON manifest only).",
+                             epilog=INSPECT_EXAMPLES, formatter_class=raw)
+    inspect.add_argument("path", help="a checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
-    est = sub.add_parser("estimate", help="per-rank memory and per-step communication of a run, before renting GPUs")
+    est = sub.add_parser("estimate", help="memory per rank and communication per step of a run",
+                         description="Build the model on the meta device, shard it with shard_with_freezing on a\n"
+                                     "fake process group of --world ranks (one process, nothing allocated), and\n"
+                                     "report what each rank holds and moves.",
+                         epilog=ESTIMATE_EXAMPLES, formatter_class=raw)
     est.add_argument("--model", required=True, help="a Hugging Face config.json or a directory holding one, or a "
                      "recipe config (recipes/configs/*.yaml) of the in-repo Llama")
     est.add_argument("--world", type=int, required=True, help="ranks in all")
@@ -231,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     est.add_argument("--batch", type=int, help="micro-batch size per rank (with --seq: activation estimate)")
     est.add_argument("--seq", type=int, help="sequence length")
     est.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "estimate":
         from .errors import PolicyError
