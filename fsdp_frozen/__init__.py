@@ -5,7 +5,7 @@ Public API::
     from fsdp_frozen import FreezePolicy, shard_with_freezing, describe, refreeze, PolicyError
 """
 
-from .apply import shard_with_freezing
+from .apply import register_forward_method, shard_with_freezing
 from .errors import FreezingChangedError, PolicyError
 from .estimate import Estimate, estimate
 from .policy import FreezePolicy
@@ -26,6 +26,7 @@ __all__ = [
     "estimate",
     "lora_tp_plan",
     "refreeze",
+    "register_forward_method",
     "release_process_groups",
     "shard_with_freezing",
     "__version__",

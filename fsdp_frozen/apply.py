@@ -42,6 +42,8 @@ class ShardedModelState:
     backward_pending: bool = False
     #: the trainable parameters kept out of FSDP under trainable_grouping="replicate" (else None)
     replicated: ReplicatedTrainables | None = None
+    #: the root's forward pre-hook and forward hook (`register_forward_method` runs them around a method)
+    root_hooks: tuple[Any, Any] | None = None
 
     def restore_frozen_policy(self) -> None:
         """Undo whatever FSDP's public setters did to the frozen groups (see [Note: setters]).
@@ -151,8 +153,9 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
                                                 frozen=(tuple(whole), [plan.path(f) for f in whole]))
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
-    state.hooks = [model.register_forward_pre_hook(_freezing_check(state), prepend=True),
-                   model.register_forward_hook(_track_backward(state))]
+    state.root_hooks = (_freezing_check(state), _track_backward(state))
+    state.hooks = [model.register_forward_pre_hook(state.root_hooks[0], prepend=True),
+                   model.register_forward_hook(state.root_hooks[1])]
     _cast_inputs_outside_fsdp(model, state, mp_policy)
     if plan.split and not fsdp_params:
         _dormant_root(model, state, mp_policy)
@@ -269,6 +272,39 @@ def _track_backward(state: ShardedModelState):
         torch.autograd.graph.register_multi_grad_hook(tensors, started, mode="any")
 
     return hook
+
+
+def register_forward_method(model: nn.Module, method_name: str) -> None:
+    """Run `model.<method_name>` (``"generate"``) as its forward runs: FSDP2's root pre- and
+    post-forward (``register_fsdp_forward_method``), and this package's root hooks around them.
+
+    transformers' ``generate`` (through PEFT's wrapper too) calls the inner model's forward, never the
+    root's, so the root's hooks would not run: under FSDP2 the root's own parameters stay sharded
+    (torch's ``register_fsdp_forward_method`` is for that), and under
+    ``trainable_grouping="replicate"`` the ``param_dtype`` copies of the adapters would not be
+    refreshed and put in place: the rollouts would compute with the fp32 adapters, unlike every
+    forward. Use this instead of torch's function (it calls it). Idempotent per method name.
+    """
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    state = sharded_state(model)
+    if compat.has_fsdp_state(model):
+        register_fsdp_forward_method(model, method_name)
+    method = getattr(model, method_name)
+    if getattr(method, "_fsdp_frozen_wrapped", False):
+        return
+    pre, post = state.root_hooks
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        pre(model, args)
+        if state.replicated is not None:
+            state.replicated._pre_forward(model, args)
+        out = method(*args, **kwargs)
+        post(model, args, out)
+        return out
+
+    wrapped._fsdp_frozen_wrapped = True  # type: ignore[attr-defined]
+    object.__setattr__(model, method_name, wrapped)
 
 
 def unshard_with_freezing(model: nn.Module) -> ShardedModelState:

@@ -372,16 +372,15 @@ GENERATE_CASES = [("per_unit", "after_forward"), ("root", "after_forward"), ("re
 
 
 def _generate_every_grouping(rank: int, world: int) -> list[tuple]:
-    """docs/choosing.md's RLHF loop on a tiny Llama + PEFT LoRA: ``register_fsdp_forward_method(model,
+    """docs/choosing.md's RLHF loop on a tiny Llama + PEFT LoRA: ``register_forward_method(model,
     "generate")``, greedy rollouts, reference logits under ``disable_adapter()``, a policy step; against
     the same model unsharded. ("replicate", "never") leaves nothing to FSDP (the dormant root)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import register_fsdp_forward_method
     from transformers import LlamaForCausalLM
 
-    from fsdp_frozen import FreezePolicy, shard_with_freezing
+    from fsdp_frozen import FreezePolicy, register_forward_method, shard_with_freezing
 
     def build():
         torch.manual_seed(0)
@@ -400,7 +399,7 @@ def _generate_every_grouping(rank: int, world: int) -> list[tuple]:
     for grouping, frozen_reshard in GENERATE_CASES:
         model = shard_with_freezing(build(), mesh, FreezePolicy(units=["LlamaDecoderLayer"], frozen_reshard=frozen_reshard,
                                                                 trainable_grouping=grouping))
-        register_fsdp_forward_method(model, "generate")
+        register_forward_method(model, "generate")
         model.eval()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         with torch.no_grad():

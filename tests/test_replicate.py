@@ -523,3 +523,38 @@ def test_replicate_divide_factors_follow_fsdp2():
                 pytest.skip("another signature of _get_gradient_divide_factors")
             ours = _divide(dtype, shard * (rep or 1))
             assert (ours[0], ours[1]) == (pre, post) and ours[2] == rs_op, (dtype, shard, rep)
+
+
+def _generate_dtypes(rank: int, world: int) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from fsdp_frozen import register_forward_method
+
+    from .test_pretrained import _config
+
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(_config("llama")), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = shard_with_freezing(model, mesh_1d(world), FreezePolicy(
+        units=["LlamaDecoderLayer"], trainable_grouping="replicate", param_dtype="bfloat16"))
+    register_forward_method(model, "generate")
+    register_forward_method(model, "generate")  # idempotent
+    lora = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
+    seen = []
+    handle = lora.register_forward_pre_hook(lambda m, args: seen.append(str(m.weight.dtype)))
+    prompts = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model.generate(prompts, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    handle.remove()
+    return {"seen": sorted(set(seen)), "calls": len(seen), "after": str(lora.weight.dtype),
+            "is_param": lora.weight is sharded_state(model).replicated.params[0]}
+
+
+def test_generate_computes_with_the_replicated_param_dtype_copies():
+    """`register_forward_method(model, "generate")`: transformers' generate calls the inner model, not
+    the root, so without it the replicated adapters' bf16 copies were not put in place and the
+    rollouts computed with the fp32 adapters (logits off by up to 4e-3 from forward's); after
+    generate the parameters are back in their slots."""
+    r = run_ranks(_generate_dtypes, 2)[0]
+    assert r["seen"] == ["torch.bfloat16"] and r["calls"] == 3, r
+    assert r["after"] == "torch.float32" and r["is_param"], r
