@@ -390,3 +390,33 @@ def test_load_pretrained_under_tp_reads_each_ranks_box(tmp_path):
         # each of 4 ranks reads a quarter of the TP-sharded weights (81,920 elements of the layers'
         # linears) and half of the rest (embedding, head, norms: 16,704, over dp only): 28,832 of 98,624
         assert r["read_fraction"] == (81920 / 4 + 16704 / 2) / 98624, r["read_fraction"]
+
+
+def _hsdp_tp(rank: int, world_size: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    replica, shard, _ = mesh.get_coordinate()
+    out = {}
+    for ours in (False, True):
+        model = make_model()
+        parallelize_module(model, mesh["tp"], lora_tp_plan(model, TOY_PLAN))
+        dp = mesh["dp_replicate", "dp_shard"]
+        if ours:
+            shard_with_freezing(model, dp, FreezePolicy(units=("layers.*",)))
+        else:
+            for layer in model.layers:
+                fully_shard(layer, mesh=dp)
+            fully_shard(model, mesh=dp)
+        out[ours] = {"losses": _steps(model, 2 * replica + shard), "full": _full(model)}
+    return out
+
+
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+def test_hsdp_x_tp_equals_plain_fsdp2():
+    """HSDP x TP, 8 ranks as (replicate, shard, tp) = (2, 2, 2): dp mesh world['dp_replicate', 'dp_shard'],
+    bitwise plain FSDP2 + the same TP plan (the frozen groups' fresh 2-D sub-mesh under TP)."""
+    for r in run_ranks(_hsdp_tp, 8, fresh=True):
+        want, got = r[False], r[True]
+        assert got["losses"] == want["losses"]
+        assert [n for n in want["full"] if not torch.equal(want["full"][n], got["full"][n])] == []
