@@ -393,6 +393,25 @@ def chunk_list(t: torch.Tensor) -> list[Any]:
     return t.__create_chunk_list__()  # type: ignore[attr-defined]
 
 
+def tp_meta_like(sharded: Any, dp_mesh: DeviceMesh, dtype: torch.dtype) -> torch.Tensor:
+    """A meta DTensor with the tensor-parallel layout of `sharded` (a parameter FSDP sharded on top of
+    TP: a DTensor on the (dp..., tp...) mesh) without the data-parallel dims: what
+    ``parallelize_module`` registered before `fully_shard` (`refreeze` rebuilds from it). The TP dims are
+    the mesh dims `dp_mesh` does not name; the local shape is DTensor's (checked on torch 2.11 and 2.13)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = sharded.device_mesh
+    dp_names = set(dp_mesh.mesh_dim_names or ())
+    dims = [i for i, n in enumerate(mesh.mesh_dim_names or ()) if n not in dp_names]
+    tp_mesh = mesh[tuple(mesh.mesh_dim_names[i] for i in dims)] if len(dims) > 1 else mesh[mesh.mesh_dim_names[dims[0]]]
+    placements = tuple(sharded.placements[i] for i in dims)
+    local_shape, _ = compute_local_shape_and_global_offset(sharded.shape, tp_mesh, placements)
+    local = torch.empty(local_shape, dtype=dtype, device="meta")
+    return DTensor.from_local(local, tp_mesh, placements, run_check=False, shape=sharded.shape,
+                              stride=sharded.stride())
+
+
 def swap_parameter(module: nn.Module, name: str, new: nn.Parameter) -> nn.Parameter:
     """Put `new` in ``module._parameters[name]`` (no hooks, no FSDP bookkeeping) and return the old one."""
     old = module._parameters[name]

@@ -118,7 +118,7 @@ def refreeze(
     # -- from here on the model changes ----------------------------------------------------------
     original_dtypes = dict(state.original_dtypes)
     unshard_with_freezing(model)
-    _meta_parameters(model, old_plan, params, original_dtypes)
+    _meta_parameters(model, old_plan, params, original_dtypes, state.mesh)
     shard_with_freezing(model, state.mesh, policy)
     new_state = sharded_state(model)
     materialize_meta(model, shard_device(state.mesh))
@@ -147,15 +147,18 @@ def _check_optimizer(optimizer: torch.optim.Optimizer, fqn_of: dict[int, str], p
 
 
 def _meta_parameters(model: nn.Module, plan: Any, params: dict[str, nn.Parameter],
-                     dtypes: dict[str, torch.dtype]) -> None:
-    """Replace every parameter by a meta one of its global shape and original dtype (ties kept)."""
+                     dtypes: dict[str, torch.dtype], mesh: Any) -> None:
+    """Replace every parameter by a meta one of its global shape and original dtype (ties kept); a
+    tensor-parallel one by a meta DTensor of its TP layout (`compat.tp_meta_like`)."""
     names = plan.names
     paths: dict[int, list[str]] = {}
     for path, p in model.named_parameters(remove_duplicate=False):
         paths.setdefault(id(p), []).append(path)
     for fqn, old in params.items():
-        meta = nn.Parameter(torch.empty(old.shape, dtype=dtypes.get(fqn, old.dtype), device="meta"),
-                            requires_grad=old.requires_grad)
+        dtype = dtypes.get(fqn, old.dtype)
+        value = compat.tp_meta_like(old, mesh, dtype) if fqn in plan.tensor_parallel else \
+            torch.empty(old.shape, dtype=dtype, device="meta")
+        meta = nn.Parameter(value, requires_grad=old.requires_grad)
         for path in paths.get(id(old), [names.params[fqn]]):
             parent, _, leaf = path.rpartition(".")
             compat.swap_parameter(model.get_submodule(parent), leaf, meta)

@@ -420,3 +420,34 @@ def test_hsdp_x_tp_equals_plain_fsdp2():
         want, got = r[False], r[True]
         assert got["losses"] == want["losses"]
         assert [n for n in want["full"] if not torch.equal(want["full"][n], got["full"][n])] == []
+
+
+def _refreeze_tp(rank: int, world_size: int) -> dict:
+    from fsdp_frozen import refreeze
+
+    world = _world()
+    dp = world.get_coordinate()[0]
+    model = shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    _steps(model, dp, 1)
+    before = _full(model)
+    # open the last block (its TP-sharded weights included) and the final norm; close block 0's adapters
+    refreeze(model, opt, FreezePolicy(units=("layers.*",), unfreeze=["layers.2.**", "norm.*"],
+                                      freeze=["layers.0.**"]))
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    losses = _steps(model, dp, 2)
+    after = _full(model)
+    return {"moved": sorted(n for n in after if not torch.equal(before[n], after[n])), "flags": flags,
+            "losses": losses, "placements": {n: str(p.placements) for n, p in model.named_parameters()
+                                             if n == "layers.2.proj.weight"}}
+
+
+def test_refreeze_under_tp():
+    """`refreeze` on an FSDP x TP model: the block it opens trains (its TP-sharded weights too), the
+    block it closes stops, the TP placements stay."""
+    for r in run_ranks(_refreeze_tp, 4):
+        assert r["flags"]["layers.2.proj.weight"] and r["flags"]["norm.weight"], r["flags"]
+        assert not r["flags"]["layers.0.attn.lora_A.weight"] and not r["flags"]["layers.0.proj.bias"]
+        assert "layers.2.proj.weight" in r["moved"] and "norm.weight" in r["moved"], r["moved"]
+        assert not any(n.startswith("layers.0.") for n in r["moved"]), r["moved"]
+        assert "Shard(dim=1)" in r["placements"]["layers.2.proj.weight"], r["placements"]
