@@ -73,9 +73,12 @@ class FreezePolicy:
             gathered (``"never"``), largest first. `describe` says what each group got and why.
         trainable_reshard: FSDP's ``reshard_after_forward`` for trainable groups (None: True for
             non-root units, False for the root).
-        trainable_grouping: Where trainable parameters live. ``"auto"`` (default): ``"root"`` when
-            all trainable parameters, gathered, take no more bytes than the largest unit other than the root (adapters),
-            else ``"per_unit"``; `describe` says which and why. ``"per_unit"`` (plain FSDP2's
+        trainable_grouping: Where trainable parameters live. ``"auto"`` (default): ``"replicate"``
+            when the trainable parameters' whole state (parameters, gradients, AdamW moments,
+            ``param_dtype`` copies) fits in the largest unit other than the root's gathered bytes,
+            else ``"root"`` when they fit gathered, else ``"per_unit"``; ``"root"`` where
+            ``"replicate"`` cannot take them (tensor-parallel adapters; the torch < 2.13 fallback with
+            frozen parameters beside trainable ones on the root); `describe` says which and why. ``"per_unit"`` (plain FSDP2's
             layout: each unit's trainable group is gathered in its forward, resharded, re-gathered in
             its backward and reduce-scattered there, overlapping with compute; right for large
             trainable sets such as full fine-tuning) or ``"root"``: every unit's trainable

@@ -4,7 +4,7 @@
 one reduce-scatter per step, but FSDP2 still runs its per-parameter Python (copy-in, copy-out,
 a DTensor per gradient) and the optimizer steps DTensors (a dispatch per op). For adapters that is
 most of what a LoRA step spends above the compute floor (measured in ``recipes/benchmark.py``,
-README). Here no fully_shard call takes a trainable parameter (``ignored_params``, see
+docs/benchmark.md). Here no fully_shard call takes a trainable parameter (``ignored_params``, see
 `plan._ownership`); this module does what DDP would, in a fixed number of ops per step:
 
 * before the root's forward, one ``_foreach_copy_`` refreshes a ``param_dtype`` copy of every
