@@ -195,28 +195,88 @@ def measure(model: nn.Module) -> Estimate:
     )
 
 
-def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 2) -> dict[str, Any]:
-    """Activation bytes per rank of a decoder-only transformer (a Hugging Face config), with and
-    without activation checkpointing of every block.
+#: The recipes' loss (recipes/loss.py): cross-entropy over the output head in this many chunks of tokens
+#: (torchtune's default), never the full fp32 logits; 0 models the unchunked loss.
+LOSS_CHUNKS = 8
+#: recipes/loss.py ``LOG_SOFTMAX_BLOCK``: elements of the fp32 temporary of one in-place log-softmax step
+LOSS_LOG_SOFTMAX_BLOCK = 1 << 22
 
-    Method: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+
+def loss_bytes(tokens: int, hidden: int, vocab: int, dtype_bytes: int = 2, *, chunks: int = LOSS_CHUNKS,
+               nf4_head: bool = False) -> dict[str, int]:
+    """Peak bytes of the recipes' loss (recipes/loss.py) on top of the blocks' saved activations, by term.
+
+    Chunked (``chunks >= 1``, C = ceil(tokens / chunks) rows a chunk, e = `dtype_bytes`): the head's input
+    (N x h x e, alive while the loss runs), the gradient of it that the loss computes in its forward and
+    saves for backward (N x h x e), and one chunk at a time: its compute-dtype logits and their fp32
+    copy, then the fp32 block and its compute-dtype cast (C x V x (e + 4); with fp32 compute the logits
+    are the fp32 block: C x V x 4 plus the log-softmax step's temporary, LOSS_LOG_SOFTMAX_BLOCK fp32
+    elements at most). An NF4 head (`nf4_head`) is dequantized to the compute dtype once for the loss:
+    V x h x e more. A trainable head would add its fp32 weight-gradient accumulator (V x h x 4; the
+    LoRA recipes' head is frozen, not counted). tests/test_chunked_loss.py measures these terms.
+
+    Unchunked (``chunks == 0``, ``F.cross_entropy(logits.float(), y)``): the head's input, and at the
+    backward of log-softmax its saved fp32 output, its gradient and the logits' fp32 gradient: 12 N V
+    (the forward's e + 8 is less). An NF4 head's dequantized copy is transient there, beside smaller blocks.
+    """
+    if chunks < 0:
+        raise ValueError(f"chunks must be >= 0, got {chunks}")
+    e = dtype_bytes
+    terms = {"head_input": tokens * hidden * e}
+    if chunks == 0:
+        terms["logits_fp32_x3"] = 12 * tokens * vocab
+        return terms
+    rows = math.ceil(tokens / chunks)
+    block = rows * vocab
+    step_rows = min(rows, max(1, LOSS_LOG_SOFTMAX_BLOCK // vocab))
+    terms["saved_hidden_grad"] = tokens * hidden * e
+    terms["chunk"] = max(block * (e + 4) if e != 4 else block * 4, block * 4 + step_rows * vocab * 4)
+    if nf4_head:
+        terms["nf4_head_dequantized"] = vocab * hidden * e
+    return terms
+
+
+def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 2, *, loss_chunks: int = LOSS_CHUNKS,
+                     nf4_head: bool = False) -> dict[str, Any]:
+    """Activation bytes per rank of a decoder-only transformer (a Hugging Face config) trained the
+    recipes' way, with and without activation checkpointing of every block.
+
+    Blocks: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
     ``34 * s * b * h`` bytes per layer at 2-byte activations with a fused attention kernel (no
     ``5 * a * s^2 * b`` score term); the 34 assumes a 4h MLP and full-width K/V, so a wider MLP or
-    grouped K/V shifts it. With checkpointing each layer keeps its input (``2 * s * b * h``) and one
-    layer is recomputed at a time. Logits: ``b * s * vocab`` in fp32, twice (logits and their
-    gradient). An estimate, unlike the other numbers: it ignores LoRA's rank-r intermediates and the
-    loss's temporaries.
+    grouped K/V shifts it. With checkpointing each layer keeps its input (``s * b * h`` activations)
+    and one layer at a time is recomputed in backward. The loss (`loss_bytes`): the recipes' chunked
+    cross-entropy (recipes/loss.py, `loss_chunks` chunks; 0: unchunked). Its peak comes at the end of
+    the forward, when every block's saved activations are alive and no block is recomputed, and what
+    it saves for backward is one N x h gradient: so without checkpointing the peak is all layers plus
+    the loss, with it the saved inputs plus the larger of the loss and one recomputed layer. An
+    estimate, unlike the other numbers: it ignores LoRA's rank-r intermediates, the gradients in
+    flight during a block's backward, and the final norm's own saved tensors.
     """
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     tokens = batch * seq
     per_layer = 34 * tokens * h * dtype_bytes // 2
-    logits = 2 * tokens * vocab * 4
+    inputs = layers * tokens * h * dtype_bytes
+    loss = loss_bytes(tokens, h, vocab, dtype_bytes, chunks=loss_chunks, nf4_head=nf4_head)
+    total = sum(loss.values())
+    nf4_extra = 0 if nf4_head or not loss_chunks else vocab * h * dtype_bytes
+    with_nf4 = inputs + max(per_layer, total + nf4_extra)
+    how = (f"the recipes' chunked cross-entropy (recipes/loss.py), {loss_chunks} chunks of "
+           f"{math.ceil(tokens / loss_chunks)} tokens: the head's input, its saved gradient (N*h each) and one "
+           f"chunk's logits (C*V*(2+4) at bf16), never the full fp32 logits" if loss_chunks else
+           "the unchunked cross-entropy: 12*N*V (fp32 log-softmax, its gradient, the logits' gradient)")
     return {
-        "method": "Korthikanti et al. 2022: 34*s*b*h bytes/layer at bf16, fused attention; AC keeps 2*s*b*h per "
-                  "layer plus one layer; logits b*s*vocab fp32 x2",
-        "batch": batch, "seq": seq,
-        "no_checkpointing_bytes": layers * per_layer + logits,
-        "checkpointing_bytes": layers * tokens * h * dtype_bytes + per_layer + logits,
+        "method": f"Korthikanti et al. 2022: 34*s*b*h bytes/layer at bf16, fused attention; AC keeps each layer's "
+                  f"input plus one recomputed layer; loss: {how}"
+                  + (f"; an NF4 head (frozen_dtype nf4) adds its dequantized copy to the loss (V*h*2 = "
+                     f"{nf4_extra / 2**30:.2f} GiB: {with_nf4 / 2**30:.2f} GiB with checkpointing)" if nf4_extra else
+                     "; the head's NF4 copy dequantized for the loss (V*h*2) counted" if nf4_head and loss_chunks
+                     else ""),
+        "batch": batch, "seq": seq, "loss_chunks": loss_chunks, "nf4_head": nf4_head,
+        "layer_bytes": per_layer, "checkpointed_inputs_bytes": inputs, "loss_bytes": total, "loss_terms": loss,
+        "nf4_head_extra_bytes": nf4_extra,  #: what an NF4 head would add to checkpointing_bytes (not included)
+        "no_checkpointing_bytes": layers * per_layer + total,
+        "checkpointing_bytes": inputs + max(per_layer, total),
     }
 
 
@@ -303,5 +363,5 @@ def default_units(config: Any) -> list[str]:
     return units
 
 
-__all__ = ["Estimate", "activation_bytes", "default_units", "estimate", "fake_process_group", "hf_builder",
-           "hf_config", "measure"]
+__all__ = ["LOSS_CHUNKS", "Estimate", "activation_bytes", "default_units", "estimate", "fake_process_group",
+           "hf_builder", "hf_config", "loss_bytes", "measure"]

@@ -10,7 +10,9 @@ modules torchtune's ``llama3_1/8B_lora_single_device`` adapts (q_proj, v_proj, o
 and the MLP: gate_proj, up_proj, down_proj; not the output head), sharded with `shard_with_freezing` on
 a 1-rank mesh (NCCL on CUDA, gloo on the CPU), loaded with `load_pretrained`, and trained with
 activation checkpointing (transformers' ``gradient_checkpointing_enable``), bf16 compute, AdamW on the
-adapters, on random tokens of batch x seq. Not compiled (torchtune's published figures are). Records
+adapters, on random tokens of batch x seq, with the recipes' chunked cross-entropy (recipes/loss.py,
+``--loss-chunks``, default 8 as torchtune: the full fp32 logits never exist; ``--loss-chunks 0``: the
+model's own unchunked loss, ``labels=``). Not compiled (torchtune's published figures are). Records
 the peak ``torch.cuda.max_memory_allocated`` and tokens/s (steps after ``--warmup``), plus load time.
 On the CPU (``--device cpu``, the dry run) there is no device peak: the row records the process's
 peak host RSS instead, labelled as such (``peak_metric``); its figures are not comparable to anything.
@@ -32,8 +34,9 @@ The base goes to ``--base`` (default: ``$GPU_BASE_ROOT``, else /dev/shm when it 
 temporary directory; a name per model shape), written once to a temporary name and renamed, so a
 killed write is never reused, and every variant reads the same files (from RAM when on /dev/shm).
 
-The estimate (`fsdp_frozen.estimate`, same model, world 1, plus its AC activation formula) is recorded
-beside each measured peak, with their ratio. Reference (torchtune, Llama-3.1-8B, batch 2 x 2048,
+The estimate (`fsdp_frozen.estimate`, same model, world 1, plus its AC activation formula with the same
+loss: chunks, and the NF4 head's dequantized copy for QLoRA) is recorded beside each measured peak, with
+their ratio. Reference (torchtune, Llama-3.1-8B, batch 2 x 2048,
 compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s, QLoRA 7.4 GiB at 2413 tok/s.
 """
 
@@ -171,7 +174,19 @@ def estimate_gib(frozen_dtype: str, a: argparse.Namespace) -> float:
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGET_MODULES}
     config = llama_config(a)
     est = estimate(hf_builder(config, lora), 1, policy_for(frozen_dtype, ["LlamaDecoderLayer"], a))
-    return (est.peak_bytes + activation_bytes(config, a.batch, a.seq)["checkpointing_bytes"]) / 2**30
+    acts = activation_bytes(config, a.batch, a.seq, loss_chunks=a.loss_chunks, nf4_head=frozen_dtype == "nf4")
+    return (est.peak_bytes + acts["checkpointing_bytes"]) / 2**30
+
+
+def step_loss(model, ids, a: argparse.Namespace):
+    """The step's loss: next-token CE of `ids`, chunked (recipes/loss.py) or, with --loss-chunks 0, the
+    model's own (``labels=ids``: the full logits, upcast to fp32)."""
+    if not a.loss_chunks:
+        return model(input_ids=ids, labels=ids).loss
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/loss.py beside this file
+    from loss import causal_lm_loss, shifted_targets
+
+    return causal_lm_loss(model, shifted_targets(ids), input_ids=ids, chunks=a.loss_chunks)
 
 
 def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lambda **kw: None) -> dict:
@@ -217,7 +232,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
         sync()
         t = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = step_loss(model, ids, a)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -262,9 +277,14 @@ def header(meta: dict) -> list[str]:
     peak = "peak GiB" if meta.get("device") == "cuda" else "host peak RSS GiB (CPU)"
     return [f"{meta.get('date')}, {meta.get('gpu')}, torch {meta.get('torch')}: {shape}, {layers} layers{partial}, "
             f"LoRA r=8 on {', '.join(TARGET_MODULES)}, batch {meta.get('batch')} x {meta.get('seq')}, bf16, "
-            f"activation checkpointing, not compiled; peak = {meta.get('peak_metric')}", "",
+            f"activation checkpointing, {loss_label(meta.get('loss_chunks', 0))}, not compiled; "
+            f"peak = {meta.get('peak_metric')}", "",
             f"| frozen | {peak} | estimate GiB (ratio) | tok/s | load s | torchtune (8B, RTX 4090, compiled) |",
             "|---|---|---|---|---|---|"]
+
+
+def loss_label(chunks: int) -> str:
+    return f"loss in {chunks} chunks (recipes/loss.py)" if chunks else "unchunked loss (labels=)"
 
 
 def row(dtype: str, r: dict) -> str:
@@ -331,6 +351,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None, help="default 2")
     ap.add_argument("--nf4-block-size", type=int, default=None, help="default 64 (torchao's)")
     ap.add_argument("--nf4-scaler-block-size", type=int, default=None, help="default 256 (torchao's)")
+    ap.add_argument("--loss-chunks", type=int, default=8,
+                    help="the loss in this many chunks of tokens (recipes/loss.py); 0: the model's own unchunked loss")
     ap.add_argument("--time-limit", type=float, default=0.0,
                     help="seconds this process may take: fewer measured steps (at least 1) when the load was slow")
     ap.add_argument("--frozen-dtypes", default="bfloat16,nf4")
@@ -343,6 +365,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.steps is not None and a.steps < 1:
         ap.error("--steps must be at least 1 (the measured steps)")
+    if a.loss_chunks < 0:
+        ap.error("--loss-chunks must be >= 0 (0: unchunked)")
     defaults = {**SHAPE_8B, "batch": 2, "seq": 2048, "steps": 5, "warmup": 2, "nf4_block_size": 64,
                 "nf4_scaler_block_size": 256}
     if a.tiny:
@@ -421,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"estimate for {d} failed: {type(e).__name__}: {e}", file=sys.stderr)
             estimates[d] = None
     if a.require_base and not base_ready(base):
-        meta = {"device": a.device, "date": time.strftime("%Y-%m-%d"), **{k: getattr(a, k) for k in SHAPE_8B}}
+        meta = {"device": a.device, "date": time.strftime("%Y-%m-%d"), "loss_chunks": a.loss_chunks,
+                **{k: getattr(a, k) for k in SHAPE_8B}}
         for d in dtypes:
             write_variant(out, meta, d, {"frozen_dtype": d, "status": "error",
                                          "error": f"no base at {base} (the --write-base stage failed?)"})
@@ -434,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "lora_targets": TARGET_MODULES,
             "peak_metric": PEAK_CUDA if a.device == "cuda" else PEAK_HOST, "base": str(base),
             "write_base_s": written["seconds"], **{k: getattr(a, k) for k in (*SHAPE_8B, "batch", "seq", "steps",
-                                                                           "warmup")}}
+                                                                           "warmup", "loss_chunks")}}
     rc = 0
     for d in dtypes:
         t0 = time.perf_counter()

@@ -41,6 +41,9 @@ class TrainConfig:
     output_dir: str = "runs/lora"
     resume: bool = False
     export_adapter: bool = False  #: hf: write OUTPUT_DIR/adapter in PEFT's format at the end
+    #: the loss over the output head in this many chunks of tokens (recipes/loss.py; torchtune's 8), never
+    #: the full fp32 logits; 0: unchunked (the full logits, F.cross_entropy), the reference
+    loss_chunks: int = 8
 
 
 

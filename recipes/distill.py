@@ -7,8 +7,11 @@ units one frozen group (its weights then come from ``teacher.checkpoint``, ``tea
 random base written once, each rank reading only its shards), stored in bf16, with ``teacher.frozen_reshard`` = ``"never"`` (gathered once, no teacher communication
 after the first step; costs the teacher's full bf16 bytes per rank) or ``"after_forward"`` (gathered
 for each forward and freed: FSDP's memory). It runs under ``torch.no_grad``. The student trains on
-``kd_weight * KL(teacher || student) * T^2 + (1 - kd_weight) * cross-entropy``. Progress bar, metrics,
-checkpoints (student + optimizer) and ``train.resume`` as in lora_finetune.py.
+``kd_weight * KL(teacher || student) * T^2 + (1 - kd_weight) * cross-entropy``, in
+``train.loss_chunks`` chunks of tokens (recipes/loss.py; 0: unchunked): neither model's full logits
+exist. Each chunk's teacher logits come from the teacher's hidden states and head (its root unit stays
+gathered after its no-grad forward), the student's from its head inside the student's forward.
+Progress bar, metrics, checkpoints (student + optimizer) and ``train.resume`` as in lora_finetune.py.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from config import DataConfig, OptimizerConfig, TrainConfig, parse_recipe_args  # noqa: E402
 from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
+from loss import check_chunks, distillation_loss, head_computes, model_loss, output_head  # noqa: E402
 from runtime import init_runtime, random_base, resume_step, run_recipe, train_loop  # noqa: E402
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E402
@@ -73,6 +77,7 @@ class DistillConfig:
 
 class DistillRecipe:
     def __init__(self, cfg: DistillConfig) -> None:
+        check_chunks(cfg.train.loss_chunks, "train.loss_chunks")
         if cfg.teacher.frozen_reshard not in ("never", "after_forward"):
             raise ValueError(f"teacher.frozen_reshard must be 'never' or 'after_forward', got {cfg.teacher.frozen_reshard!r}")
         self.cfg = cfg
@@ -114,14 +119,23 @@ class DistillRecipe:
     def loss(self, step: int) -> torch.Tensor:
         x, y = self.data.batch(step, self.rank, self.world)
         x, y = x.to(self.device), y.to(self.device)
-        with torch.no_grad():
-            teacher_logits = self.teacher(x).float()
-        logits = self.student(x).float()
         temp, w = self.cfg.loss.temperature, self.cfg.loss.kd_weight
-        kd = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(teacher_logits / temp, -1),
-                      log_target=True, reduction="batchmean") * temp**2
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        return w * kd + (1 - w) * ce
+        chunks = self.cfg.train.loss_chunks
+        if chunks == 0:  # the unchunked reference: both models' full logits
+            with torch.no_grad():
+                teacher_logits = self.teacher(x).float()
+            logits = self.student(x).float()
+            kd = F.kl_div(F.log_softmax(logits / temp, -1), F.log_softmax(teacher_logits / temp, -1),
+                          log_target=True, reduction="batchmean") * temp**2
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            return w * kd + (1 - w) * ce
+        # chunked (recipes/loss.py): the teacher's forward stops at its head's input; inside the student
+        # head's one call, each chunk of tokens gets both models' logits, the loss and its gradient
+        teacher_head, student_head = output_head(self.teacher), output_head(self.student)
+        with torch.no_grad(), head_computes(teacher_head, lambda hidden: hidden):
+            teacher_hidden = self.teacher(x)  # the teacher's root unit (its head) stays gathered after this
+        return model_loss(self.student, lambda hidden: distillation_loss(
+            hidden, student_head, teacher_hidden, teacher_head, y, temperature=temp, kd_weight=w, chunks=chunks), x)
 
     def train(self) -> list[float]:
         losses = train_loop(self)

@@ -93,6 +93,10 @@ class LlamaLoRA(nn.Module):
         for p in (self.tok_embeddings.weight, self.norm.weight, self.output.weight):
             p.requires_grad_(cfg.lora_rank == 0)
 
+    def get_output_embeddings(self) -> nn.Module:
+        """The output head (transformers' name for it), where recipes/loss.py computes the loss."""
+        return self.output
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)
         for layer in self.layers:

@@ -18,7 +18,7 @@ from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen._torch_compat import local_tensor
 from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import save_checkpoint
-from fsdp_frozen.estimate import estimate, measure
+from fsdp_frozen.estimate import activation_bytes, estimate, loss_bytes, measure
 
 from .common import CommCounter, frozen_group_names, mesh_1d
 from .dist_harness import run_ranks
@@ -174,3 +174,30 @@ def test_estimate_cli_on_a_hugging_face_config(tmp_path):
     assert len(rows) == 6 and all(r["frozen_shard_bytes"] > 0 and r["trainable_shard_bytes"] > 0 for r in rows)
     bad = subprocess.run([*cmd[:5], str(tmp_path / "nope"), "--world", "2"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "no Hugging Face config at" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_activations_model_the_recipes_chunked_loss():
+    """The activation estimate models the recipes' loss (recipes/loss.py, measured against these terms in
+    tests/test_chunked_loss.py) and says so: Llama-3.1-8B's shape at batch 2 x 2048, bf16."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=4096, num_hidden_layers=32, vocab_size=128256)
+    n, h, v, e = 2 * 2048, 4096, 128256, 2
+    acts = activation_bytes(config, 2, 2048)
+    assert acts["loss_chunks"] == 8
+    assert "chunked cross-entropy (recipes/loss.py), 8 chunks of 512 tokens" in acts["method"]
+    assert acts["loss_terms"] == {"head_input": n * h * e, "saved_hidden_grad": n * h * e, "chunk": 512 * v * (e + 4)}
+    layer, inputs = 34 * n * h, 32 * n * h * e
+    # the loss peaks at the end of the forward, a recomputed block during backward: the larger of the two
+    assert acts["checkpointing_bytes"] == inputs + max(layer, sum(acts["loss_terms"].values())) == inputs + layer
+    assert acts["no_checkpointing_bytes"] == 32 * layer + sum(acts["loss_terms"].values())
+    assert acts["nf4_head_extra_bytes"] == v * h * e and "adds its dequantized copy" in acts["method"]
+    nf4 = activation_bytes(config, 2, 2048, nf4_head=True)  # QLoRA: the head dequantized once for the loss
+    assert nf4["loss_terms"]["nf4_head_dequantized"] == v * h * e and nf4["nf4_head_extra_bytes"] == 0
+    assert nf4["checkpointing_bytes"] == inputs + sum(nf4["loss_terms"].values())
+    unchunked = activation_bytes(config, 2, 2048, loss_chunks=0)
+    assert unchunked["loss_terms"] == {"head_input": n * h * e, "logits_fp32_x3": 12 * n * v}
+    assert "unchunked" in unchunked["method"]
+    assert loss_bytes(n, h, v, 4, chunks=8)["chunk"] == 512 * v * 4 + 32 * v * 4  # fp32: the block + one step's rows
+    with pytest.raises(ValueError, match="chunks must be >= 0"):
+        loss_bytes(n, h, v, chunks=-1)

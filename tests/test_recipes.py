@@ -110,6 +110,7 @@ def test_distill(tmp_path):
     ("override", "freeze.frozen_reshrd=never", "frozen_reshrd"),
     ("override", "train.steps=many", "config key 'train.steps' in .* must be int, got 'many'"),
     ("file", "optimizer:\n  lr: 0.001\n  lr_warmup: 10\n", "unknown config key 'optimizer.lr_warmup' in .*bad.yaml"),
+    ("override", "train.loss_chunks=-1", r"train.loss_chunks must be an int >= 0 \(0: the unchunked loss\), got -1"),
 ])
 def test_misspelled_config_key_fails_naming_it(tmp_path, where, bad, expect):
     import re
