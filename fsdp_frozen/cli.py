@@ -169,11 +169,13 @@ def run_estimates(args: argparse.Namespace) -> dict[str, Any]:
     for reshard in policies:
         for dtype in dtypes:
             policy = FreezePolicy.from_dict({**fields, "frozen_reshard": reshard, "frozen_dtype": dtype})
-            row = estimate(build, args.world, policy, replicate=args.replicate).to_dict()
+            if dtype == "nf4" and args.tp > 1:
+                continue  # refused under TP (docs/tp.md): not a row
+            row = estimate(build, args.world, policy, replicate=args.replicate, tp=args.tp).to_dict()
             if args.batch and args.seq:
                 row["activations"] = activation_bytes(config, args.batch, args.seq)
             rows.append(row)
-    return {"model": os.path.abspath(args.model), "world": args.world, "replicate": args.replicate,
+    return {"model": os.path.abspath(args.model), "world": args.world, "replicate": args.replicate, "tp": args.tp,
             "peft": args.peft, "units": fields["units"], "estimates": rows}
 
 
@@ -191,6 +193,7 @@ def render_estimates(info: dict[str, Any]) -> str:
             "checkpoint full / trainable |")
     lines = [f"{info['model']} at world {info['world']}" + (f" (HSDP {info['replicate']} x "
              f"{info['world'] // info['replicate']})" if info["replicate"] > 1 else "")
+             + (f", tensor parallel {info['tp']} (dp {info['world'] // info['tp']})" if info.get("tp", 1) > 1 else "")
              + (f", PEFT {info['peft']}" if info["peft"] else "") + f", units {info['units']}", "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in info["estimates"]:
@@ -203,6 +206,17 @@ def render_estimates(info: dict[str, Any]) -> str:
             _size(r["all_reduce_bytes_per_step"]),
             f"{_size(r['checkpoint_full_bytes'])} / {_size(r['checkpoint_trainable_bytes'])}"]
         lines.append("| " + " | ".join(cells) + " |")
+    tp = info["estimates"][0].get("tensor_parallel") if info["estimates"] else None
+    if tp:
+        tokens = (lambda a: a["batch"] * a["seq"])(info["estimates"][0]["activations"]) \
+            if info["estimates"][0].get("activations") else None
+        per_step = (f": {_size(tokens * (tp['all_reduce_bytes_per_token_forward'] + tp['all_reduce_bytes_per_token_backward']))}"
+                    f" per step at {tokens:,} tokens per rank") if tokens else " (give --batch and --seq for bytes per step)"
+        lines += ["", f"Tensor parallel {tp['degree']}: {tp['colwise']} colwise and {tp['rowwise']} rowwise linears "
+                  f"(llama_tp_plan + lora_tp_plan; embedding, norms and head whole on every TP rank); bytes above "
+                  f"are per TP rank. The TP plan's all-reduces (TP group, not counted above): "
+                  f"{tp['all_reduce_bytes_per_token_forward']:,} B per token in forward (again in an activation "
+                  f"recompute), {tp['all_reduce_bytes_per_token_backward']:,} in backward{per_step}."]
     acts = info["estimates"][0].get("activations") if info["estimates"] else None
     if acts:
         lines += ["", f"Activations per rank at batch {acts['batch']} x {acts['seq']} (add to peak): "
@@ -233,6 +247,9 @@ examples:
   # Llama-3.1-8B + LoRA on 8 ranks, activations at batch 2 x 2048 (configs in docs/configs/, nothing downloaded)
   python -m fsdp_frozen estimate --model docs/configs/llama-3.1-8b.json \\
       --peft docs/configs/lora_torchtune_8b.json --world 8 --batch 2 --seq 2048
+  # Llama-3-70B + LoRA on 64 ranks as dp 8 x tp 8
+  python -m fsdp_frozen estimate --model docs/configs/llama-3-70b.json \\
+      --peft docs/configs/lora_all_linear.json --world 64 --tp 8 --batch 1 --seq 2048
   # a frozen teacher: the policy file fixes what it names, the rest is compared side by side
   python -m fsdp_frozen estimate --model docs/configs/llama-3.1-8b.json --world 8 \\
       --policy docs/policies/frozen_teacher.yaml
@@ -267,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--policy", help="FreezePolicy YAML; frozen_reshard / frozen_dtype left out are compared")
     est.add_argument("--peft", help="PEFT adapter_config.json (or its directory)")
     est.add_argument("--replicate", type=int, default=1, help="HSDP replicas (world = replicate x shard)")
+    est.add_argument("--tp", type=int, default=1,
+                     help="tensor-parallel degree (world = dp x tp; Llama-style models: torchtitan's plan, docs/tp.md)")
     est.add_argument("--batch", type=int, help="micro-batch size per rank (with --seq: activation estimate)")
     est.add_argument("--seq", type=int, help="sequence length")
     est.add_argument("--json", action="store_true", help="machine-readable output")

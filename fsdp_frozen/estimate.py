@@ -80,6 +80,9 @@ class Estimate:
     #: process groups the frozen groups add beyond the mesh's (NCCL: one communicator each, its buffers
     #: and setup at first use; `fsdp_frozen.process_groups.count`)
     frozen_process_groups: int = 0
+    #: with tp > 1: degree, colwise/rowwise linears, the TP plan's all-reduce bytes per token (forward,
+    #: backward; ring all-reduces send about twice that per rank)
+    tensor_parallel: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,28 +289,86 @@ def estimate(
     policy: FreezePolicy,
     *,
     replicate: int = 1,
+    tp: int = 1,
+    tp_plan: dict[str, Any] | None = None,
 ) -> Estimate:
     """Shard the meta model ``build()`` on a fake process group of `world` ranks and measure it.
 
     Args:
         build: returns the model built on the meta device (with PEFT adapters if any), unsharded.
-        world: ranks in all; with ``replicate > 1`` an HSDP mesh (replicate x world // replicate).
+        world: ranks in all; with ``replicate > 1`` an HSDP mesh (replicate x shard), with ``tp > 1``
+            the data-parallel ranks are ``world // tp`` (``(dp, tp)`` world mesh, FSDP on ``dp``).
+        tp: tensor-parallel degree: ``parallelize_module(model, world["tp"], lora_tp_plan(model,
+            tp_plan))`` before sharding, as a run would ([tp.md](../docs/tp.md)).
+        tp_plan: the base model's TP plan (default for transformers Llama-style models:
+            `llama_tp_plan`).
     Collective-free and allocation-free; a 70B model takes seconds.
     """
-    if world < 1 or replicate < 1 or world % replicate:
-        raise PolicyError(f"estimate: world={world} must be a positive multiple of replicate={replicate}")
+    if world < 1 or replicate < 1 or tp < 1 or world % (replicate * tp):
+        raise PolicyError(f"estimate: world={world} must be a positive multiple of replicate={replicate} x tp={tp}")
     with fake_process_group(world):
         from torch.distributed.device_mesh import init_device_mesh
 
-        shape = (replicate, world // replicate) if replicate > 1 else (world,)
-        names = ("replicate", "shard") if replicate > 1 else None
-        mesh = init_device_mesh("cpu", shape, mesh_dim_names=names)
+        dp = world // tp
+        shape = (replicate, dp // replicate) if replicate > 1 else (dp,)
+        names = ("replicate", "shard") if replicate > 1 else ("dp",)
+        if tp > 1:
+            world_mesh = init_device_mesh("cpu", (*shape, tp), mesh_dim_names=(*names, "tp"))
+            mesh = world_mesh[names] if len(names) > 1 else world_mesh[names[0]]
+        else:
+            mesh = init_device_mesh("cpu", shape, mesh_dim_names=names if replicate > 1 else None)
         model = build()
         if any(not compat.local_tensor(p).is_meta for p in model.parameters()):
             raise PolicyError("estimate: build() must return a model on the meta device "
                               "(with torch.device('meta'): ...), so that nothing is allocated")
+        if tp > 1:
+            from torch.distributed.tensor.parallel import parallelize_module
+
+            from .tp import lora_tp_plan
+
+            parallelize_module(model, world_mesh["tp"], lora_tp_plan(model, tp_plan or llama_tp_plan(model)))
         model = shard_with_freezing(model, mesh, policy)
-        return measure(model)
+        out = measure(model)
+        if tp > 1:
+            out.tensor_parallel = _tp_traffic(model, tp, policy)
+        return out
+
+
+def llama_tp_plan(model: nn.Module) -> dict[str, Any]:
+    """torchtitan's Llama plan on a transformers Llama-style model (PEFT-wrapped or not): q, k, v, gate,
+    up colwise; o, down rowwise; everything else (embedding, norms, head) left whole on every TP rank."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    layers = next((n for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)), None)
+    if layers is None:
+        raise PolicyError(f"estimate: tp > 1 needs a tp_plan for {type(model).__name__} (no '...layers' ModuleList)")
+    return {**{f"{layers}.*.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")},
+            f"{layers}.*.self_attn.o_proj": RowwiseParallel(),
+            **{f"{layers}.*.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")},
+            f"{layers}.*.mlp.down_proj": RowwiseParallel()}
+
+
+def _tp_traffic(model: nn.Module, tp: int, policy: FreezePolicy) -> dict[str, int]:
+    """The TP plan's own all-reduces per token (on the TP group; not FSDP's): each rowwise linear's
+    output in forward, each colwise linear's input gradient in backward, in the compute dtype (an
+    activation-checkpoint recompute repeats the forward ones). From the weights' TP placements."""
+    from .report import _tensor_parallel
+
+    itemsize = (policy.torch_param_dtype or torch.float32).itemsize
+    forward = backward = 0
+    for module in model.modules():
+        w = module._parameters.get("weight")
+        names = getattr(getattr(w, "device_mesh", None), "mesh_dim_names", None) or ()
+        if "tp" not in names:
+            continue
+        placement = w.placements[names.index("tp")]
+        if placement.is_shard(1):
+            forward += w.shape[0] * itemsize
+        elif placement.is_shard(0):
+            backward += w.shape[1] * itemsize
+    counts = _tensor_parallel(model, ("dp", "replicate", "shard")) or {}
+    return {"degree": tp, **counts, "all_reduce_bytes_per_token_forward": forward,
+            "all_reduce_bytes_per_token_backward": backward}
 
 
 # ------------------------------------------------------------------------------------ Hugging Face

@@ -451,3 +451,38 @@ def test_refreeze_under_tp():
         assert "layers.2.proj.weight" in r["moved"] and "norm.weight" in r["moved"], r["moved"]
         assert not any(n.startswith("layers.0.") for n in r["moved"]), r["moved"]
         assert "Shard(dim=1)" in r["placements"]["layers.2.proj.weight"], r["placements"]
+
+
+TP_POLICY = dict(units=("base_model.model.model.layers.*",), frozen_dtype="bfloat16", param_dtype="bfloat16",
+                 trainable_grouping="root")
+
+
+def _tp_describe(rank: int, world_size: int) -> dict:
+    model = shard_with_freezing(_hf_llama(_world()), _world()["dp"], FreezePolicy(**TP_POLICY))
+    records = describe(model)
+    return {"frozen": sum(r.sharded_bytes for r in records if r.kind == "frozen"),
+            "trainable": sum(r.sharded_bytes for r in records if r.kind != "frozen"),
+            "tp": records.tensor_parallel}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
+def test_estimate_with_tp_equals_the_ranks():
+    """`estimate(..., tp=2)` on the meta model plans what 4 gloo ranks as dp=2 x tp=2 hold: the same
+    frozen and trainable bytes per rank, the same TP linears."""
+    from peft import LoraConfig, get_peft_model
+
+    from fsdp_frozen import estimate
+
+    from .test_pretrained import _config, _model_class
+
+    def build():
+        with torch.device("meta"):
+            return get_peft_model(_model_class("llama")(_config("llama")), LoraConfig(
+                r=4, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]))
+
+    est = estimate(build, 4, FreezePolicy(**TP_POLICY), tp=2, tp_plan=LLAMA_PLAN)
+    for r in run_ranks(_tp_describe, 4):
+        assert (est.frozen_shard_bytes, est.trainable_shard_bytes) == (r["frozen"], r["trainable"]), (est, r)
+        assert {k: est.tensor_parallel[k] for k in r["tp"]} == r["tp"]
+    # per token: o and down (rowwise) outputs of 64 in bf16, plus their lora_A's r=4 outputs, 2 layers
+    assert est.tensor_parallel["all_reduce_bytes_per_token_forward"] == 2 * (2 * 64 * 2 + 2 * 4 * 2)
