@@ -12,7 +12,7 @@ from .policy import FreezePolicy
 from .process_groups import release_process_groups
 from .refreeze import refreeze
 from .report import GroupRecord, describe
-from .tp import lora_tp_plan
+from .tp import llama_tp_plan, lora_tp_plan
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "PolicyError",
     "describe",
     "estimate",
+    "llama_tp_plan",
     "lora_tp_plan",
     "refreeze",
     "register_forward_method",

@@ -301,7 +301,7 @@ def estimate(
         tp: tensor-parallel degree: ``parallelize_module(model, world["tp"], lora_tp_plan(model,
             tp_plan))`` before sharding, as a run would ([tp.md](../docs/tp.md)).
         tp_plan: the base model's TP plan (default for transformers Llama-style models:
-            `llama_tp_plan`).
+            `fsdp_frozen.tp.llama_tp_plan`).
     Collective-free and allocation-free; a 70B model takes seconds.
     """
     if world < 1 or replicate < 1 or tp < 1 or world % (replicate * tp):
@@ -324,7 +324,7 @@ def estimate(
         if tp > 1:
             from torch.distributed.tensor.parallel import parallelize_module
 
-            from .tp import lora_tp_plan
+            from .tp import llama_tp_plan, lora_tp_plan
 
             parallelize_module(model, world_mesh["tp"], lora_tp_plan(model, tp_plan or llama_tp_plan(model)))
         model = shard_with_freezing(model, mesh, policy)
@@ -332,20 +332,6 @@ def estimate(
         if tp > 1:
             out.tensor_parallel = _tp_traffic(model, tp, policy)
         return out
-
-
-def llama_tp_plan(model: nn.Module) -> dict[str, Any]:
-    """torchtitan's Llama plan on a transformers Llama-style model (PEFT-wrapped or not): q, k, v, gate,
-    up colwise; o, down rowwise; everything else (embedding, norms, head) left whole on every TP rank."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-
-    layers = next((n for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)), None)
-    if layers is None:
-        raise PolicyError(f"estimate: tp > 1 needs a tp_plan for {type(model).__name__} (no '...layers' ModuleList)")
-    return {**{f"{layers}.*.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")},
-            f"{layers}.*.self_attn.o_proj": RowwiseParallel(),
-            **{f"{layers}.*.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")},
-            f"{layers}.*.mlp.down_proj": RowwiseParallel()}
 
 
 def _tp_traffic(model: nn.Module, tp: int, policy: FreezePolicy) -> dict[str, int]:

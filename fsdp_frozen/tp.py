@@ -148,4 +148,18 @@ def check_tp(model: nn.Module, mesh: Any) -> bool:
     return True
 
 
-__all__ = ["check_tp", "lora_tp_plan"]
+def llama_tp_plan(model: nn.Module) -> dict[str, Any]:
+    """torchtitan's Llama plan on a transformers Llama-style model (PEFT-wrapped or not): q, k, v, gate,
+    up colwise; o, down rowwise; everything else (embedding, norms, head) left whole on every TP rank."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    layers = next((n for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)), None)
+    if layers is None:
+        raise PolicyError(f"llama_tp_plan: {type(model).__name__} has no '...layers' ModuleList; write its TP plan")
+    return {**{f"{layers}.*.self_attn.{p}": ColwiseParallel() for p in ("q_proj", "k_proj", "v_proj")},
+            f"{layers}.*.self_attn.o_proj": RowwiseParallel(),
+            **{f"{layers}.*.mlp.{p}": ColwiseParallel() for p in ("gate_proj", "up_proj")},
+            f"{layers}.*.mlp.down_proj": RowwiseParallel()}
+
+
+__all__ = ["check_tp", "llama_tp_plan", "lora_tp_plan"]

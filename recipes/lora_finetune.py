@@ -37,7 +37,10 @@ from data import VOCAB_SIZE, ByteBatches, generated_corpus  # noqa: E402
 from loss import causal_lm_loss, check_chunks  # noqa: E402
 from runtime import init_runtime, latest_checkpoint, random_base, resume_step, run_recipe, train_loop  # noqa: E402
 
-from fsdp_frozen import FreezePolicy, describe, refreeze, shard_with_freezing  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.tensor.parallel import parallelize_module  # noqa: E402
+
+from fsdp_frozen import FreezePolicy, describe, llama_tp_plan, lora_tp_plan, refreeze, shard_with_freezing  # noqa: E402
 from fsdp_frozen.checkpoint import load_pretrained  # noqa: E402
 
 
@@ -54,6 +57,9 @@ class ModelConfig:
     #: Base weights to load: a Hugging Face safetensors model directory (or a DCP checkpoint); None:
     #: a random base is written to OUTPUT_DIR/base (once) and loaded from there.
     pretrained: str | None = None
+    #: tensor-parallel degree (``kind: hf`` only): the ranks form a (dp, tp) mesh, the model is
+    #: parallelized with `fsdp_frozen.llama_tp_plan` + `lora_tp_plan` on "tp" and sharded on "dp" (docs/tp.md)
+    tp: int = 1
 
 
 @dataclass
@@ -121,6 +127,16 @@ class LoRAFinetuneRecipe:
         self.cfg = cfg
         self.device, self.mesh = init_runtime()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.data_rank, self.data_world = self.rank, self.world  # batches by data-parallel rank
+        world_mesh = None
+        if cfg.model.tp > 1:  # docs/tp.md: TP on "tp", FSDP on "dp"; the data by data-parallel rank
+            if cfg.model.kind != "hf" or self.world % cfg.model.tp:
+                raise ValueError(f"model.tp={cfg.model.tp} needs model.kind: hf and a world size ({self.world}) "
+                                 f"it divides")
+            world_mesh = init_device_mesh(self.device.type, (self.world // cfg.model.tp, cfg.model.tp),
+                                          mesh_dim_names=("dp", "tp"))
+            self.mesh = world_mesh["dp"]
+            self.data_rank, self.data_world = world_mesh.get_coordinate()[0], self.world // cfg.model.tp
         self.out = Path(cfg.train.output_dir)
         self.stages = stages
         found = latest_checkpoint(self.out) if cfg.train.resume else None
@@ -128,6 +144,8 @@ class LoRAFinetuneRecipe:
         base = cfg.model.pretrained or random_base(self.out / "base", lambda d: write_random_base(cfg.model, d))
         with torch.device("meta"):
             model = build_model(cfg.model)
+        if world_mesh is not None:
+            parallelize_module(model, world_mesh["tp"], lora_tp_plan(model, llama_tp_plan(model)))
         self.model = shard_with_freezing(model, self.mesh, policy)
         self.initialised = load_pretrained(self.model, base)  # this rank's shards, on self.device
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -147,7 +165,7 @@ class LoRAFinetuneRecipe:
                 refreeze(self.model, self.optimizer, policy)
                 if self.rank == 0:
                     print(f"\nstage from step {step}: refrozen\n{describe(self.model)}", flush=True)
-        x, y = self.data.batch(step, self.rank, self.world)
+        x, y = self.data.batch(step, self.data_rank, self.data_world)
         # the mean next-token CE, in train.loss_chunks chunks of tokens computed inside the head's one call
         # (recipes/loss.py): the full fp32 logits never exist
         return causal_lm_loss(self.model, y.to(self.device), x.to(self.device), chunks=self.cfg.train.loss_chunks)

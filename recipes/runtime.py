@@ -134,7 +134,7 @@ def train_loop(recipe: Recipe) -> list[float]:
     metrics = MetricsLog(recipe.out / "metrics.jsonl", recipe.rank == 0, resume_step=recipe.start)
     bar = ProgressBar(cfg.steps, cfg.log_every, recipe.rank == 0)
     clock = Throughput()
-    tokens = recipe.cfg.data.batch_size * recipe.cfg.data.seq_len * recipe.world
+    tokens = recipe.cfg.data.batch_size * recipe.cfg.data.seq_len * getattr(recipe, "data_world", recipe.world)
     if recipe.rank == 0:
         print(f"training steps {recipe.start + 1}..{cfg.steps} on {recipe.world} rank(s)", flush=True)
     losses = []

@@ -130,7 +130,12 @@ HF_MISSING = importlib.util.find_spec("transformers") is None or importlib.util.
 
 
 @pytest.mark.skipif(HF_MISSING, reason="needs the 'hf' extra: pip install -e '.[hf]' (transformers, peft)")
-def test_hf_peft_lora_and_adapter_export(tmp_path):
+@pytest.mark.parametrize("config,extra", [
+    ("hf_lora.yaml", []),
+    # tensor parallel 2 (dp 1 x tp 2, docs/tp.md) in fp32, so the unsharded reload compares at 1e-6
+    ("hf_lora_tp.yaml", ["freeze.frozen_dtype=null", "freeze.param_dtype=null", "freeze.reduce_dtype=null"]),
+])
+def test_hf_peft_lora_and_adapter_export(tmp_path, config, extra):
     sys.path.insert(0, str(ROOT / "recipes"))
     from hf_llama import build_hf_base, build_hf_lora
     from lora_finetune import ModelConfig
@@ -140,7 +145,7 @@ def test_hf_peft_lora_and_adapter_export(tmp_path):
 
     tiny = ["model.dim=32", "model.n_heads=2", "model.hidden_dim=64", "data.batch_size=4", "data.seq_len=32"]
     out_dir = tmp_path / "hf"
-    run_ok("lora_finetune.py", "hf_lora.yaml", *tiny, "train.steps=10", "train.checkpoint_every=0",
+    run_ok("lora_finetune.py", config, *tiny, *extra, "train.steps=10", "train.checkpoint_every=0",
            f"train.output_dir={out_dir}")
     assert losses(out_dir)[10] < losses(out_dir)[1]
     assert {p.name for p in (out_dir / "adapter").iterdir()} >= {"adapter_model.safetensors", "adapter_config.json"}
