@@ -557,3 +557,18 @@ def chunk_cat(tensors: list[torch.Tensor], num_chunks: int, out: torch.Tensor) -
     (``(num_chunks, -1)``, in `out`'s dtype). ``torch._chunk_cat`` (FSDP2 calls it as
     ``torch.ops.fsdp.chunk_cat``; both exist in 2.4-2.13)."""
     torch._chunk_cat(tensors, dim=0, num_chunks=num_chunks, out=out)  # type: ignore[attr-defined]
+
+
+def in_checkpointed_region() -> bool:
+    """True inside an activation-checkpointed forward or its recompute (`nf4_compute`'s cue that the
+    dense weight it saves lives at most while the unit computes). Private autograd state, checked on
+    torch 2.11 and 2.13: non-reentrant ``torch.utils.checkpoint`` installs saved-tensor hooks whose
+    pack is a ``_checkpoint_hook`` (forward) or ``_recomputation_hook`` (recompute) method; a forward
+    inside a backward graph task with no such hooks is the reentrant checkpoint's recompute."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    if hooks is not None:
+        pack = hooks[0]
+        return getattr(pack, "__module__", None) == "torch.utils.checkpoint" and getattr(
+            pack, "__qualname__", "").startswith(("_checkpoint_hook.", "_recomputation_hook."))
+    return torch._C._current_graph_task_id() != -1
+

@@ -32,11 +32,12 @@ logging.getLogger("torchao").addFilter(_QuietSoFailures())
 def to_nf4(tensor: torch.Tensor, block_size: int, scaler_block_size: int) -> torch.Tensor:
     """torchao's public ``to_nf4`` (imported on first use: torchao is only needed for NF4). Every
     NF4Tensor this package makes comes from here (`nf4_on_meta` too), so the first call also
-    installs `_PeftDequantize`."""
+    installs `_PeftDequantize` and `install_nf4_linear`."""
     from torchao.quantization import to_nf4 as _to_nf4
 
     out = _to_nf4(tensor, block_size, scaler_block_size)
     _PeftDequantize.install(type(out))
+    install_nf4_linear(type(out))  # nf4_compute's linear (issue 25, 1): bitwise torchao's, cheaper
     return out
 
 
@@ -57,7 +58,7 @@ class _PeftDequantize:
             return self.static
 
         def dequantize(*args):
-            return self.static(*args) if args else nf4_dequantize(obj)
+            return self.static(*args) if args else nf4_dequantize_fast(obj)
 
         return dequantize
 
@@ -245,3 +246,176 @@ def nf4_dequantize(t: torch.Tensor) -> torch.Tensor:
     shard it is exact and local: each element needs only its own block's scaler and the stored
     factors, which every shard carries."""
     return t.get_original_weight()
+
+
+# ----------------------------------------------------------------------- fast NF4 compute (issue 25, 1)
+# [Note: fast NF4 dequantization]
+# torchao 0.18's ``get_original_weight`` splits every packed byte into two int64 codes, indexes the
+# 16-entry table twice, multiplies each half by the block scalers and interleaves the halves with a
+# stack: ~6 passes over the weight and two int64 index tensors of numel/2 each. Every element it
+# returns is ``nf4[code] * scaler[block]``: one product of two values of the tensor's dtype, rounded
+# once to that dtype (CPU and CUDA compute a bf16/fp16 product in fp32 and round it, and the product
+# of two bf16 values is exact in fp32). `nf4_dequantize_fast` returns the same products:
+#   * one gather per packed *pair* of bytes (4 elements) from a 65,536-entry table whose entry k holds
+#     the 4 table values of the two bytes whose uint16 view is k, bit-cast to one 8-byte integer
+#     (bf16/fp16; a row of two in fp32), so the gather moves whole rows and needs no interleave;
+#   * the block scalers as torchao computes them (`nf4_scalers`: the same ops on the same tensors);
+#   * one in-place multiply of the gathered values by their block's scaler (broadcast per block).
+# Off the CPU, and where the uint16 view is not possible (an odd byte count, an odd storage offset, a
+# big-endian host, torch.compile tracing), it uses a 256-entry table of byte pairs (`_nf4_pair_table`):
+# one gather per byte instead. (The quad table is shared by value on the CPU, where reading the 16
+# values is free; on a GPU that read would be a host sync, and a 512 KiB table per weight too much:
+# there the pair table, 1 KiB per weight, whose speed against the quad one is not measured yet.)
+# Both are exact table reads, so the result is bitwise ``get_original_weight()``
+# (tests/test_nf4_compute.py: fp32 and bf16, several shapes and block sizes, FSDP shard chunks).
+# No host syncs: tables are built on the tensor's device from its own ``nf4`` inner tensor, and cached
+# per ``nf4`` tensor object (FSDP reuses the sharded parameter's across all-gathers) and its version
+# (`_cached_table`).
+
+#: torchao NF4 versions this fast path was checked on (its inner tensors, their meaning, LinearNF4)
+_FAST_NF4_CHECKED = ((0, 18),)
+
+
+def torchao_version() -> tuple[int, int]:
+    import torchao
+
+    return tuple(int(p) for p in torchao.__version__.split("+")[0].split(".")[:2])  # type: ignore[return-value]
+
+
+def nf4_fast_supported() -> bool:
+    """True if the installed torchao is one `nf4_dequantize_fast` and the NF4 linear were checked on."""
+    try:
+        return torchao_version() in _FAST_NF4_CHECKED
+    except Exception:  # noqa: BLE001 - an unparsable version: not checked
+        return False
+
+
+def nf4_scalers(t: torch.Tensor) -> torch.Tensor:
+    """The per-block scalers of the NF4Tensor `t` (one per ``block_size`` elements), in its dtype:
+    torchao 0.18's ``dequantize_scalers``, the same ops on the same inner tensors (so bitwise)."""
+    qs, factor, sbs = t.quantized_scalers, t.quantization_factor, t.scaler_block_size
+    n_scaler_blocks = qs.numel() // sbs
+    return (qs.view(n_scaler_blocks, sbs) / factor.unsqueeze(-1)).flatten().to(t.dtype) + t.scaler_mean
+
+
+def _nf4_pair_table(nf4: torch.Tensor) -> torch.Tensor:
+    """(256, 2): row b holds the table values of byte b's high and low nibble (torchao packs element
+    2i in the high nibble). Built on `nf4`'s device, no host sync."""
+    codes = torch.arange(256, device=nf4.device)
+    return torch.stack([nf4[codes >> 4], nf4[codes & 15]], dim=1)
+
+
+def _nf4_quad_table(nf4: torch.Tensor) -> torch.Tensor:
+    """(65536, 4): row k holds the 4 table values of the two bytes whose int16 view (this host's
+    byte order, little-endian) is the index k (its unsigned value: k = byte0 + 256 * byte1)."""
+    pairs = _nf4_pair_table(nf4)
+    low = pairs.view(1, 256, 2).expand(256, 256, 2)  # byte0 = k % 256 (the first element pair)
+    high = pairs.view(256, 1, 2).expand(256, 256, 2)  # byte1 = k // 256 (the second)
+    return torch.cat([low, high], dim=2).reshape(65536, 4)
+
+
+#: kind -> WeakIdKeyDictionary(nf4 tensor -> (its version, its table)); "shared" -> the CPU tables by value
+_TABLES: dict = {}
+
+
+def _cached_table(nf4: torch.Tensor, kind: str) -> torch.Tensor:
+    """The `kind` table ("pair" or "quad") of the lookup tensor `nf4`, cached per tensor object (held
+    weakly) and its version counter (an in-place copy into it, e.g. a checkpoint load, rebuilds it).
+
+    Every NF4Tensor holds its own ``nf4`` (16 values); a CPU table is shared by all of equal values
+    (reading them costs no device sync there), so a model holds one quad table (512 KiB in bf16), not
+    one per weight. Elsewhere tables are per tensor object, built without reading values on the host:
+    only pair tables (1 KiB in bf16) are used there (`nf4_dequantize_fast`)."""
+    from torch.utils.weak import WeakIdKeyDictionary
+
+    cache = _TABLES.get(kind)
+    if cache is None:
+        cache = _TABLES[kind] = WeakIdKeyDictionary()
+    entry = cache.get(nf4)
+    if entry is None or entry[0] != nf4._version:
+        build = _nf4_quad_table if kind == "quad" else _nf4_pair_table
+        values = nf4.detach()
+        if values.device.type == "cpu":
+            shared = _TABLES.setdefault("shared", {})
+            key = (kind, values.dtype, values.contiguous().view(torch.uint8).numpy().tobytes())
+            table = shared.get(key)
+            if table is None:
+                table = shared[key] = build(values.clone())
+        else:
+            table = build(values)
+        entry = cache[nf4] = (nf4._version, table)
+    return entry[1]
+
+
+#: the integer dtype a row of the pair table (2 values) is bit-cast to, per element size
+_PAIR_WIDE = {2: torch.int32, 4: torch.int64}
+
+
+def nf4_dequantize_fast(t: torch.Tensor) -> torch.Tensor:
+    """Bitwise ``t.get_original_weight()`` (torchao 0.18) of the NF4Tensor `t`, faster:
+    [Note: fast NF4 dequantization]. A new contiguous tensor of `t`'s shape and dtype."""
+    import sys
+
+    data, dtype, block = t.quantized_data, t.dtype, t.block_size
+    scalers = nf4_scalers(t).unsqueeze(-1)  # (blocks, 1)
+    if torch.compiler.is_compiling():  # traceable, no bit-casts or caches: a gather per byte, the multiply
+        values = _nf4_pair_table(t.nf4)[data.long()]  # (numel/2, 2)
+        return (values.view(-1, block) * scalers).view(t.shape)
+    size = dtype.itemsize
+    if size in (2, 4) and data.device.type == "cpu" and sys.byteorder == "little" and data.is_contiguous() \
+            and data.numel() % 2 == 0 and data.storage_offset() % 2 == 0:
+        # a row of the quad table is 8 bytes (bf16/fp16: one int64) or 16 (fp32: two)
+        table = _cached_table(t.nf4, "quad").view(torch.int64)
+        index = data.view(torch.uint16).to(torch.int32)  # k = byte0 + 256 * byte1 (little-endian)
+        values = torch.index_select(table.view(-1) if size == 2 else table, 0, index).view(dtype)
+    elif size in _PAIR_WIDE:
+        table = _cached_table(t.nf4, "pair").view(_PAIR_WIDE[size]).view(-1)
+        values = torch.index_select(table, 0, data.to(torch.int32)).view(dtype)
+    else:  # other element sizes (fp64): rows of 2 values
+        values = torch.index_select(_cached_table(t.nf4, "pair"), 0, data.to(torch.int32))
+    return values.view(-1, block).mul_(scalers).view(t.shape)
+
+
+def _nf4_module():
+    from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+
+    return nf4_tensor
+
+
+_TORCHAO_LINEAR: dict = {}
+
+
+def torchao_nf4_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torchao 0.18's own ``F.linear`` of an NF4Tensor weight (its ``LinearNF4``, then the bias added)."""
+    handler = _TORCHAO_LINEAR.get("handler")
+    if handler is None:
+        handler = _nf4_module().NF4_TORCH_FUNCTIONS[torch.nn.functional.linear]
+    return handler(input, weight) if bias is None else handler(input, weight, bias)
+
+
+def _nf4_linear_handler(*args, **kwargs):
+    """What torchao's NF4Tensor.__torch_function__ runs for ``F.linear`` once installed: `nf4_linear`
+    for a plain input and an NF4Tensor weight (`nf4_compute`'s mode decides), torchao's handler else."""
+    from . import nf4_compute
+
+    nf4_class = _TORCHAO_LINEAR["class"]
+    if len(args) >= 2 and type(args[1]) is nf4_class and type(args[0]) is not nf4_class \
+            and args[1].dim() == 2 and args[1].is_contiguous() and set(kwargs) <= {"bias"}:
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return nf4_compute.nf4_linear(args[0], args[1], bias)
+    return _TORCHAO_LINEAR["handler"](*args, **kwargs)
+
+
+def install_nf4_linear(nf4_class: type) -> None:
+    """Make torchao's NF4 ``F.linear`` handler (``NF4_TORCH_FUNCTIONS[F.linear]``, torchao 0.18) run
+    `_nf4_linear_handler`, keeping torchao's for its mode and for what it does not take. Idempotent;
+    nothing is installed on a torchao this was not checked on (`nf4_fast_supported`)."""
+    if "handler" in _TORCHAO_LINEAR or not nf4_fast_supported():
+        return
+    module = _nf4_module()
+    table = getattr(module, "NF4_TORCH_FUNCTIONS", None)
+    linear = torch.nn.functional.linear
+    if table is None or linear not in table or module.NF4Tensor is not nf4_class:
+        return
+    _TORCHAO_LINEAR.update(handler=table[linear], **{"class": nf4_class})
+    table[linear] = _nf4_linear_handler

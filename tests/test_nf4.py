@@ -531,11 +531,20 @@ def _dequantized_dtypes(rank: int, world: int, path: str) -> dict:
     model = shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(param_dtype="bfloat16", **policy))
     plan = sharded_state(model).plan
     stored = {str(local(model.get_parameter(plan.path(f))).dtype) for f in plan.quantized}
-    nf4_class.get_original_weight = recording
+    from fsdp_frozen import _torchao_compat as ao
+
+    fast = ao.nf4_dequantize_fast  # what the NF4 linear dequantizes with (fsdp_frozen.nf4_compute)
+
+    def recording_fast(t):
+        out = fast(t)
+        seen.append(str(out.dtype))
+        return out
+
+    nf4_class.get_original_weight, ao.nf4_dequantize_fast = recording, recording_fast
     try:
         train(model, 1, rank)
     finally:
-        nf4_class.get_original_weight = original
+        nf4_class.get_original_weight, ao.nf4_dequantize_fast = original, fast
     try:
         load_checkpoint(path, model)
         refused = ""
