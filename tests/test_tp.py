@@ -307,8 +307,11 @@ def _save_tp(rank: int, world_size: int, path: str) -> dict:
     world = _world()
     model = shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",)))
     _steps(model, world.get_coordinate()[0], 2)
-    save_checkpoint(path, model)
-    return {"full": _full(model)}
+    save_checkpoint(path, model)  # frozen="auto", no base yet: the frozen weights included
+    saved = _full(model)
+    _steps(model, world.get_coordinate()[0], 1)
+    save_checkpoint(path + "-next", model)  # frozen="auto": a reference to the first, no frozen bytes
+    return {"full": saved}
 
 
 def _load_at(rank: int, world_size: int, path: str, layout: tuple[int, int]) -> dict:
@@ -332,9 +335,18 @@ def test_tp_checkpoint_has_the_same_keys_and_reshards(tmp_path):
     (DCP reshards the DTensors)."""
     import json
 
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from fsdp_frozen.checkpoint import read_manifest
+
     want = run_ranks(_save_tp, 4, str(tmp_path / "tp"))[0]["full"]
     keys = sorted(json.loads((tmp_path / "tp" / "fsdp_frozen.json").read_text())["params"])
     assert keys == sorted(n for n, _ in make_model().named_parameters())
+    # the base written once under TP too: the next save references it and stores no frozen tensor
+    second = read_manifest(tmp_path / "tp-next")
+    assert second["frozen_state"] == "referenced" and second["base"]["path"] == "../tp", second
+    assert not [k for k in FileSystemReader(str(tmp_path / "tp-next")).read_metadata().state_dict_metadata
+                if k.startswith("frozen/")]
     for world_size, layout in ((4, (2, 2)), (4, (4, 1)), (2, (1, 2))):
         for r in run_ranks(_load_at, world_size, str(tmp_path / "tp"), layout):
             assert [n for n in want if not torch.equal(want[n], r["full"][n])] == [], layout
