@@ -223,7 +223,8 @@ def render_estimates(info: dict[str, Any]) -> str:
                   f"{_size(acts['no_checkpointing_bytes'])} without activation checkpointing, "
                   f"{_size(acts['checkpointing_bytes'])} with it; method: {acts['method']}."]
     lines += ["", "Per rank, exact from the sharding (fake process group); peak = persistent + the root's all-gather "
-              "(gathered from its forward to the end of backward) + the two largest other units' (FSDP prefetches "
+              "(gathered from its forward to the end of backward) + every after_backward frozen group's (all gathered "
+              "at the turn to backward) + the two largest other units' (FSDP prefetches "
               "one unit ahead) + the param_dtype copies of replicated trainable parameters. Not counted: CUDA context, allocator fragmentation, "
               "NCCL buffers, one unit's unsharded gradients before reduce-scatter."]
     return "\n".join(lines)

@@ -67,8 +67,9 @@ class Estimate:
     largest_unit_gather_bytes: int  #: the largest all-gather output of one unit (transient)
     largest_unit: str
     persistent_bytes: int  #: shards + gradients + optimizer + kept-gathered
-    peak_bytes: int  #: persistent + the root's all-gather (alive all step) + the two largest other units'
-    #: (FSDP prefetches one ahead) + the replicated trainable group's param_dtype copies
+    peak_bytes: int  #: persistent + the root's all-gather (alive all step) + every "after_backward" frozen
+    #: group's (all gathered at the turn to backward) + the two largest other units' (FSDP prefetches one
+    #: ahead) + the replicated trainable group's param_dtype copies
     all_gather_bytes_per_step: dict[str, int]  #: by group kind ("frozen", "trainable"), output bytes
     reduce_scatter_bytes_per_step: int  #: input bytes (the unsharded gradients)
     #: HSDP: the reduce-scattered gradients, all-reduced over replicas; trainable_grouping="replicate":
@@ -148,8 +149,14 @@ def measure(model: nn.Module) -> Estimate:
         if r.kind == FROZEN and r.reshard == "never":
             kept += nbytes
     units: dict[str, int] = {}
+    # "after_backward" frozen groups stay gathered from their unit's forward to its backward: at the turn
+    # from forward to backward every one of them is gathered at once
+    held_to_backward = 0
     for (unit, kind), nbytes in gather.items():
-        if not (kind == FROZEN and by_record[(unit, kind)].reshard == "never"):
+        reshard = by_record[(unit, kind)].reshard
+        if kind == FROZEN and reshard == "after_backward" and unit != "":
+            held_to_backward += nbytes
+        elif not (kind == FROZEN and reshard == "never"):
             units[unit] = units.get(unit, 0) + nbytes
     step_gathered = sum(nbytes for (unit, kind), nbytes in gather.items()
                         if kind != FROZEN and by_record[(unit, kind)].reshard.startswith("False"))
@@ -170,7 +177,7 @@ def measure(model: nn.Module) -> Estimate:
     others = sorted(v for u, v in units.items() if u != "")
     # FSDP's root stays gathered from its forward to the end of backward; two other units may be gathered beside it
     step_gathered += copies
-    transient = (units.get("", 0) + sum(others[-2:]) + copies) if shard_size > 1 else 0
+    transient = (units.get("", 0) + held_to_backward + sum(others[-2:]) + copies) if shard_size > 1 else 0
     persistent = frozen + 2 * trainable + optimizer + (kept if shard_size > 1 else 0)
 
     def global_bytes(p: torch.Tensor) -> int:

@@ -201,3 +201,16 @@ def test_activations_model_the_recipes_chunked_loss():
     assert loss_bytes(n, h, v, 4, chunks=8)["chunk"] == 512 * v * 4 + 32 * v * 4  # fp32: the block + one step's rows
     with pytest.raises(ValueError, match="chunks must be >= 0"):
         loss_bytes(n, h, v, chunks=-1)
+
+
+def test_after_backward_peak_holds_every_frozen_group_at_the_turn():
+    """`frozen_reshard="after_backward"` keeps each unit's frozen weights gathered from its forward to its
+    backward: at the turn every one is gathered, as under "never" (whose are kept for good): the same
+    peak, where "after_forward" holds at most the root and two others."""
+    def build():
+        with torch.device("meta"):
+            return make_model(dim=64, n_layers=6)
+
+    peaks = {r: estimate(build, 4, FreezePolicy(units=["layers.*"], frozen_reshard=r)).peak_bytes
+             for r in ("after_forward", "after_backward", "never")}
+    assert peaks["after_backward"] == peaks["never"] > peaks["after_forward"], peaks
