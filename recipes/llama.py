@@ -75,11 +75,21 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
         h = self.attn_norm(x)
-        q, k, v = (w(h).view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        # heads as -1: under tensor parallelism a colwise wq/wk/wv gives each rank n_heads / tp of them
+        q, k, v = (w(h).view(b, t, -1, d // self.n_heads).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
         x = x + self.wo(a)
         h = self.mlp_norm(x)
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+
+
+def tp_plan() -> dict:
+    """torchtitan's TP plan for this model's blocks: q, k, v, w1, w3 colwise, wo, w2 rowwise (the
+    embedding, norms and output whole on every TP rank); `fsdp_frozen.lora_tp_plan` places the adapters."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    return {**{f"layers.*.{n}": ColwiseParallel() for n in ("wq", "wk", "wv", "w1", "w3")},
+            **{f"layers.*.{n}": RowwiseParallel() for n in ("wo", "w2")}}
 
 
 class LlamaLoRA(nn.Module):

@@ -57,8 +57,9 @@ class ModelConfig:
     #: Base weights to load: a Hugging Face safetensors model directory (or a DCP checkpoint); None:
     #: a random base is written to OUTPUT_DIR/base (once) and loaded from there.
     pretrained: str | None = None
-    #: tensor-parallel degree (``kind: hf`` only): the ranks form a (dp, tp) mesh, the model is
-    #: parallelized with `fsdp_frozen.llama_tp_plan` + `lora_tp_plan` on "tp" and sharded on "dp" (docs/tp.md)
+    #: tensor-parallel degree: the ranks form a (dp, tp) mesh, the model is parallelized on "tp"
+    #: (`fsdp_frozen.llama_tp_plan` for ``hf``, `llama.tp_plan` for ``llama``; adapters by `lora_tp_plan`)
+    #: and sharded on "dp" (docs/tp.md)
     tp: int = 1
 
 
@@ -130,9 +131,8 @@ class LoRAFinetuneRecipe:
         self.data_rank, self.data_world = self.rank, self.world  # batches by data-parallel rank
         world_mesh = None
         if cfg.model.tp > 1:  # docs/tp.md: TP on "tp", FSDP on "dp"; the data by data-parallel rank
-            if cfg.model.kind != "hf" or self.world % cfg.model.tp:
-                raise ValueError(f"model.tp={cfg.model.tp} needs model.kind: hf and a world size ({self.world}) "
-                                 f"it divides")
+            if self.world % cfg.model.tp:
+                raise ValueError(f"model.tp={cfg.model.tp} must divide the world size ({self.world})")
             world_mesh = init_device_mesh(self.device.type, (self.world // cfg.model.tp, cfg.model.tp),
                                           mesh_dim_names=("dp", "tp"))
             self.mesh = world_mesh["dp"]
@@ -145,7 +145,10 @@ class LoRAFinetuneRecipe:
         with torch.device("meta"):
             model = build_model(cfg.model)
         if world_mesh is not None:
-            parallelize_module(model, world_mesh["tp"], lora_tp_plan(model, llama_tp_plan(model)))
+            from llama import tp_plan
+
+            base_plan = llama_tp_plan(model) if cfg.model.kind == "hf" else tp_plan()
+            parallelize_module(model, world_mesh["tp"], lora_tp_plan(model, base_plan))
         self.model = shard_with_freezing(model, self.mesh, policy)
         self.initialised = load_pretrained(self.model, base)  # this rank's shards, on self.device
         trainable = [p for p in self.model.parameters() if p.requires_grad]

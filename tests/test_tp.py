@@ -498,3 +498,50 @@ def test_estimate_with_tp_equals_the_ranks():
         assert {k: est.tensor_parallel[k] for k in r["tp"]} == r["tp"]
     # per token: o and down (rowwise) outputs of 64 in bf16, plus their lora_A's r=4 outputs, 2 layers
     assert est.tensor_parallel["all_reduce_bytes_per_token_forward"] == 2 * (2 * 64 * 2 + 2 * 4 * 2)
+
+
+def _inrepo(rank: int, world_size: int) -> dict:
+    """recipes/llama.py's LlamaLoRA under its tp_plan(), plain FSDP2 and ours, fp32."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes"))
+    from llama import LlamaConfig, LlamaLoRA, tp_plan
+
+    world = _world()
+    dp = world.get_coordinate()[0]
+    out = {}
+    for ours in (False, True):
+        torch.manual_seed(0)
+        model = LlamaLoRA(LlamaConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, hidden_dim=128, lora_rank=4))
+        for name, p in model.named_parameters():  # lora_B starts at zero: give every adapter a gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)
+        parallelize_module(model, world["tp"], lora_tp_plan(model, tp_plan()))
+        if ours:
+            shard_with_freezing(model, world["dp"], FreezePolicy(units=("layers.*",)))
+        else:
+            plain_fsdp(model, world["dp"], ("layers.*",))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses = []
+        for step in range(3):
+            tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(10 * step + dp))
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.reshape(-1, 64).float(), tokens[:, 1:].reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        out[ours] = {"losses": losses, "full": _full(model)}
+    return out
+
+
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+def test_in_repo_llama_under_tp_equals_plain_fsdp2():
+    """The recipes' Llama (recipes/llama.py, heads as -1 so colwise q/k/v split them) with its tp_plan():
+    bitwise plain FSDP2 + the same TP plan at dp=2 x tp=2."""
+    for r in run_ranks(_inrepo, 4):
+        want, got = r[False], r[True]
+        assert got["losses"] == want["losses"]
+        assert [n for n in want["full"] if not torch.equal(want["full"][n], got["full"][n])] == []
+
