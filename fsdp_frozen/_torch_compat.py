@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
+import operator
 import re
 from typing import Any, Iterator
 
@@ -91,6 +93,23 @@ def sharded_param(fsdp_param: Any) -> nn.Parameter:
 
 def unsharded_param_if_any(fsdp_param: Any) -> torch.Tensor | None:
     return getattr(fsdp_param, "_unsharded_param", None)
+
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+_SHARDED_PARAM = operator.attrgetter("sharded_param")
+_NOT_NONE = functools.partial(operator.is_not, None)
+
+
+def requires_grad_all(fsdp_params: tuple[Any, ...], want: bool) -> bool:
+    """Whether every tensor `sharded_param` and `unsharded_param_if_any` give for `fsdp_params` has
+    ``requires_grad == want``: the same reads as calling them per parameter, done in C-level maps
+    (no Python frame per parameter; the freezing check's steady state, [Note: stale requires_grad]).
+    ``FSDPParam.sharded_param`` and ``._unsharded_param``, as the two functions above (2.6-2.13)."""
+    flags = map(_REQUIRES_GRAD, map(_SHARDED_PARAM, fsdp_params))
+    unsharded = filter(_NOT_NONE, map(getattr, fsdp_params, itertools.repeat("_unsharded_param"),
+                                      itertools.repeat(None)))
+    flags = itertools.chain(flags, map(_REQUIRES_GRAD, unsharded))
+    return all(flags) if want else not any(flags)
 
 
 def registered_param(fsdp_param: Any) -> torch.Tensor:

@@ -486,13 +486,26 @@ def _freezing_check(state: ShardedModelState):
     graph, so no gradient can reach a group that was built for the other side of the split: the
     check is skipped there. That is the reference-model forward of DPO/GRPO trainers on a PEFT model:
     ``with model.disable_adapter():`` sets ``requires_grad=False`` on every adapter for the duration
-    (PEFT's ``enable_adapters(False)``) and puts it back on exit ([Note: stale requires_grad])."""
+    (PEFT's ``enable_adapters(False)``) and puts it back on exit ([Note: stale requires_grad]).
+
+    [Note: the check's steady state] Every flag as planned is what almost every forward finds, and
+    then `_sync_flags` changes nothing and returns nothing. So the hook first asks exactly that (every
+    sharded and unsharded tensor of the trainable records requires grad, none of the frozen ones'
+    does) in C-level maps over two tuples made once here, `compat.requires_grad_all`, and runs
+    `_sync_flags`' Python loop only when some flag differs. Still one read per tensor: torch has no
+    hook or version counter for ``requires_grad``, so catching every flip means reading every flag.
+    At 1,843 FSDP parameters (80 LoRA'd Llama blocks, `recipes/benchmark_structure.py`) on a 2-core
+    CPU: 1.33 ms -> 1.0 ms per forward, most of it the reads themselves (~170 ns for a DTensor)."""
     entries = _freezing_entries(state)
+    trainable = tuple(fp for _, fp, want in entries if want)
+    frozen = tuple(fp for _, fp, want in entries if not want)
 
     def check(module: nn.Module, args: Any) -> None:
         state.restore_frozen_policy()
         if not torch.is_grad_enabled():  # [Note: no-grad forwards]
             return
+        if compat.requires_grad_all(trainable, True) and compat.requires_grad_all(frozen, False):
+            return  # [Note: the check's steady state]: _sync_flags would do nothing
         for fqn, want in _sync_flags(entries)[:1]:
             raise FreezingChangedError(
                 f"requires_grad of parameter {fqn!r} changed from {want} to {not want} after "

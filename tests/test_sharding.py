@@ -169,12 +169,13 @@ def test_structural_fallback_without_split_groups():
 def test_harness_reports_failing_rank_and_timeout():
     with pytest.raises(RankFailure, match=r"rank 1 of 2 failed:[\s\S]*ValueError: boom on rank 1"):
         run_ranks(_fail_on_rank_1, 2)
+    run_ranks(_fail_on_rank_1, 2, -1)  # the pool, renewed after the failure, is up: 5 s below is only the task
     with pytest.raises(TimeoutError, match=r"ranks \[1\] of 2 did not finish"):
-        run_ranks(_hang_on_rank_1, 2, timeout=5)  # the pool is up (the call above): 5 s is only the task
+        run_ranks(_hang_on_rank_1, 2, timeout=5)
 
 
-def _fail_on_rank_1(rank: int, world_size: int) -> None:
-    if rank == 1:
+def _fail_on_rank_1(rank: int, world_size: int, on: int = 1) -> None:
+    if rank == on:
         raise ValueError("boom on rank 1")
 
 
