@@ -381,6 +381,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
     if any(g.kind == FROZEN for g in plan.groups):
         frozen_mesh_info = process_groups.frozen_mesh_info(mesh)  # created once per mesh, then reused
 
+    dim1 = _dim1_placement(model, plan)
     for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
         module = model.get_submodule(plan.path(unit))
         frozen_group = plan.frozen_group(unit)
@@ -392,7 +393,6 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
             if frozen_group else set()
         )
         placement = compat.placement_on(frozen_mesh_info) if frozen_ids else None
-        dim1 = _dim1_placement(model, plan)
         fully_shard(
             module,
             mesh=mesh,
@@ -416,6 +416,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
 
 def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
     """torch < 2.13: frozen-only submodules of each unit become one extra FSDP group (public API)."""
+    dim1 = _dim1_placement(model, plan)
     for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
         frozen_group = plan.frozen_group(unit)
         if frozen_group is not None:
@@ -436,7 +437,7 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
             model.get_submodule(plan.path(unit)),
             mesh=mesh,
             reshard_after_forward=plan.unit_reshard[unit],
-            shard_placement_fn=_dim1_placement(model, plan),
+            shard_placement_fn=dim1,
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
         )

@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from fsdp_frozen import FreezePolicy, PolicyError, describe, lora_tp_plan, shard_with_freezing
 from fsdp_frozen._torch_compat import split_groups_supported
 
-from .common import plain_fsdp
+from .common import adamw, plain_fsdp, train
 from .dist_harness import run_ranks
 from .models import batch, make_model
 
@@ -51,18 +51,9 @@ def _mp(policy: dict):
     return MixedPrecisionPolicy(param_dtype=dt[policy.get("param_dtype")], reduce_dtype=dt[policy.get("reduce_dtype")])
 
 
-def _steps(model, dp: int, steps: int = 3) -> list[float]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for step in range(steps):
-        x, y = batch(step, dp)  # the same batch on the TP ranks of one data-parallel rank
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+def _steps(model, dp: int, steps: int = 3, opt=None) -> list[float]:
+    """`steps` AdamW steps on the batches of data-parallel rank `dp` (the same on its TP ranks)."""
+    return train(model, steps, dp, opt=opt)
 
 
 def _full(model) -> dict[str, torch.Tensor]:
@@ -440,14 +431,14 @@ def _refreeze_tp(rank: int, world_size: int) -> dict:
     world = _world()
     dp = world.get_coordinate()[0]
     model = shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",)))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    _steps(model, dp, 1)
+    opt = adamw(model)
+    _steps(model, dp, 1, opt)
     before = _full(model)
     # open the last block (its TP-sharded weights included) and the final norm; close block 0's adapters
     refreeze(model, opt, FreezePolicy(units=("layers.*",), unfreeze=["layers.2.**", "norm.*"],
                                       freeze=["layers.0.**"]))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    losses = _steps(model, dp, 2)
+    losses = _steps(model, dp, 2, opt)
     after = _full(model)
     return {"moved": sorted(n for n in after if not torch.equal(before[n], after[n])), "flags": flags,
             "losses": losses, "placements": {n: str(p.placements) for n, p in model.named_parameters()

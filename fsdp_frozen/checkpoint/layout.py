@@ -243,24 +243,17 @@ def compare(
                 diffs.append(f"{stored} (load_checkpoint(..., cast=True) {verb} it on load)")
         elif have.shape != want.shape:
             diffs.append(f"{key!r}: shape {list(have.shape or ())} in the checkpoint, {list(want.shape or ())} in the model")
-        elif have.dtype != want.dtype and want.quantization is not None:  # NF4 quantized from another dtype
-            if cast:  # re-quantized from the saved values, never a cast of its factors
-                match.convert.append(key)
-                match.key_map[key] = src
-            else:
-                diffs.append(
-                    f"{key!r}: {want.quantization} quantized from {have.dtype} in the checkpoint, from {want.dtype} "
-                    f"in the model (pass cast=True to re-quantize on load)"
-                )
         elif have.dtype != want.dtype:
+            quantized = want.quantization is not None  # NF4 quantized from another dtype: re-quantized, never cast
             if cast:
-                match.cast.append(key)
+                (match.convert if quantized else match.cast).append(key)
                 match.key_map[key] = src
+            elif quantized:
+                diffs.append(f"{key!r}: {want.quantization} quantized from {have.dtype} in the checkpoint, from "
+                             f"{want.dtype} in the model (pass cast=True to re-quantize on load)")
             else:
-                diffs.append(
-                    f"{key!r}: dtype {have.dtype} in the checkpoint, {want.dtype} in the model "
-                    f"(pass cast=True to convert on load)"
-                )
+                diffs.append(f"{key!r}: dtype {have.dtype} in the checkpoint, {want.dtype} in the model "
+                             f"(pass cast=True to convert on load)")
         else:
             match.key_map[key] = src
 
