@@ -140,8 +140,8 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
         fqn = names[id(compat.sharded_param(fp))]
         fsdp_params[fqn], group_of[fqn] = fp, group
     param_groups = {(g.unit, g.kind): group_of[p] for g in plan.groups for p in g.params[:1] if p in group_of}
-    frozen_settings = [(group, compat.reshard_settings(group))
-                       for (_, kind), group in param_groups.items() if kind == FROZEN]
+    frozen_settings = [(group, compat.reshard_settings(group)) for (unit, kind), group in param_groups.items()
+                       if kind == FROZEN and not plan.frozen_group(unit).merged]  # [Note: merged frozen groups]
     state = ShardedModelState(policy=policy, plan=plan, mesh=mesh, fsdp_params=fsdp_params, param_groups=param_groups,
                               frozen_settings=frozen_settings, original_dtypes=original_dtypes)
     _move_unmanaged(model, plan, shard_device(mesh))
@@ -378,7 +378,7 @@ def _dim1_placement(model: nn.Module, plan: ShardingPlan) -> Any:
 def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
     """torch >= 2.13: one fully_shard per unit; frozen params go to a param group on their own PGs."""
     frozen_mesh_info = None
-    if any(g.kind == FROZEN for g in plan.groups):
+    if any(g.kind == FROZEN and not g.merged for g in plan.groups):
         frozen_mesh_info = process_groups.frozen_mesh_info(mesh)  # created once per mesh, then reused
 
     dim1 = _dim1_placement(model, plan)
@@ -387,6 +387,8 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
         frozen_group = plan.frozen_group(unit)
         if unit in plan.units_without_fsdp:  # [Note: whole frozen groups]
             continue
+        if frozen_group is not None and frozen_group.merged:  # in the trainable group ([Note: merged frozen groups])
+            frozen_group = None
         unmanaged = set(_unmanaged(plan, unit))
         frozen_ids = (
             {id(model.get_parameter(plan.path(f))) for f in frozen_group.params if f not in unmanaged}
@@ -419,7 +421,7 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
     dim1 = _dim1_placement(model, plan)
     for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
         frozen_group = plan.frozen_group(unit)
-        if frozen_group is not None:
+        if frozen_group is not None and not frozen_group.merged:  # [Note: merged frozen groups]
             modules = [model.get_submodule(plan.path(m)) for m in frozen_group.modules]
             reshard = frozen_group.reshard
             # what the plan keeps out of FSDP (NF4 weights at shard size 1) is out of this call too

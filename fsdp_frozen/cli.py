@@ -173,7 +173,8 @@ def run_estimates(args: argparse.Namespace) -> dict[str, Any]:
                 continue  # refused under TP (docs/tp.md): not a row
             row = estimate(build, args.world, policy, replicate=args.replicate, tp=args.tp).to_dict()
             if args.batch and args.seq:
-                row["activations"] = activation_bytes(config, args.batch, args.seq)
+                row["activations"] = activation_bytes(config, args.batch, args.seq, nf4_dense=row["nf4_dense_bytes"],
+                                                      nf4_head=dtype == "nf4" and row["nf4_dense_bytes"] > 0)
             rows.append(row)
     return {"model": os.path.abspath(args.model), "world": args.world, "replicate": args.replicate, "tp": args.tp,
             "peft": args.peft, "units": fields["units"], "estimates": rows}
@@ -222,6 +223,11 @@ def render_estimates(info: dict[str, Any]) -> str:
         lines += ["", f"Activations per rank at batch {acts['batch']} x {acts['seq']} (add to peak): "
                   f"{_size(acts['no_checkpointing_bytes'])} without activation checkpointing, "
                   f"{_size(acts['checkpointing_bytes'])} with it; method: {acts['method']}."]
+        nf4 = next((r["activations"] for r in info["estimates"] if r.get("activations", {}).get("nf4_dense_bytes")), None)
+        if nf4 and nf4 is not acts:
+            lines += ["", f"NF4 rows: {_size(nf4['checkpointing_bytes'])} with activation checkpointing (the NF4 head "
+                      f"dequantized for the loss, and a recomputed block's NF4 weights dequantized for its backward, "
+                      f"{_size(nf4['nf4_dense_bytes'])}, beside that block)."]
     lines += ["", "Per rank, exact from the sharding (fake process group); peak = persistent + the root's all-gather "
               "(gathered from its forward to the end of backward) + every after_backward frozen group's (all gathered "
               "at the turn to backward) + the two largest other units' (FSDP prefetches "

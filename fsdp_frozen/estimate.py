@@ -39,7 +39,8 @@ from .errors import PolicyError
 from .plan import FROZEN, REPLICATED
 from .policy import FreezePolicy
 from .replicate import fsdp_layout, padded_numels
-from .report import describe
+from .nf4_compute import get_nf4_compute
+from .report import describe, nf4_dense_bytes
 from .storage import is_nf4, storage_nbytes
 
 #: AdamW's per-parameter state: exp_avg and exp_avg_sq in the parameter's dtype, step as a float32 scalar.
@@ -84,6 +85,12 @@ class Estimate:
     #: with tp > 1: degree, colwise/rowwise linears, the TP plan's all-reduce bytes per token (forward,
     #: backward; ring all-reduces send about twice that per rank)
     tensor_parallel: dict[str, int] = field(default_factory=dict)
+    #: NF4 weights dequantized to the compute dtype beside a recomputed block: under the default
+    #: ``nf4_compute("fast")`` the largest non-root unit's, alive together from its recompute until each
+    #: weight's backward ([Note: NF4 dequantization reuse]); under "fast_dequant" / "torchao" the largest
+    #: single weight (one at a time). Not in `peak_bytes` (it comes with a recomputed block, not at the
+    #: loss's peak): ``activation_bytes(..., nf4_dense=)`` adds it there
+    nf4_dense_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -111,6 +118,24 @@ def _reduce_itemsize(local: torch.Tensor, policy: FreezePolicy) -> int:
     return dtype.itemsize
 
 
+def gathered_bytes(model: nn.Module, group: Any) -> int:
+    """The all-gather output bytes of one plan group of a sharded model: each FSDP parameter's padded
+    shard times the shard ranks, in the gathered dtype (``param_dtype``; NF4 at its packed size).
+    Parameters FSDP does not manage (NF4 at shard size 1, replicated ones) are never gathered."""
+    state = sharded_state(model)
+    per_rank = 0
+    for fqn in group.params:
+        fp = state.fsdp_params.get(fqn)
+        if fp is None:
+            continue
+        local = compat.local_tensor(compat.sharded_param(fp))
+        if is_nf4(local):
+            per_rank += storage_nbytes(local)
+        else:
+            per_rank += math.prod(compat.padded_shard_size(fp)) * _gathered_itemsize(local, state.policy.torch_param_dtype)
+    return per_rank * state.plan.shard_size
+
+
 def measure(model: nn.Module) -> Estimate:
     """The numbers of a model already sharded by `shard_with_freezing` (on a fake or a real group)."""
     state = sharded_state(model)
@@ -124,22 +149,14 @@ def measure(model: nn.Module) -> Estimate:
     trainable_params = [model.get_parameter(plan.path(p)) for g in plan.groups if g.kind != FROZEN for p in g.params]
     optimizer = sum(2 * storage_nbytes(compat.local_tensor(p)) + ADAMW_STEP_BYTES for p in trainable_params)
 
-    gather: dict[tuple[str, str], int] = {}  # (unit, kind) -> all-gather output bytes of that group
+    gather = {(g.unit, g.kind): gathered_bytes(model, g) for g in plan.groups}  # all-gather output bytes
     reduce = 0
     for g in plan.groups:
-        per_rank = 0
         for fqn in g.params:
             fp = state.fsdp_params.get(fqn)
-            if fp is None:  # not managed by FSDP (NF4 at shard size 1): never gathered
-                continue
-            local = compat.local_tensor(compat.sharded_param(fp))
-            if is_nf4(local):
-                per_rank += storage_nbytes(local)
-            else:
-                per_rank += math.prod(compat.padded_shard_size(fp)) * _gathered_itemsize(local, policy.torch_param_dtype)
-            if g.kind != FROZEN:
+            if fp is not None and g.kind != FROZEN:
+                local = compat.local_tensor(compat.sharded_param(fp))
                 reduce += shard_size * math.prod(compat.padded_shard_size(fp)) * _reduce_itemsize(local, policy)
-        gather[(g.unit, g.kind)] = per_rank * shard_size
     by_record = {(r.unit, r.kind): r for r in records}
     all_gather = {"frozen": 0, "trainable": 0}
     kept = 0
@@ -202,6 +219,7 @@ def measure(model: nn.Module) -> Estimate:
         all_reduce_bytes_per_step=(reduce // shard_size if replicate > 1 else 0) + all_reduce,
         checkpoint_full_bytes=full, checkpoint_trainable_bytes=trainable_global + optimizer_global,
         frozen_process_groups=process_groups.count(plan, state.mesh.ndim),
+        nf4_dense_bytes=nf4_dense_bytes(model, together=get_nf4_compute() == "fast"),
     )
 
 
@@ -247,7 +265,7 @@ def loss_bytes(tokens: int, hidden: int, vocab: int, dtype_bytes: int = 2, *, ch
 
 
 def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 2, *, loss_chunks: int = LOSS_CHUNKS,
-                     nf4_head: bool = False) -> dict[str, Any]:
+                     nf4_head: bool = False, nf4_dense: int = 0, offload: bool = False) -> dict[str, Any]:
     """Activation bytes per rank of a decoder-only transformer (a Hugging Face config) trained the
     recipes' way, with and without activation checkpointing of every block.
 
@@ -261,7 +279,11 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 2, *,
     it saves for backward is one N x h gradient: so without checkpointing the peak is all layers plus
     the loss, with it the saved inputs plus the larger of the loss and one recomputed layer. An
     estimate, unlike the other numbers: it ignores LoRA's rank-r intermediates, the gradients in
-    flight during a block's backward, and the final norm's own saved tensors.
+    flight during a block's backward, and the final norm's own saved tensors. `nf4_dense`
+    (`Estimate.nf4_dense_bytes`): a block's NF4 weights dequantized in its recompute and kept for its
+    backward ([Note: NF4 dequantization reuse]), added to the recomputed layer. `offload`: the
+    checkpointed inputs live in host memory between forward and backward (recipes/offload.py), and
+    one comes back with the block it feeds.
     """
     h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     tokens = batch * seq
@@ -270,7 +292,11 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 2, *,
     loss = loss_bytes(tokens, h, vocab, dtype_bytes, chunks=loss_chunks, nf4_head=nf4_head)
     total = sum(loss.values())
     nf4_extra = 0 if nf4_head or not loss_chunks else vocab * h * dtype_bytes
-    with_nf4 = inputs + max(per_layer, total + nf4_extra)
+    recomputed = per_layer + nf4_dense
+    kept_inputs = inputs
+    if offload:  # the saved inputs on the host; the recomputed block's back on the device
+        kept_inputs, recomputed = 0, recomputed + tokens * h * dtype_bytes
+    with_nf4 = kept_inputs + max(recomputed, total + nf4_extra)
     how = (f"the recipes' chunked cross-entropy (recipes/loss.py), {loss_chunks} chunks of "
            f"{math.ceil(tokens / loss_chunks)} tokens: the head's input, its saved gradient (N*h each) and one "
            f"chunk's logits (C*V*(2+4) at bf16), never the full fp32 logits" if loss_chunks else
@@ -281,12 +307,17 @@ def activation_bytes(config: Any, batch: int, seq: int, dtype_bytes: int = 2, *,
                   + (f"; an NF4 head (frozen_dtype nf4) adds its dequantized copy to the loss (V*h*2 = "
                      f"{nf4_extra / 2**30:.2f} GiB: {with_nf4 / 2**30:.2f} GiB with checkpointing)" if nf4_extra else
                      "; the head's NF4 copy dequantized for the loss (V*h*2) counted" if nf4_head and loss_chunks
-                     else ""),
+                     else "")
+                  + (f"; a recomputed block's NF4 weights dequantized for its backward ({nf4_dense / 2**30:.2f} GiB) "
+                     f"added to it" if nf4_dense else "")
+                  + ("; the checkpointed inputs offloaded to host memory (recipes/offload.py): one back on the "
+                     "device with the block it feeds" if offload else ""),
         "batch": batch, "seq": seq, "loss_chunks": loss_chunks, "nf4_head": nf4_head,
         "layer_bytes": per_layer, "checkpointed_inputs_bytes": inputs, "loss_bytes": total, "loss_terms": loss,
         "nf4_head_extra_bytes": nf4_extra,  #: what an NF4 head would add to checkpointing_bytes (not included)
         "no_checkpointing_bytes": layers * per_layer + total,
-        "checkpointing_bytes": inputs + max(per_layer, total),
+        "nf4_dense_bytes": nf4_dense, "offload": offload,
+        "checkpointing_bytes": kept_inputs + max(recomputed, total),
     }
 
 

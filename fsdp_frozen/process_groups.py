@@ -64,8 +64,9 @@ def count(plan: Any, mesh_ndim: int) -> int:
     replicate x N; only the N-rank shard group ever communicates). On NCCL a communicator is created
     at a group's first collective (setup time, and its buffers: NCCL_BUFFSIZE, 4 MiB by default, per
     channel and peer), so the unused replicate group costs none. The structural fallback shares the
-    mesh's groups: 0."""
-    managed = [g for g in plan.groups if g.kind == "frozen" and any(p not in plan.unmanaged for p in g.params)]
+    mesh's groups: 0; so do merged frozen groups ([Note: merged frozen groups] in plan.py)."""
+    managed = [g for g in plan.groups if g.kind == "frozen" and not g.merged
+               and any(p not in plan.unmanaged for p in g.params)]
     if not plan.split or not managed:
         return 0
     return mesh_ndim + 2 * len({g.reshard for g in managed if isinstance(g.reshard, int) and not isinstance(g.reshard, bool)})

@@ -11,7 +11,7 @@ from . import _torch_compat as compat
 from . import process_groups
 from .apply import sharded_state
 from .plan import FROZEN
-from .storage import storage_nbytes
+from .storage import nf4_dtype, storage_nbytes
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,14 @@ class GroupRecord:
     all_reduces_per_step: int = 0  #: expected per step over the shard dim (the replicated trainable group)
     note: str = ""  #: e.g. frozen parameters a torch < 2.13 could not split off
     why: str = ""  #: why the group got its reshard: the policy field, the root rule, auto's budget, a setter
+    #: a frozen group gathered inside its unit's trainable group: `all_gathers_per_step` counts its bytes
+    #: gathered, in the trainable group's collectives, none of its own ([Note: merged frozen groups])
+    merged: bool = False
+
+    @property
+    def own_all_gathers_per_step(self) -> int:
+        """All-gather collectives this group launches per step (a merged frozen group: none)."""
+        return 0 if self.merged else self.all_gathers_per_step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,7 +62,7 @@ class Description(list):
         header = ("unit", "group", "params", "numel", "dtype", "reshard", "bytes/rank", "unsharded", "AG/step", "RS/step", "AR/step")
         rows = [header] + [
             (
-                r.unit or "<root>", r.kind, str(len(r.params)), f"{r.numel:,}",
+                r.unit or "<root>", r.kind + (" (merged)" if r.merged else ""), str(len(r.params)), f"{r.numel:,}",
                 r.storage_dtype if r.storage_dtype == r.gathered_dtype else f"{r.storage_dtype}->{r.gathered_dtype}",
                 r.reshard, f"{r.sharded_bytes:,}", f"{r.unsharded_bytes:,}", str(r.all_gathers_per_step),
                 str(r.reduce_scatters_per_step), str(r.all_reduces_per_step),
@@ -87,9 +95,11 @@ def _effective(g: Any, group: Any, shard_size: int) -> tuple[str, int]:
     """(reshard label, all-gathers per step) of a plan group as its FSDP param group will run it.
 
     Frozen groups are held to the plan (FSDP's setters cannot change them, see `apply`); a trainable
-    group follows FSDP's setters, so it is read from the group itself.
+    group follows FSDP's setters, so it is read from the group itself, and so is a merged frozen
+    group (it is the trainable group's; [Note: merged frozen groups] in plan.py), labelled by its
+    frozen policy while the group runs as planned.
     """
-    if g.kind == FROZEN or group is None:
+    if (g.kind == FROZEN and not g.merged) or group is None:
         return str(g.reshard), g.all_gathers_per_step
     after_forward = compat.reshard_after_forward_of(group)
     after_backward = compat.reshard_settings(group)[1]
@@ -98,6 +108,8 @@ def _effective(g: Any, group: Any, shard_size: int) -> tuple[str, int]:
     else:  # forward gathers unless still gathered from backward; backward re-gathers after a reshard
         gathers = int(after_backward) + int(after_forward is not False)
     label = str(after_forward) + ("" if after_backward else ", kept after backward")
+    if g.merged and after_backward and after_forward is (g.reshard == "after_forward"):
+        return str(g.reshard), gathers
     return label, gathers
 
 
@@ -120,6 +132,24 @@ def _tensor_parallel(model: nn.Module, dp_names: tuple[str, ...]) -> dict[str, i
     return {"degree": degree, "colwise": counts[0], "rowwise": counts[1]} if degree > 1 else None
 
 
+def nf4_dense_bytes(model: nn.Module, unit: str | None = None, *, together: bool = True) -> int:
+    """Bytes of a unit's NF4 weights dequantized to the compute dtype (`storage.nf4_dtype`); without
+    `unit`, the largest non-root unit's (the root's head, dequantized for the loss, is the loss's term).
+    ``together=False``: the largest single weight's instead (one dequantized at a time)."""
+    state = sharded_state(model)
+    plan, mp = state.plan, state.policy.torch_param_dtype
+    dense: dict[str, list[int]] = {}
+    for g in plan.groups:
+        for fqn in g.params:
+            if fqn in plan.quantized:
+                n = model.get_parameter(plan.path(fqn)).numel() * nf4_dtype(mp, state.original_dtypes[fqn]).itemsize
+                dense.setdefault(g.unit, []).append(n)
+    pick = sum if together else max
+    if unit is not None:
+        return pick(dense.get(unit, [0]))
+    return max((pick(v) for u, v in dense.items() if u != ""), default=0)
+
+
 def describe(model: nn.Module) -> Description:
     """Records of every param group `shard_with_freezing` built on `model` (this rank's bytes).
 
@@ -135,6 +165,11 @@ def describe(model: nn.Module) -> Description:
         dense = {p: plan.not_quantized[p] for p in g.params if p in plan.not_quantized}
         notes = [f"frozen but not split off (torch < 2.13): {unsplit}"] if unsplit else []
         notes += [f"not NF4, kept in {g.gathered_dtype.split('+')[-1]}: " + "; ".join(f"{p} ({why})" for p, why in dense.items())] if dense else []
+        if g.kind == FROZEN and any(p in plan.quantized for p in g.params):
+            notes.append(f"NF4 dequantized to the compute dtype in each linear: {nf4_dense_bytes(model, g.unit):,} "
+                         f"bytes for all of them, alive together under activation checkpointing with "
+                         f"nf4_compute 'fast' (from the recompute until each weight's backward), one weight at a "
+                         f"time otherwise (at most {nf4_dense_bytes(model, g.unit, together=False):,})")
         reshard, gathers = _effective(g, state.param_groups.get((g.unit, g.kind)), plan.shard_size)
         records.append(
             GroupRecord(
@@ -149,7 +184,7 @@ def describe(model: nn.Module) -> Description:
                 unsharded_bytes=g.unsharded_bytes, all_gathers_per_step=gathers,
                 reduce_scatters_per_step=g.reduce_scatters_per_step, all_reduces_per_step=g.all_reduces_per_step,
                 why=g.why if reshard == str(g.reshard) else f"set by FSDP's set_reshard_after_* (planned: {g.why})",
-                note=" | ".join(notes),
+                note=" | ".join(notes), merged=g.merged,
             )
         )
     return records

@@ -51,7 +51,7 @@ from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E40
 from fsdp_frozen.apply import sharded_state  # noqa: E402
 from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
 from fsdp_frozen import _torch_compat as compat  # noqa: E402
-from fsdp_frozen.diagnostics import CommCounter, frozen_group_names  # noqa: E402
+from fsdp_frozen.diagnostics import CommCounter, frozen_group_names, merged_frozen_all_gather_bytes  # noqa: E402
 from fsdp_frozen.diagnostics import PeakTensorMemory, state_tensors  # noqa: E402
 from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
@@ -153,12 +153,23 @@ def variant_name(policy: str, dtype: str, grouping: str = "per_unit") -> str:
     return name if grouping == "per_unit" else f"{name}, {'replicated' if grouping == 'replicate' else grouping} trainable"
 
 
-def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: torch.device) -> nn.Module:
+def checkpointed(model: nn.Module, ac: bool) -> nn.Module:
+    """With `ac`, every block in torch's ``checkpoint_wrapper`` (non-reentrant), as users apply AC."""
+    if ac:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = checkpoint_wrapper(layer)
+    return model
+
+
+def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: torch.device,
+          ac: bool = False) -> nn.Module:
     """`variant`: (frozen policy, frozen dtype key, trainable grouping or "none": no units), or None for
     plain FSDP2."""
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaLoRA(cfg)
+        model = checkpointed(LlamaLoRA(cfg), ac)
     if variant is None:
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.layers:
@@ -174,11 +185,11 @@ def build(variant: tuple[str, str, str] | None, cfg: LlamaConfig, mesh, device: 
     return shard_with_freezing(model, mesh, policy)
 
 
-def build_compute_floor(cfg: LlamaConfig, device: torch.device) -> nn.Module:
+def build_compute_floor(cfg: LlamaConfig, device: torch.device, ac: bool = False) -> nn.Module:
     """The same model, all in bf16, unsharded on each rank: the per-rank compute alone (a step-time floor)."""
     torch.manual_seed(0)
     with torch.device(device):
-        return LlamaLoRA(cfg).to(torch.bfloat16)
+        return checkpointed(LlamaLoRA(cfg).to(torch.bfloat16), ac)
 
 
 def persistent_bytes(model: nn.Module) -> tuple[int, int]:
@@ -317,6 +328,9 @@ def parse_args() -> argparse.Namespace:
                     help="AdamW implementation of every variant and of the compute floor")
     ap.add_argument("--profile-nf4", action="store_true",
                     help="profile one step of the NF4 after_forward variant and print where its time goes")
+    ap.add_argument("--ac", action="store_true",
+                    help="activation checkpointing: every block wrapped in checkpoint_wrapper (non-reentrant), in "
+                         "every variant and floor")
     ap.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
     ap.add_argument("--checkpoint-only", action="store_true",
                     help="only the checkpoint saves (plain FSDP2 and after_forward/bf16; no training steps): "
@@ -393,7 +407,9 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
             "step_time_s": statistics.median(times[v]),
             "tokens_per_s": tokens / statistics.median(times[v]),
             "all_gather_bytes": counter.total("all_gather"),
-            "frozen_all_gather_bytes": counter.total("all_gather", fpgs),
+            # frozen bytes on the frozen groups' process groups, and those merged into trainable groups
+            "frozen_all_gather_bytes": counter.total("all_gather", fpgs)
+            + (merged_frozen_all_gather_bytes(models[v]) if v != "plain" else 0),
             "reduce_scatter_bytes": counter.total("reduce_scatter"),
             "all_gathers": counter.total("all_gather", count=True),
             "frozen_all_gathers": counter.total("all_gather", fpgs, count=True),
@@ -441,7 +457,7 @@ def main() -> None:
     rank, world, cuda = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, hidden_dim=int(args.dim * 8 / 3) // 32 * 32)
     variants, out = args.variant_list, Path(args.out)
-    models = {v: build(args.specs[v], cfg, mesh, device) for v in variants}
+    models = {v: build(args.specs[v], cfg, mesh, device, args.ac) for v in variants}
     opts = {v: make_optimizer(m, args.optimizer) for v, m in models.items()}
     if args.checkpoint_only:
         for v in variants:  # AdamW state as after a step (DCP initialises it: zero grads, lr 0)
@@ -456,7 +472,7 @@ def main() -> None:
         return
     averagers = {}
     for name in (FLOOR, DP_FLOOR, DP_OVERLAP):
-        models[name] = build_compute_floor(cfg, device)
+        models[name] = build_compute_floor(cfg, device, args.ac)
         opts[name] = make_optimizer(models[name], args.optimizer)
         if name != FLOOR:
             averagers[name] = GradientAverager(models[name], overlap=name == DP_OVERLAP)
@@ -486,6 +502,9 @@ def main() -> None:
     timed = [*variants, FLOOR, DP_FLOOR, DP_OVERLAP] + ([COLLECTIVES] if comm_only else []) + ([COLLECTIVES_AR] if comm_ar else [])
     times = time_round_robin(step, timed, args.warmup, args.steps, cuda)
     results = measure(step, models, opts, times, variants, args.batch * args.seq * world, cuda)
+    for v, spec in args.specs.items():  # NF4 against bf16 storage, same policy and grouping, paired by round
+        if spec is not None and spec[1] == "nf4" and variant_name(spec[0], "bf16", spec[2]) in results:
+            results[v]["vs_bf16"] = paired_ratio(times, v, variant_name(spec[0], "bf16", spec[2]))
     # the data-parallel floors are real data-parallel steps: their replicas stay equal across ranks
     replicas_agree = {name: replicas_equal(models[name]) for name in (DP_FLOOR, DP_OVERLAP)}
     layout = str(describe(models["after_forward"]))
@@ -495,7 +514,7 @@ def main() -> None:
                             out / "ckpt", args.save_repeats)
     if rank == 0:
         floor_s = statistics.median(times[FLOOR])
-        meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg),
+        meta = {"world_size": world, "device": device.type, "torch": torch.__version__, "config": vars(cfg), "ac": args.ac,
                 "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
                 "compute_floor_step_time_s": floor_s, "compute_floor_ratio": paired_ratio(times, FLOOR, "plain"),
                 "data_parallel_floor_step_time_s": statistics.median(times[DP_FLOOR]),
@@ -519,6 +538,7 @@ def render(results: dict, meta: dict) -> str:
     lines = [
         f"world {meta['world_size']} ({meta['device']}), torch {meta['torch']}, {meta['config']['n_layers']} blocks, "
         f"dim {meta['config']['dim']}, LoRA r{meta['config']['lora_rank']}, bf16 compute, batch {meta['batch']}x{meta['seq']}, "
+        f"{'activation checkpointing (every block), ' if meta.get('ac') else ''}"
         f"median of {meta['steps']} steps",
         "",
         "| variant | step ms | vs plain | vs floor | vs DP floor | tok/s | AG/step (frozen) | RS/step | AR/step | AG MiB/step "
@@ -570,7 +590,8 @@ def render_nf4(results: dict) -> str:
             continue
         ag = nf4["frozen_all_gather_bytes"] / bf16["frozen_all_gather_bytes"] if bf16["frozen_all_gather_bytes"] else 0
         lines.append(f"- {policy}: NF4 frozen bytes/rank {nf4['frozen_persistent_ratio']:.3f}x plain FSDP2's fp32; "
-                     f"frozen all-gather bytes/step {ag:.3f}x the bf16 run's")
+                     f"frozen all-gather bytes/step {ag:.3f}x the bf16 run's; step time "
+                     f"{nf4.get('vs_bf16', float('nan')):.2f}x the bf16 run's (paired by round)")
     return "\nNF4 frozen storage:\n" + "\n".join(lines) if lines else ""
 
 

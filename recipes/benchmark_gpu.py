@@ -174,7 +174,8 @@ def estimate_gib(frozen_dtype: str, a: argparse.Namespace) -> float:
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGET_MODULES}
     config = llama_config(a)
     est = estimate(hf_builder(config, lora), 1, policy_for(frozen_dtype, ["LlamaDecoderLayer"], a))
-    acts = activation_bytes(config, a.batch, a.seq, loss_chunks=a.loss_chunks, nf4_head=frozen_dtype == "nf4")
+    acts = activation_bytes(config, a.batch, a.seq, loss_chunks=a.loss_chunks, nf4_head=frozen_dtype == "nf4",
+                            nf4_dense=est.nf4_dense_bytes, offload=a.offload_activations)
     return (est.peak_bytes + acts["checkpointing_bytes"]) / 2**30
 
 
@@ -186,6 +187,11 @@ def step_loss(model, ids, a: argparse.Namespace):
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/loss.py beside this file
     from loss import causal_lm_loss, shifted_targets
 
+    if a.offload_activations:  # recipes/offload.py: the checkpointed blocks' inputs to pinned host memory
+        from offload import OffloadActivations
+
+        with OffloadActivations():
+            return causal_lm_loss(model, shifted_targets(ids), input_ids=ids, chunks=a.loss_chunks)
     return causal_lm_loss(model, shifted_targets(ids), input_ids=ids, chunks=a.loss_chunks)
 
 
@@ -277,7 +283,8 @@ def header(meta: dict) -> list[str]:
     peak = "peak GiB" if meta.get("device") == "cuda" else "host peak RSS GiB (CPU)"
     return [f"{meta.get('date')}, {meta.get('gpu')}, torch {meta.get('torch')}: {shape}, {layers} layers{partial}, "
             f"LoRA r=8 on {', '.join(TARGET_MODULES)}, batch {meta.get('batch')} x {meta.get('seq')}, bf16, "
-            f"activation checkpointing, {loss_label(meta.get('loss_chunks', 0))}, not compiled; "
+            f"activation checkpointing{' with its inputs offloaded to host memory' if meta.get('offload_activations') else ''}, "
+            f"{loss_label(meta.get('loss_chunks', 0))}, not compiled; "
             f"peak = {meta.get('peak_metric')}", "",
             f"| frozen | {peak} | estimate GiB (ratio) | tok/s | load s | torchtune (8B, RTX 4090, compiled) |",
             "|---|---|---|---|---|---|"]
@@ -353,6 +360,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nf4-scaler-block-size", type=int, default=None, help="default 256 (torchao's)")
     ap.add_argument("--loss-chunks", type=int, default=8,
                     help="the loss in this many chunks of tokens (recipes/loss.py); 0: the model's own unchunked loss")
+    ap.add_argument("--offload-activations", action="store_true",
+                    help="the checkpointed blocks' inputs to pinned host memory in forward (recipes/offload.py)")
     ap.add_argument("--time-limit", type=float, default=0.0,
                     help="seconds this process may take: fewer measured steps (at least 1) when the load was slow")
     ap.add_argument("--frozen-dtypes", default="bfloat16,nf4")
@@ -459,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "lora_targets": TARGET_MODULES,
             "peak_metric": PEAK_CUDA if a.device == "cuda" else PEAK_HOST, "base": str(base),
             "write_base_s": written["seconds"], **{k: getattr(a, k) for k in (*SHAPE_8B, "batch", "seq", "steps",
-                                                                           "warmup", "loss_chunks")}}
+                                                                           "warmup", "loss_chunks",
+                                                                           "offload_activations")}}
     rc = 0
     for d in dtypes:
         t0 = time.perf_counter()

@@ -90,9 +90,18 @@ def build_peft(layers: int, args: argparse.Namespace) -> nn.Module:
     return model
 
 
+#: suffixes of the extra per_unit rows: ``coalesce_frozen=True`` (each block's frozen group merged into its
+#: trainable group where both reshard alike, [Note: merged frozen groups]: one all-gather per block each
+#: way, as plain FSDP2) and, for after_backward, with ``trainable_reshard=False`` too (then they reshard alike)
+COALESCED, KEPT = " (coalesced)", " (trainable kept, coalesced)"
+
+
 def policy_of(grouping: str, frozen: str) -> FreezePolicy:
-    return FreezePolicy(units=UNITS, frozen_reshard=frozen, trainable_grouping=grouping, frozen_dtype="bfloat16",
-                        param_dtype="bfloat16", reduce_dtype="float32")
+    kept, coalesced = frozen.endswith(KEPT), frozen.endswith(COALESCED)
+    return FreezePolicy(units=UNITS, frozen_reshard=frozen.removesuffix(KEPT).removesuffix(COALESCED),
+                        trainable_grouping=grouping, frozen_dtype="bfloat16", param_dtype="bfloat16",
+                        reduce_dtype="float32", trainable_reshard=False if kept else None,
+                        coalesce_frozen=kept or coalesced)
 
 
 def build(name: str, layers: int, args: argparse.Namespace, mesh) -> nn.Module:
@@ -200,6 +209,9 @@ def run_layers(layers: int, args: argparse.Namespace, mesh) -> dict:
     """Every variant at `layers` decoder layers: timed rounds, then the package's hooks profiled."""
     rank = dist.get_rank()
     names = [PLAIN, FLOOR, PLAIN2] + [variant(g, p) for g in args.groupings for p in args.policies]
+    if "per_unit" in args.groupings:
+        names += [variant("per_unit", p + (KEPT if p == "after_backward" else COALESCED))
+                  for p in args.policies if p != "never"]
     models, opts = {}, {}
     for name in names:
         models[name] = build(name, layers, args, mesh)

@@ -52,6 +52,7 @@ DIMENSIONS: dict[str, tuple] = {
     "precision": ("fp32", "bf16", "bf16_fp32_frozen", "nf4"),
     "build": ("real", "meta"),
     "units": ("glob", "class"),
+    "coalesce": (False, True),  #: FreezePolicy.coalesce_frozen
 }
 #: frozen_reshard="auto" keeps gathered what fits in this many bytes per rank (some groups, not all)
 AUTO_BUDGET = 40_000
@@ -80,6 +81,10 @@ FALLBACK_REFUSAL = ("trainable_grouping='replicate'", "use trainable_grouping='r
 #: parameters within this (measured up to 5.4e-6 on 2.13 with the fallback forced; the cause is not
 #: found yet: issue 23). The in-repo models are bitwise there too.
 FALLBACK_HF_PARAM_ATOL = 1e-5
+#: ... and so the losses after the first step, relative: Qwen2 + DoRA under checkpoint_wrapper with the
+#: adapters replicated (a case the covering picked on 2026-12-03) differs from plain FSDP2 by 1e-7 relative
+#: at step 2 on torch 2.11.0 (4.761841297 against 4.761841774), coalesce_frozen or not
+FALLBACK_HF_LOSS_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class Case:
     precision: str
     build: str
     units: str
+    coalesce: bool = False
 
     @property
     def world(self) -> int:
@@ -278,6 +284,7 @@ def policy_of(case: Case, **extra: Any) -> FreezePolicy:
         "units": fam.glob if case.units == "glob" else fam.classes,
         "frozen_reshard": case.frozen_reshard,
         "trainable_grouping": case.trainable_grouping,
+        "coalesce_frozen": case.coalesce,
     }
     if fam.freeze:
         fields.update(freeze=fam.freeze, unfreeze=fam.unfreeze)
@@ -401,7 +408,7 @@ def _reference(case: Case, tmp: str, world: int, trainable: dict[str, torch.Tens
 
 
 def _all_gathers(model: nn.Module) -> int:
-    return sum(r.all_gathers_per_step for r in describe(model))
+    return sum(r.own_all_gathers_per_step for r in describe(model))
 
 
 def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:

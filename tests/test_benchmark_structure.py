@@ -39,8 +39,10 @@ def test_benchmark_structure_smoke(tmp_path):
     for layers, summary, counts in zip((1, 2), got["summaries"], got["counts"]):
         assert counts["trainable_parameters"] == 14 * layers  # LoRA A and B on 7 linears per block
         rows = summary["rows"]
-        assert set(rows) == {f"{g} / {p}" for g in ("per_unit", "root", "replicate") for p in POLICIES}
+        coalesced = "per_unit / after_forward (coalesced)"  # coalesce_frozen=True: a block's groups merged
+        assert set(rows) == {f"{g} / {p}" for g in ("per_unit", "root", "replicate") for p in POLICIES} | {coalesced}
         plain, plain2 = summary["plain_collectives"], summary["plain2_collectives"]
+        assert rows[coalesced]["collectives"]["all_gather"] == plain["all_gather"], rows[coalesced]
         assert plain["reduce_scatter"] == layers and plain["all_gather"] == 1 + 2 * layers  # root kept, blocks twice
         assert plain2["all_gather"] == 1 + 4 * layers  # a second group per block: two more per block
         for name, row in rows.items():

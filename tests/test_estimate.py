@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,12 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.checkpoint import FileSystemReader
 
-from fsdp_frozen import FreezePolicy, PolicyError, shard_with_freezing
+from fsdp_frozen import FreezePolicy, PolicyError, describe, shard_with_freezing
 from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen._torch_compat import local_tensor
 from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import save_checkpoint
-from fsdp_frozen.estimate import activation_bytes, estimate, loss_bytes, measure
+from fsdp_frozen.diagnostics import merged_frozen_all_gather_bytes
+from fsdp_frozen.estimate import activation_bytes, estimate, fake_process_group, loss_bytes, measure
 
 from .common import CommCounter, frozen_group_names, mesh_1d
 from .dist_harness import run_ranks
@@ -31,6 +33,9 @@ POLICIES = {
     "never": dict(frozen_reshard="never"),
     "nf4": dict(frozen_dtype="nf4", param_dtype="bfloat16", nf4_block_size=32, nf4_scaler_block_size=4),
     "root": dict(frozen_reshard="never", trainable_grouping="root", param_dtype="bfloat16"),
+    # [Note: merged frozen groups]: the blocks' and the root's frozen groups in their trainable groups
+    "coalesced": dict(frozen_dtype="bfloat16", param_dtype="bfloat16", trainable_grouping="per_unit",
+                      coalesce_frozen=True),
 }
 
 
@@ -61,6 +66,14 @@ def _real(rank: int, world: int, tmp: str) -> dict:
     for name in POLICIES:
         model = shard_with_freezing(make_model(), mesh_1d(world), _policy(name))
         frozen_pgs = frozen_group_names(model)
+        # frozen bytes gathered in their unit's trainable group's all-gathers ([Note: merged frozen groups]):
+        # what each merged parameter puts in the gathered buffer (padded rows x ranks, param_dtype)
+        state = sharded_state(model)
+        dtype = state.policy.torch_param_dtype
+        merged_ag = sum(math.prod(compat.padded_shard_size(state.fsdp_params[f])) * world
+                        * (dtype or state.fsdp_params[f].orig_dtype).itemsize * g.all_gathers_per_step
+                        for g in state.plan.groups if g.merged for f in g.params) if world > 1 else 0
+        assert merged_ag == merged_frozen_all_gather_bytes(model)  # the benchmarks' helper says the same
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         counter = CommCounter()
         steps = []
@@ -75,7 +88,7 @@ def _real(rank: int, world: int, tmp: str) -> dict:
                 grads = _storage(p.grad for p in model.parameters() if p.grad is not None)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                frozen_ag = counter.total("all_gather", frozen_pgs)
+                frozen_ag = counter.total("all_gather", frozen_pgs) + merged_ag
                 steps.append({"frozen_ag": frozen_ag, "trainable_ag": counter.total("all_gather") - frozen_ag,
                               "rs": counter.total("reduce_scatter"), "grads": grads, "gathered_after_forward": gathered})
         path = save_checkpoint(os.path.join(tmp, f"{name}-{world}"), model, opt, frozen="include")
@@ -195,6 +208,14 @@ def test_activations_model_the_recipes_chunked_loss():
     nf4 = activation_bytes(config, 2, 2048, nf4_head=True)  # QLoRA: the head dequantized once for the loss
     assert nf4["loss_terms"]["nf4_head_dequantized"] == v * h * e and nf4["nf4_head_extra_bytes"] == 0
     assert nf4["checkpointing_bytes"] == inputs + sum(nf4["loss_terms"].values())
+    # QLoRA under checkpointing: a recomputed block's NF4 weights dequantized for its backward come with it
+    dense = activation_bytes(config, 2, 2048, nf4_head=True, nf4_dense=layer)
+    assert dense["checkpointing_bytes"] == inputs + max(2 * layer, sum(nf4["loss_terms"].values()))
+    assert "NF4 weights dequantized for its backward" in dense["method"]
+    # offloaded inputs (recipes/offload.py): none kept on the device, one back with the recomputed block
+    off = activation_bytes(config, 2, 2048, offload=True)
+    assert off["checkpointing_bytes"] == max(layer + n * h * e, sum(acts["loss_terms"].values()))
+    assert off["no_checkpointing_bytes"] == acts["no_checkpointing_bytes"] and "offloaded" in off["method"]
     unchunked = activation_bytes(config, 2, 2048, loss_chunks=0)
     assert unchunked["loss_terms"] == {"head_input": n * h * e, "logits_fp32_x3": 12 * n * v}
     assert "unchunked" in unchunked["method"]
@@ -214,3 +235,30 @@ def test_after_backward_peak_holds_every_frozen_group_at_the_turn():
     peaks = {r: estimate(build, 4, FreezePolicy(units=["layers.*"], frozen_reshard=r)).peak_bytes
              for r in ("after_forward", "after_backward", "never")}
     assert peaks["after_backward"] == peaks["never"] > peaks["after_forward"], peaks
+
+
+def test_nf4_dense_bytes_are_the_largest_blocks_weights_in_the_compute_dtype():
+    """`Estimate.nf4_dense_bytes` and describe()'s note: one block's NF4 weights dequantized to bf16
+    ([Note: NF4 dequantization reuse]), counted from the plan's quantized set, not the estimate's code."""
+    from fsdp_frozen.plan import build_plan
+
+    policy = _policy("nf4")
+    plan = build_plan(make_model(), policy, shard_size=2)
+    params = dict(make_model().named_parameters())
+    per_unit = {}
+    for g in plan.groups:
+        per_unit[g.unit] = per_unit.get(g.unit, 0) + sum(params[f].numel() * 2 for f in g.params if f in plan.quantized)
+    want = max(v for u, v in per_unit.items() if u != "")
+    assert want > 0
+    assert estimate(_meta_model, 2, policy).nf4_dense_bytes == want
+    assert estimate(_meta_model, 2, _policy("after_forward")).nf4_dense_bytes == 0
+    from fsdp_frozen.nf4_compute import nf4_compute
+
+    with nf4_compute("fast_dequant"):  # no reuse: one weight dequantized at a time
+        one = estimate(_meta_model, 2, policy).nf4_dense_bytes
+    assert one == max(params[f].numel() * 2 for f in plan.quantized if not f.startswith("head")) < want
+    with fake_process_group(2):
+        with torch.device("meta"):
+            model = make_model()
+        notes = {r.unit: r.note for r in describe(shard_with_freezing(model, mesh_1d(2), policy)) if r.kind == "frozen"}
+    assert f"NF4 dequantized to the compute dtype in each linear: {per_unit['layers.0']:,} bytes" in notes["layers.0"]

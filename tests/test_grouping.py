@@ -107,7 +107,7 @@ def _parity(rank: int, world: int) -> dict:
             "n_trainable": sum(p.requires_grad for p in _model(variant).parameters()),
             "frozen_units": sorted({g.unit for g in plan.groups if g.kind == FROZEN}),
             "expected": {
-                "frozen_ag": sum(r.all_gathers_per_step for r in records if r.kind == FROZEN),
+                "frozen_ag": sum(r.own_all_gathers_per_step for r in records if r.kind == FROZEN),
                 "trainable_ag": sum(r.all_gathers_per_step for r in records if r.kind == TRAINABLE),
                 "rs": sum(r.reduce_scatters_per_step for r in records),
             },

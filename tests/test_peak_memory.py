@@ -48,6 +48,9 @@ def _fsdp_peaks(rank: int, world: int) -> dict:
         "plain": plain_fsdp(make_model(), mesh_1d(world), units),
         "after_forward": shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=units)),
         "never": shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=units, frozen_reshard="never")),
+        "coalesced": shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=units, coalesce_frozen=True,
+                                                                                   trainable_grouping="per_unit")),
+        "split": shard_with_freezing(make_model(), mesh_1d(world), FreezePolicy(units=units, trainable_grouping="per_unit")),
     }
     for name, model in models.items():
         opt = adamw(model)
@@ -71,3 +74,12 @@ def test_fsdp_peaks_see_gathered_weights():
         assert out[name]["peak"] >= out[name]["before"] + block, (name, out)
     # "never" keeps every block gathered: its persistent state is larger by about the other blocks.
     assert out["never"]["before"] >= out["after_forward"]["before"] + block, out
+    # [Note: merged frozen groups]: FSDP2 keeps the latest all-gather's output until the next group's. Apart,
+    # a block's frozen all-gather is followed by its adapters' (whose small buffer is then the one held);
+    # merged (coalesce_frozen), the whole block's is held: the peak is higher by about one block's gathered
+    # frozen bytes at most, which is why coalescing is not the default (measured on the benchmark's model:
+    # 28.05 -> 33.53 MiB, docs/policy.md; here 2,048 bytes more against a 3,200-byte block)
+    split, coalesced = out["split"], out["coalesced"]
+    assert split["before"] == coalesced["before"], out  # the same persistent state
+    assert 0 < coalesced["peak"] - split["peak"] <= block, (coalesced["peak"] - split["peak"], block)
+

@@ -200,3 +200,43 @@ def test_structural_fallback_plan_names_unsplit_params():
 def test_block_alone_as_root():
     plan = build_plan(Block(8), FreezePolicy(units=["attn", "mlp"]), shard_size=2)
     assert plan.units == ("attn", "mlp", "")
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_frozen_groups_that_reshard_like_their_trainable_group_are_merged(split):
+    """[Note: merged frozen groups]: with ``coalesce_frozen=True`` a frozen group with its unit's trainable
+    reshard and gathered dtype rides that group's all-gathers; any other reshard, a dtype FSDP would gather
+    differently, NF4, a unit without trainable parameters, or trainables outside FSDP keep it apart."""
+    def merged(shard_size=2, model=None, **kw):
+        policy = FreezePolicy(units=["layers.*"], **{"trainable_grouping": "per_unit", "coalesce_frozen": True, **kw})
+        plan = build_plan(model or make_model(), policy, shard_size=shard_size, split=split)
+        assert all(g.kind == FROZEN for g in plan.groups if g.merged)
+        assert all(g.own_all_gathers_per_step == (0 if g.merged else g.all_gathers_per_step) for g in plan.groups)
+        return sorted(g.unit for g in plan.groups if g.merged)
+
+    # layers.2 is frozen through and through: no trainable group to merge into
+    assert merged(coalesce_frozen=False) == []  # the default: every frozen group apart (the lower peak)
+    assert merged() == ["", "layers.0", "layers.1"]  # blocks: after_forward x True; root: after_backward x False
+    assert merged(frozen_dtype="bfloat16", param_dtype="bfloat16") == ["", "layers.0", "layers.1"]  # both gathered bf16
+    assert merged(frozen_reshard="after_backward") == [""]  # the blocks' trainables reshard after forward
+    assert merged(frozen_reshard="after_backward", trainable_reshard=False) == ["", "layers.0", "layers.1"]
+    assert merged(frozen_reshard="never") == []
+    assert merged(frozen_reshard=2, shard_size=4) == []
+    assert merged(trainable_reshard=2, shard_size=4) == []  # every trainable group, the root's too, reshards to 2
+    # frozen weights stored and gathered in fp32 beside bf16 trainables: another dtype, kept apart
+    assert merged(model=make_model().to(torch.bfloat16), frozen_dtype="float32") == []
+    # the blocks hold no trainable group (the fallback: a group of the frozen weights it cannot split
+    # off their module's trainable bias, gathered like the rest of the block, so they merge)
+    assert merged(trainable_grouping="root") == ([""] if split else ["", "layers.0", "layers.1"])
+    if split:  # NF4 groups (the root's holds the NF4 head) stay apart
+        assert merged(frozen_dtype="nf4", param_dtype="bfloat16", nf4_block_size=32, nf4_scaler_block_size=4) == []
+        assert merged(trainable_grouping="replicate") == []  # no trainable FSDP group anywhere
+    plan = build_plan(make_model(), FreezePolicy(units=["layers.*"], trainable_grouping="per_unit", coalesce_frozen=True),
+                      shard_size=2, split=split)
+    assert "merged into the unit's trainable FSDP group" in plan.frozen_group("layers.0").why
+    assert plan.frozen_group("layers.0").all_gathers_per_step == 2  # its bytes are still gathered twice
+
+
+def test_coalesce_frozen_must_be_a_bool():
+    with pytest.raises(PolicyError, match=r"FreezePolicy.coalesce_frozen must be True or False, got 'yes'"):
+        FreezePolicy(coalesce_frozen="yes")

@@ -108,8 +108,8 @@ def _parity(rank: int, world: int, tmp: str, only: tuple[str, ...] | None = None
             "optim": _optim(model, opt), "ref_optim": _optim(ref, ref_opt),
             "frozen": sorted(plan.frozen), "ref_frozen": sorted(sharded_state(ref).plan.frozen),
             "steady": tail["steady"], "ref_steady": ref_tail["steady"],
-            "expected_frozen_ag": sum(r.all_gathers_per_step for r in describe(model) if r.kind == "frozen"),
-            "before_frozen_ag": sum(r.all_gathers_per_step for r in before if r.kind == "frozen"),
+            "expected_frozen_ag": sum(r.own_all_gathers_per_step for r in describe(model) if r.kind == "frozen"),
+            "before_frozen_ag": sum(r.own_all_gathers_per_step for r in before if r.kind == "frozen"),
             "describe": [(r.unit, r.kind, r.params, r.reshard) for r in describe(model)],
             "ref_describe": [(r.unit, r.kind, r.params, r.reshard) for r in describe(ref)],
         }

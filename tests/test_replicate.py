@@ -56,7 +56,7 @@ def _parity(rank: int, world: int) -> dict:
             "plain": all(not isinstance(p, DTensor) for p in trainable),
             "frozen_units": sorted({g.unit for g in plan.groups if g.kind == FROZEN}),
             "expected": {
-                "frozen_ag": sum(r.all_gathers_per_step for r in records if r.kind == FROZEN),
+                "frozen_ag": sum(r.own_all_gathers_per_step for r in records if r.kind == FROZEN),
                 "ar": sum(r.all_reduces_per_step for r in records),
             },
             "hsdp": mesh_kind == "hsdp",

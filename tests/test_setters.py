@@ -25,11 +25,11 @@ SETTERS = {
 
 def _setters(rank: int, world: int) -> dict:
     out = {}
-    for frozen_reshard in ("never", "after_backward"):
+    for frozen_reshard, coalesce in (("never", False), ("after_backward", False), ("after_backward", True)):
         for name, call in SETTERS.items():
             model = shard_with_freezing(make_model(), mesh_1d(world),
                                         FreezePolicy(units=["layers.*"], frozen_reshard=frozen_reshard,
-                                                     trainable_grouping="per_unit"))
+                                                     trainable_grouping="per_unit", coalesce_frozen=coalesce))
             opt = adamw(model)
             train(model, 1, rank, opt=opt)  # warm-up: "never" groups gathered once
             before = describe(model)
@@ -46,14 +46,16 @@ def _setters(rank: int, world: int) -> dict:
 
             with counter:
                 train(model, 3, rank, opt=opt, start=1, on_step=on_step)
-            out[(frozen_reshard, name)] = {
+            out[(frozen_reshard + (" coalesced" if coalesce else ""), name)] = {
                 "per_step": per_step,
-                "frozen_before": [(r.unit, r.reshard, r.all_gathers_per_step) for r in before if r.kind == "frozen"],
-                "frozen_after": [(r.unit, r.reshard, r.all_gathers_per_step) for r in after if r.kind == "frozen"],
+                # frozen groups of their own; a merged one is its unit's trainable group ([Note: merged frozen groups])
+                "frozen_before": [(r.unit, r.reshard, r.all_gathers_per_step) for r in before if r.kind == "frozen" and not r.merged],
+                "frozen_after": [(r.unit, r.reshard, r.all_gathers_per_step) for r in after if r.kind == "frozen" and not r.merged],
+                "merged_after": [(r.unit, r.reshard, r.all_gathers_per_step) for r in after if r.merged],
                 "trainable_before": [(r.unit, r.reshard) for r in before if r.kind == "trainable"],
                 "trainable_after": [(r.unit, r.reshard) for r in after if r.kind == "trainable"],
                 "trainable_why": [r.why for r in after if r.kind == "trainable"],
-                "describe_ag": (sum(r.all_gathers_per_step for r in after if r.kind == "frozen"),
+                "describe_ag": (sum(r.all_gathers_per_step for r in after if r.kind == "frozen" and not r.merged),
                                 sum(r.all_gathers_per_step for r in after if r.kind == "trainable")),
             }
     return out
@@ -83,3 +85,10 @@ def test_fsdp_setters_keep_the_frozen_policy():
     assert dict(one) == {"layers.0": "False", "layers.1": "True", "": "False"}, one
     backward = never["root.set_reshard_after_backward(False)"]
     assert backward["describe_ag"][1] == 2 and backward["per_step"][1:] == [(0, 2)] * 2  # 2 blocks, 1 each
+    # With coalesce_frozen under "after_backward" the root's frozen group is merged into the root's trainable
+    # group (both kept after forward, resharded after backward): it follows the setters there, as in plain
+    # FSDP2, and describe() says so; without coalesce_frozen nothing is merged
+    assert all(r["merged_after"] == [] for (f, n), r in results.items() if "coalesced" not in f)
+    merged = {n: r["merged_after"] for (f, n), r in results.items() if f == "after_backward coalesced"}
+    assert merged["layers.0.set_reshard_after_forward(False, recurse=False)"] == [("", "after_backward", 1)]
+    assert merged["root.set_reshard_after_backward(False)"] == [("", "False, kept after backward", 0)]

@@ -2,12 +2,13 @@
 against the plan's prediction) and the benchmarks; nothing in the training path imports them.
 
 * `CommCounter` (``comm_counter``): c10d collectives by kind, process group and bytes, intercepted with
-  a TorchDispatchMode; `frozen_group_names` names the process groups of a model's frozen groups.
+  a TorchDispatchMode; `frozen_group_names` names the process groups of a model's frozen groups, and
+  `merged_frozen_all_gather_bytes` the frozen bytes gathered on the trainable groups' (merged groups).
 * `PeakTensorMemory` (``peak_memory``): the peak bytes of tensor storage alive on the rank during a
   region; `rss_bytes` / `reset_rss_peak`: host RSS and its high-water mark (Linux).
 """
 
-from .comm_counter import CommCounter, frozen_group_names
+from .comm_counter import CommCounter, frozen_group_names, merged_frozen_all_gather_bytes
 from .peak_memory import PeakTensorMemory, reset_rss_peak, rss_bytes, state_tensors
 
-__all__ = ["CommCounter", "PeakTensorMemory", "frozen_group_names", "reset_rss_peak", "rss_bytes", "state_tensors"]
+__all__ = ["CommCounter", "PeakTensorMemory", "frozen_group_names", "merged_frozen_all_gather_bytes", "reset_rss_peak", "rss_bytes", "state_tensors"]

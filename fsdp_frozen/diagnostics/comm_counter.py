@@ -57,3 +57,15 @@ def frozen_group_names(model: nn.Module) -> set[str]:
         for info in compat.group_mesh_infos(group):
             names.add(compat.mesh_info_groups(info)[0].group_name)  # the shard group
     return names
+
+
+def merged_frozen_all_gather_bytes(model: nn.Module) -> int:
+    """All-gather output bytes per step of the frozen parameters that ride their unit's trainable
+    group's all-gathers ([Note: merged frozen groups] in plan.py): a `CommCounter` sees them on the
+    trainable groups' process groups. `fsdp_frozen.estimate.gathered_bytes` of each merged group (what
+    FSDP puts in the gathered buffer) times its gathers per step."""
+    from ..apply import sharded_state
+    from ..estimate import gathered_bytes
+
+    plan = sharded_state(model).plan
+    return sum(gathered_bytes(model, g) * g.all_gathers_per_step for g in plan.groups if g.merged)

@@ -1,0 +1,91 @@
+"""Activation offloading (recipes/offload.py): the checkpointed blocks' inputs leave the device in the
+forward and come back for the backward, and training is bitwise the same.
+
+On the CPU the hook copies each saved tensor to a new CPU tensor: the packing path runs and is counted,
+nothing is saved. The CUDA path (pinned memory, a side stream, ``record_stream``) runs on a GPU only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fsdp_frozen import FreezePolicy, shard_with_freezing
+
+from .common import full_state, mesh_1d
+from .dist_harness import run_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from loss import causal_lm_loss, shifted_targets  # noqa: E402
+from offload import OffloadActivations  # noqa: E402
+
+HF_MISSING = any(importlib.util.find_spec(m) is None for m in ("transformers", "peft"))
+LAYERS = 3
+
+
+def _model() -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for name, p in model.named_parameters():  # B = 0 would make the adapters' first step trivial
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _train(rank: int, world: int) -> dict:
+    out = {}
+    for offload in (False, True):
+        model = shard_with_freezing(_model(), mesh_1d(world), FreezePolicy(units=["LlamaDecoderLayer"]))
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses, counts = [], []
+        for step in range(3):
+            ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(step * world + rank))
+            hook = OffloadActivations(min_bytes=0)
+            with hook if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                loss = causal_lm_loss(model, shifted_targets(ids), input_ids=ids, chunks=2)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            counts.append((hook.offloaded, hook.offloaded_bytes))
+        out[offload] = {"losses": losses, "state": full_state(model), "counts": counts}
+    return out
+
+
+@pytest.mark.skipif(HF_MISSING, reason="needs transformers and peft")
+@pytest.mark.parametrize("world", [1, 2])
+def test_offloaded_activations_train_bitwise_the_same(world):
+    for rank, r in enumerate(run_ranks(_train, world)):
+        plain, offloaded = r[False], r[True]
+        assert offloaded["losses"] == plain["losses"], rank
+        assert all(torch.equal(plain["state"][k], v) for k, v in offloaded["state"].items()), rank
+        # every checkpointed block's input went through the hook (2 x 16 tokens x 64 fp32 = 8 KiB each),
+        # besides the few tensors saved outside the blocks (the final norm's, the loss's); no parameter
+        for n, nbytes in offloaded["counts"]:
+            assert n >= LAYERS and nbytes >= LAYERS * 2 * 16 * 64 * 4, (n, nbytes)
+
+
+def test_offload_skips_parameters_subclasses_and_small_tensors():
+    weight = nn.Parameter(torch.randn(8, 8))
+    x = torch.randn(4, 8, requires_grad=True)
+    hook = OffloadActivations(min_bytes=64)
+    with hook:
+        y = (x @ weight).sum() + (x[:1, :1] * 2).sum()  # x and weight saved by the matmul; a 4-byte slice by mul
+    y.backward()
+    assert hook.offloaded == 1 and hook.offloaded_bytes == 4 * 8 * 4  # x only: not the parameter, not the slice
+    ref = x.detach().clone().requires_grad_()
+    ((ref @ weight).sum() + (ref[:1, :1] * 2).sum()).backward()
+    assert torch.equal(x.grad, ref.grad)
