@@ -132,10 +132,8 @@ def _tensor_parallel(model: nn.Module, dp_names: tuple[str, ...]) -> dict[str, i
     return {"degree": degree, "colwise": counts[0], "rowwise": counts[1]} if degree > 1 else None
 
 
-def nf4_dense_bytes(model: nn.Module, unit: str | None = None, *, together: bool = True) -> int:
-    """Bytes of a unit's NF4 weights dequantized to the compute dtype (`storage.nf4_dtype`); without
-    `unit`, the largest non-root unit's (the root's head, dequantized for the loss, is the loss's term).
-    ``together=False``: the largest single weight's instead (one dequantized at a time)."""
+def _nf4_dense(model: nn.Module) -> dict[str, list[int]]:
+    """Unit -> bytes of each of its NF4 weights dequantized to the compute dtype (`storage.nf4_dtype`)."""
     state = sharded_state(model)
     plan, mp = state.plan, state.policy.torch_param_dtype
     dense: dict[str, list[int]] = {}
@@ -144,7 +142,14 @@ def nf4_dense_bytes(model: nn.Module, unit: str | None = None, *, together: bool
             if fqn in plan.quantized:
                 n = model.get_parameter(plan.path(fqn)).numel() * nf4_dtype(mp, state.original_dtypes[fqn]).itemsize
                 dense.setdefault(g.unit, []).append(n)
-    pick = sum if together else max
+    return dense
+
+
+def nf4_dense_bytes(model: nn.Module, unit: str | None = None, *, together: bool = True) -> int:
+    """Bytes of a unit's NF4 weights dequantized to the compute dtype; without `unit`, the largest
+    non-root unit's (the root's head, dequantized for the loss, is the loss's term). ``together=False``:
+    the largest single weight's instead (one dequantized at a time)."""
+    dense, pick = _nf4_dense(model), (sum if together else max)
     if unit is not None:
         return pick(dense.get(unit, [0]))
     return max((pick(v) for u, v in dense.items() if u != ""), default=0)
@@ -160,16 +165,17 @@ def describe(model: nn.Module) -> Description:
     records = Description()
     records.frozen_process_groups = process_groups.count(plan, state.mesh.ndim)
     records.tensor_parallel = _tensor_parallel(model, tuple(state.mesh.mesh_dim_names or ()))
+    dense_nf4 = _nf4_dense(model) if plan.quantized else {}
     for g in plan.groups:
         unsplit = [p for p in g.params if p in plan.unsplit]
         dense = {p: plan.not_quantized[p] for p in g.params if p in plan.not_quantized}
         notes = [f"frozen but not split off (torch < 2.13): {unsplit}"] if unsplit else []
         notes += [f"not NF4, kept in {g.gathered_dtype.split('+')[-1]}: " + "; ".join(f"{p} ({why})" for p, why in dense.items())] if dense else []
-        if g.kind == FROZEN and any(p in plan.quantized for p in g.params):
-            notes.append(f"NF4 dequantized to the compute dtype in each linear: {nf4_dense_bytes(model, g.unit):,} "
+        if g.kind == FROZEN and g.unit in dense_nf4:
+            notes.append(f"NF4 dequantized to the compute dtype in each linear: {sum(dense_nf4[g.unit]):,} "
                          f"bytes for all of them, alive together under activation checkpointing with "
                          f"nf4_compute 'fast' (from the recompute until each weight's backward), one weight at a "
-                         f"time otherwise (at most {nf4_dense_bytes(model, g.unit, together=False):,})")
+                         f"time otherwise (at most {max(dense_nf4[g.unit]):,})")
         reshard, gathers = _effective(g, state.param_groups.get((g.unit, g.kind)), plan.shard_size)
         records.append(
             GroupRecord(
