@@ -158,6 +158,28 @@ def mesh_groups(mesh: DeviceMesh) -> tuple[Any, ...]:
     return tuple(mesh.get_group(d) for d in range(mesh.ndim))
 
 
+def _dim_lines(mesh: DeviceMesh) -> tuple[list[list[list[int]]], bool]:
+    """For each dim of `mesh`, the rank lines to create a group for, and whether every rank of the
+    world makes the same calls ([Note: frozen groups' names]).
+
+    Collective (True) when `mesh`'s root spans the world and `mesh` is that root or a sub-mesh of named
+    root dims: every line of each dim over the whole root, as ``init_device_mesh`` creates its groups.
+    Otherwise (a root over part of the world, a flattened sub-mesh) this rank's own lines only."""
+    root = mesh._get_root_mesh()
+    full = root.mesh
+    if full.numel() == dist.get_world_size():
+        if root is mesh:
+            dims = list(range(mesh.ndim))
+        elif mesh.mesh_dim_names and root.mesh_dim_names and set(mesh.mesh_dim_names) <= set(root.mesh_dim_names):
+            dims = [root.mesh_dim_names.index(n) for n in mesh.mesh_dim_names]
+        else:
+            dims = None
+        if dims is not None:
+            return [full.movedim(d, -1).reshape(-1, full.shape[d]).tolist() for d in dims], True
+    ranks = mesh.mesh
+    return [ranks.movedim(d, -1).reshape(-1, ranks.shape[d]).tolist() for d in range(mesh.ndim)], False
+
+
 def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """A mesh over the same ranks as `mesh` with new process groups.
 
@@ -168,35 +190,43 @@ def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
     parameter's mesh (``DeviceMesh._concatenate``, which needs one root and dim names), so the fresh
     mesh is a copy of `mesh` (same layout, root and names; equal to it) whose dims resolve to the new
     groups (``_dim_group_names``; checked on torch 2.13). A root mesh gets a root mesh of its own.
+
+    [Note: frozen groups' names] A group made with ``use_local_synchronization=True`` is named by a
+    hash of its ranks salted with ``len(_world.pg_names)`` (torch <= 2.13, ``_hash_ranks_to_str``),
+    which falls when groups are destroyed: after `release_process_groups` the next group over the same
+    ranks got the name of a destroyed one (its rendezvous keys still in the store: gloo connected to
+    dead peers and hung) or of a live one (the registry entry overwritten: "Could not resolve the
+    process group registered under the name ..."). pytorch/pytorch#189073 salts with a monotonic
+    counter instead. So where every rank takes part (`_dim_lines`: the mesh's root spans the world) the
+    groups are made as ``init_device_mesh`` makes them, every rank calling ``new_group`` for every line
+    (not locally synchronized: named by the world's group counter, never reused); only a mesh whose
+    root covers part of the world uses locally synchronized groups, with that hazard after a release.
     """
-    ranks = mesh.mesh
     rank = dist.get_rank()
+    lines, collective = _dim_lines(mesh)
+    dim_groups = []
+    for dim_lines in lines:
+        mine = None
+        for line in dim_lines:
+            if collective or rank in line:
+                group = dist.new_group(line, use_local_synchronization=not collective)
+                if rank in line:
+                    mine = group
+        dim_groups.append(mine)
     if mesh._get_root_mesh() is not mesh:
         import copy
 
-        lines = [ranks] if mesh.ndim == 1 else [ranks.t(), ranks]
-        names = []
-        for dim_lines in lines:
-            mine = None
-            for line in dim_lines.reshape(-1, dim_lines.shape[-1]).tolist():
-                if rank in line:
-                    mine = dist.new_group(line, use_local_synchronization=True)
-            names.append(mine.group_name)
         fresh = copy.copy(mesh)
-        fresh._dim_group_names = names
+        fresh._dim_group_names = [g.group_name for g in dim_groups]
         return fresh
-    if mesh.ndim == 1:
-        pg = dist.new_group(ranks.tolist(), use_local_synchronization=True)
-        return DeviceMesh.from_group(pg, mesh.device_type, mesh=ranks)
-    # 2-D (replicate x shard): new groups for every column (dim 0) and row (dim 1); keep this rank's.
-    dim_groups = []
-    for lines in (ranks.t(), ranks):
-        mine = None
-        for line in lines.tolist():
-            if rank in line:
-                mine = dist.new_group(line, use_local_synchronization=True)
-        dim_groups.append(mine)
-    return DeviceMesh.from_group(dim_groups, mesh.device_type, mesh=ranks, mesh_dim_names=mesh.mesh_dim_names)
+    # Dim names of their own: a DeviceMesh equals any other of the same ranks, layout and names whatever
+    # its groups, and DTensor's sharding propagation caches output specs by that equality, so a DTensor
+    # op on a frozen parameter (a dtype cast) could return it on the user's mesh or on the mesh of a
+    # released frozen group ("Could not resolve the process group"); named after the new groups, the
+    # frozen mesh equals no other
+    names = tuple(f"fsdp_frozen_{g.group_name}" for g in dim_groups)
+    return DeviceMesh.from_group(dim_groups if mesh.ndim > 1 else dim_groups[0], mesh.device_type, mesh=mesh.mesh,
+                                 mesh_dim_names=names)
 
 
 def make_frozen_mesh_info(mesh: DeviceMesh) -> Any:

@@ -90,6 +90,11 @@ def release_process_groups() -> int:
 
     Collective (call on every rank). Models sharded before can no longer communicate afterwards: call
     it when they are gone, or before ``dist.destroy_process_group()`` (which would not free ours).
+    Models sharded afterwards get new groups (tested on 1-D and HSDP meshes built anew, in the same
+    processes; [Note: frozen groups' names] in `_torch_compat`). Not covered: a frozen mesh that is a
+    sub-mesh of a TP world (``world["dp"]``) stays equal to the user's sub-mesh (FSDP needs that to join
+    it with the TP mesh), so torch's DTensor caches may still hand a model built after a release a spec
+    on the released groups there; under TP, release only at the end of the job.
     """
     groups = []
     for e in _ENTRIES:

@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama import LlamaConfig, LlamaLoRA  # noqa: E402
-from runtime import init_runtime  # noqa: E402
+from runtime import end_runtime, init_runtime  # noqa: E402
 
 import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict  # noqa: E402
@@ -310,7 +310,7 @@ def checkpoint_bench(model: nn.Module, opt, plain: nn.Module, plain_opt, root: P
     return result
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=3)
@@ -335,7 +335,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--checkpoint-only", action="store_true",
                     help="only the checkpoint saves (plain FSDP2 and after_forward/bf16; no training steps): "
                          "for model sizes where CPU steps are too slow")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     chosen, dtypes = args.variants.split(","), args.frozen_dtypes.split(",")
     if set(chosen) - set(POLICIES) or "after_forward" not in chosen:
         ap.error(f"--variants: a comma list of {POLICIES} including after_forward, got {args.variants!r}")
@@ -451,8 +451,8 @@ def report(results: dict, meta: dict, ckpt: dict, layout: str, args: argparse.Na
     print(f"\nJSON: {out / 'benchmark.json'}")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device, mesh = init_runtime()
     rank, world, cuda = dist.get_rank(), dist.get_world_size(), device.type == "cuda"
     cfg = LlamaConfig(dim=args.dim, n_layers=args.layers, hidden_dim=int(args.dim * 8 / 3) // 32 * 32)
@@ -468,7 +468,7 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "checkpoint.json").write_text(json.dumps({"config": vars(cfg), "checkpoint": ckpt}, indent=2))
             print(render_checkpoint(ckpt, args.save_repeats))
-        dist.destroy_process_group()
+        end_runtime()
         return
     averagers = {}
     for name in (FLOOR, DP_FLOOR, DP_OVERLAP):
@@ -529,7 +529,7 @@ def main() -> None:
         if profile:
             print(render_profile(nf4_variant, profile))
             (out / "nf4_profile.json").write_text(json.dumps(profile, indent=2))
-    dist.destroy_process_group()
+    end_runtime()
 
 
 def render(results: dict, meta: dict) -> str:

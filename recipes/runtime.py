@@ -16,11 +16,19 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
+#: whether `init_runtime` created the default process group (and `end_runtime` destroys it): a recipe
+#: called in ranks that already have one (tests/test_recipes.py's pooled ranks) leaves it as it was
+_OWNS_PROCESS_GROUP = False
+
+
 def init_runtime() -> tuple[torch.device, DeviceMesh]:
-    """CUDA + NCCL when a GPU is present, else CPU + gloo; a 1-D mesh over all ranks."""
+    """CUDA + NCCL when a GPU is present, else CPU + gloo; a 1-D mesh over all ranks. Uses the default
+    process group if one exists (`end_runtime` then leaves it), else creates it."""
+    global _OWNS_PROCESS_GROUP
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        _OWNS_PROCESS_GROUP = True
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -177,10 +185,19 @@ def write_config(recipe: Any) -> None:
         (recipe.out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe.cfg), sort_keys=False))
 
 
+def end_runtime() -> None:
+    """A barrier, then the default process group destroyed if `init_runtime` created it."""
+    global _OWNS_PROCESS_GROUP
+    dist.barrier()
+    if _OWNS_PROCESS_GROUP:
+        dist.destroy_process_group()
+        _OWNS_PROCESS_GROUP = False
+
+
 def run_recipe(recipe: Any) -> list[float]:
-    """Write the resolved config, train, and tear the process group down; the per-step losses."""
+    """Write the resolved config, train, and tear the process group down (`end_runtime`); the per-step
+    losses."""
     write_config(recipe)
     losses = recipe.train()
-    dist.barrier()
-    dist.destroy_process_group()
+    end_runtime()
     return losses

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -126,3 +127,32 @@ def hf_sharded(arch: str, peft: str, wrapper: str | None, tmp: str, world: int, 
     load_pretrained(model, os.path.join(tmp, arch))
     model.train(arch != "gpt2")
     return model
+
+
+def run_cli(argv: list[str]):
+    """``python -m fsdp_frozen ARGV`` in this process (its entry point is tests/test_cli_help.py's
+    subprocess): a CompletedProcess with the exit code and what it printed."""
+    import contextlib
+    import io
+    import subprocess
+
+    from fsdp_frozen.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return subprocess.CompletedProcess(["python", "-m", "fsdp_frozen", *argv], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def structural_fallback() -> Iterator[None]:
+    """torch < 2.13's structural fallback forced in this process (``split_groups_supported()`` read as
+    False at each call), restored after: a pooled rank runs the fallback and the next task does not."""
+    import fsdp_frozen._torch_compat as compat
+
+    before = compat.SPLIT_GROUPS_SUPPORTED
+    compat.SPLIT_GROUPS_SUPPORTED = False
+    try:
+        yield
+    finally:
+        compat.SPLIT_GROUPS_SUPPORTED = before

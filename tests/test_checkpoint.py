@@ -571,16 +571,13 @@ def test_manifest_format_version_is_checked(tmp_path):
 
 
 def test_cli_inspect(tmp_path):
-    import subprocess
-    import sys
+    from .common import run_cli
 
     run_ranks(_frozen_once, 2, str(tmp_path))
-    cmd = [sys.executable, "-m", "fsdp_frozen", "inspect"]
-    text = subprocess.run(cmd + [str(tmp_path / "s2")], capture_output=True, text=True, check=True).stdout
+    text = run_cli(["inspect", str(tmp_path / "s2")]).stdout
     assert "frozen state referenced" in text and f"{tmp_path / 's1'}  (matches)" in text, text
     assert "trainable   13 params" in text and "frozen      22 params" in text, text
-    info = json.loads(subprocess.run(cmd + [str(tmp_path / "s1"), "--json"], capture_output=True, text=True,
-                                     check=True).stdout)
+    info = json.loads(run_cli(["inspect", str(tmp_path / "s1"), "--json"]).stdout)
     assert info["frozen_state"] == "included" and info["params"]["frozen"]["count"] == 22
     assert info["params"]["trainable"]["bytes"] == sum(
         torch.Size(e["shape"]).numel() * 4 for e in read_manifest(tmp_path / "s1")["params"].values()
@@ -589,10 +586,9 @@ def test_cli_inspect(tmp_path):
     os.rename(tmp_path / "s6", tmp_path / "s1-other")
     os.rename(tmp_path / "s1", tmp_path / "s1-old")
     os.rename(tmp_path / "s1-other", tmp_path / "s1")
-    info = json.loads(subprocess.run(cmd + [str(tmp_path / "s2"), "--json"], capture_output=True, text=True,
-                                     check=True).stdout)
+    info = json.loads(run_cli(["inspect", str(tmp_path / "s2"), "--json"]).stdout)
     assert info["base"]["status"] == "fingerprint differs"
-    bad = subprocess.run(cmd + [str(tmp_path / "missing")], capture_output=True, text=True)
+    bad = run_cli(["inspect", str(tmp_path / "missing")])
     assert bad.returncode == 2 and "does not exist" in bad.stderr
 
 

@@ -22,7 +22,7 @@ from fsdp_frozen.checkpoint import save_checkpoint
 from fsdp_frozen.diagnostics import merged_frozen_all_gather_bytes
 from fsdp_frozen.estimate import activation_bytes, estimate, fake_process_group, loss_bytes, measure
 
-from .common import CommCounter, frozen_group_names, mesh_1d
+from .common import CommCounter, frozen_group_names, mesh_1d, run_cli
 from .dist_harness import run_ranks
 from .models import batch, make_model
 
@@ -160,9 +160,9 @@ def test_estimate_cli_on_a_hugging_face_config(tmp_path):
                 num_key_value_heads=2).save_pretrained(str(tmp_path))
     (tmp_path / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}))
-    cmd = [sys.executable, "-m", "fsdp_frozen", "estimate", "--model", str(tmp_path), "--world", "4",
+    cmd = ["estimate", "--model", str(tmp_path), "--world", "4",
            "--peft", str(tmp_path / "adapter_config.json"), "--batch", "2", "--seq", "128", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    out = run_cli(cmd)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads(out.stdout)["estimates"]
     assert {(r["frozen_reshard"], r["frozen_dtype"]) for r in rows} == {
@@ -177,15 +177,14 @@ def test_estimate_cli_on_a_hugging_face_config(tmp_path):
         assert never["kept_gathered_bytes"] == 0 and never["frozen_shard_bytes"] == 4 * sharded["frozen_shard_bytes"]
     acts = by[("never", "bfloat16")]["activations"]
     assert 0 < acts["checkpointing_bytes"] < acts["no_checkpointing_bytes"] and "Korthikanti" in acts["method"]
-    table = subprocess.run(cmd[:-1], capture_output=True, text=True, timeout=300)
+    table = run_cli(cmd[:-1])
     assert table.returncode == 0 and "| after_forward | nf4 |" in table.stdout, table.stdout[-2000:]
-    recipe = subprocess.run([sys.executable, "-m", "fsdp_frozen", "estimate", "--model",
-                             os.path.join(os.path.dirname(__file__), "..", "recipes", "configs", "lora_tiny.yaml"),
-                             "--world", "2", "--json"], capture_output=True, text=True, timeout=300)
+    recipe = run_cli(["estimate", "--model", os.path.join(os.path.dirname(__file__), "..", "recipes", "configs",
+                                                         "lora_tiny.yaml"), "--world", "2", "--json"])
     assert recipe.returncode == 0, recipe.stderr[-3000:]
     rows = json.loads(recipe.stdout)["estimates"]
     assert len(rows) == 6 and all(r["frozen_shard_bytes"] > 0 and r["trainable_shard_bytes"] > 0 for r in rows)
-    bad = subprocess.run([*cmd[:5], str(tmp_path / "nope"), "--world", "2"], capture_output=True, text=True, timeout=120)
+    bad = run_cli([*cmd[:2], str(tmp_path / "nope"), "--world", "2"])
     assert bad.returncode == 2 and "no Hugging Face config at" in bad.stderr, bad.stderr[-2000:]
 
 

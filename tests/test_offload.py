@@ -28,26 +28,45 @@ HF_MISSING = any(importlib.util.find_spec(m) is None for m in ("transformers", "
 LAYERS = 3
 
 
-def _model() -> nn.Module:
+#: how the blocks are checkpointed, and the frozen storage: HF's non-reentrant gradient checkpointing in
+#: fp32; torch's checkpoint_wrapper around each block (what torchtitan and torchtune apply) with NF4
+#: frozen weights and bf16 compute (QLoRA, where offloading matters most); checkpoint_wrapper around
+#: compiled blocks
+VARIANTS = {"hf_gc": {}, "checkpoint_wrapper_nf4": {"frozen_dtype": "nf4", "param_dtype": "bfloat16",
+                                                    "reduce_dtype": "float32", "nf4_block_size": 32,
+                                                    "nf4_scaler_block_size": 16},
+            "checkpoint_wrapper_compile": {}}
+
+
+def _model(variant: str) -> nn.Module:
     from peft import LoraConfig, get_peft_model
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if variant == "hf_gc":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     for name, p in model.named_parameters():  # B = 0 would make the adapters' first step trivial
         if "lora_B" in name:
             nn.init.normal_(p, std=0.02)
+    if variant != "hf_gc":
+        layers = model.base_model.model.model.layers
+        for i in range(len(layers)):
+            if variant.endswith("compile"):
+                layers[i].compile(backend="eager")
+            layers[i] = checkpoint_wrapper(layers[i])
     return model
 
 
-def _train(rank: int, world: int) -> dict:
+def _train(rank: int, world: int, variant: str = "hf_gc") -> dict:
     out = {}
     for offload in (False, True):
-        model = shard_with_freezing(_model(), mesh_1d(world), FreezePolicy(units=["LlamaDecoderLayer"]))
+        model = shard_with_freezing(_model(variant), mesh_1d(world),
+                                    FreezePolicy(units=["LlamaDecoderLayer"], **VARIANTS[variant]))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses, counts = [], []
@@ -66,16 +85,19 @@ def _train(rank: int, world: int) -> dict:
 
 
 @pytest.mark.skipif(HF_MISSING, reason="needs transformers and peft")
-@pytest.mark.parametrize("world", [1, 2])
-def test_offloaded_activations_train_bitwise_the_same(world):
-    for rank, r in enumerate(run_ranks(_train, world)):
+@pytest.mark.parametrize("world,variant", [(1, "hf_gc"), (2, "hf_gc"), (2, "checkpoint_wrapper_nf4"),
+                                           (2, "checkpoint_wrapper_compile")])
+def test_offloaded_activations_train_bitwise_the_same(world, variant):
+    for rank, r in enumerate(run_ranks(_train, world, variant)):
         plain, offloaded = r[False], r[True]
         assert offloaded["losses"] == plain["losses"], rank
         assert all(torch.equal(plain["state"][k], v) for k, v in offloaded["state"].items()), rank
-        # every checkpointed block's input went through the hook (2 x 16 tokens x 64 fp32 = 8 KiB each),
-        # besides the few tensors saved outside the blocks (the final norm's, the loss's); no parameter
+        # every checkpointed block's input went through the hook (2 x 16 tokens x 64 x 4 bytes (fp32) or 2
+        # (bf16) each), besides the few tensors saved outside the blocks (the final norm's, the loss's); no
+        # parameter
+        itemsize = 2 if VARIANTS[variant].get("param_dtype") == "bfloat16" else 4
         for n, nbytes in offloaded["counts"]:
-            assert n >= LAYERS and nbytes >= LAYERS * 2 * 16 * 64 * 4, (n, nbytes)
+            assert n >= LAYERS and nbytes >= LAYERS * 2 * 16 * 64 * itemsize, (n, nbytes)
 
 
 def test_offload_skips_parameters_subclasses_and_small_tensors():

@@ -1,5 +1,12 @@
-"""Recipes end to end under torchrun (world 2, tiny configs): loss falls, checkpoints, exact resume,
-config validation, and the Hugging Face + PEFT adapter export."""
+"""Recipes end to end (world 2, tiny configs): loss falls, checkpoints, exact resume, config validation,
+and the Hugging Face + PEFT adapter export.
+
+Each recipe's first run in `test_lora_finetune` (the README's main job), one benchmark run and one bad
+config go through ``torchrun`` / ``python``, as a user runs them; the others call the recipe's
+``main(argv)`` in the suite's pooled gloo ranks (tests/dist_harness.py), which saves a torch import per
+process per run: the same code from the argument parsing on (`recipes/runtime.py` leaves a process group
+it did not create). A resumed pooled run logging bitwise a torchrun run's losses checks that the two agree.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from .dist_harness import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.hidden_dim=64", "data.batch_size=4",
@@ -40,7 +49,34 @@ def launch(script: str, *args: str, world: int = 2) -> subprocess.CompletedProce
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
-def run_ok(*args, runner=torchrun, **kwargs) -> subprocess.CompletedProcess:
+def _main_in_rank(rank: int, world: int, script: str, argv: list[str]) -> str:
+    """``recipes/SCRIPT``'s ``main(argv)`` in a pooled rank; what it printed."""
+    import contextlib
+    import importlib
+    import io
+
+    if str(ROOT / "recipes") not in sys.path:
+        sys.path.insert(0, str(ROOT / "recipes"))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        importlib.import_module(Path(script).stem).main(argv)
+    return printed.getvalue()
+
+
+def in_ranks(script: str, *args: str, world: int = 2) -> subprocess.CompletedProcess:
+    """`launch`'s result for ``main(args)`` run in the pooled ranks (a failing rank raises, with its
+    traceback); rank 0's output."""
+    argv = list(args)
+    return subprocess.CompletedProcess([script, *argv], 0, run_ranks(_main_in_rank, world, script, argv,
+                                                                     timeout=TIMEOUT)[0], "")
+
+
+def pooled(script: str, config: str, *overrides: str, world: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun`'s twin in the pooled ranks."""
+    return in_ranks(script, "--config", str(ROOT / "recipes" / "configs" / config), *overrides, world=world)
+
+
+def run_ok(*args, runner=pooled, **kwargs) -> subprocess.CompletedProcess:
     out = runner(*args, **kwargs)
     assert out.returncode == 0, f"exit {out.returncode}\nstdout:\n{out.stdout[-3000:]}\nstderr:\n{out.stderr[-6000:]}"
     return out
@@ -53,12 +89,14 @@ def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records}
 
 
-def check_recipe(tmp_path: Path, script: str, config: str, overrides: list[str], steps: int = 12) -> None:
-    """Loss falls; checkpoints are written; a run resumed from step steps/2 logs the same losses."""
+def check_recipe(tmp_path: Path, script: str, config: str, overrides: list[str], steps: int = 12,
+                 first=pooled) -> None:
+    """Loss falls; checkpoints are written; a run resumed from step steps/2 logs the same losses. The first
+    run goes through `first` (`torchrun` or `pooled`), the other two through `pooled`."""
     full, part = tmp_path / "full", tmp_path / "part"
     half = steps // 2
     common = [*overrides, f"train.checkpoint_every={half}"]
-    out = run_ok(script, config, *common, f"train.steps={steps}", f"train.output_dir={full}")
+    out = run_ok(script, config, *common, f"train.steps={steps}", f"train.output_dir={full}", runner=first)
     assert f"step {steps}/{steps}" in out.stdout, out.stdout[-2000:]  # the progress bar, rank 0
     straight = losses(full)
     assert sorted(straight) == list(range(1, steps + 1))
@@ -73,7 +111,7 @@ def check_recipe(tmp_path: Path, script: str, config: str, overrides: list[str],
 
 
 def test_lora_finetune(tmp_path):
-    check_recipe(tmp_path, "lora_finetune.py", "lora_tiny.yaml", TINY)
+    check_recipe(tmp_path, "lora_finetune.py", "lora_tiny.yaml", TINY, first=torchrun)
     manifest = json.loads((tmp_path / "full" / "step_12" / "fsdp_frozen.json").read_text())
     assert manifest["frozen_state"] == "referenced" and manifest["base"]["path"] == "../step_6"
 
@@ -113,17 +151,28 @@ def test_distill(tmp_path):
     ("override", "train.loss_chunks=-1", r"train.loss_chunks must be an int >= 0 \(0: the unchunked loss\), got -1"),
 ])
 def test_misspelled_config_key_fails_naming_it(tmp_path, where, bad, expect):
+    """Each bad config raises before any process group exists, naming the key; the first one also as a
+    user meets it: ``python recipes/lora_finetune.py``, a non-zero exit and the message on stderr."""
     import re
 
     if where == "file":
         cfg = tmp_path / "bad.yaml"
         cfg.write_text((ROOT / "recipes" / "configs" / "lora_tiny.yaml").read_text() + bad)
-        cmd = [sys.executable, str(ROOT / "recipes" / "lora_finetune.py"), "--config", str(cfg)]
+        argv = ["--config", str(cfg)]
     else:
-        cmd = [sys.executable, str(ROOT / "recipes" / "lora_finetune.py"), "--config",
-               str(ROOT / "recipes" / "configs" / "lora_tiny.yaml"), bad]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
-    assert out.returncode != 0 and re.search(expect, out.stderr), out.stderr[-3000:]
+        argv = ["--config", str(ROOT / "recipes" / "configs" / "lora_tiny.yaml"), bad]
+    if bad == "trian.steps=3":
+        out = subprocess.run([sys.executable, str(ROOT / "recipes" / "lora_finetune.py"), *argv], capture_output=True,
+                             text=True, timeout=TIMEOUT, cwd=ROOT)
+        assert out.returncode != 0 and re.search(expect, out.stderr), out.stderr[-3000:]
+    if str(ROOT / "recipes") not in sys.path:
+        sys.path.insert(0, str(ROOT / "recipes"))
+    import torch.distributed as dist
+    from lora_finetune import main
+
+    with pytest.raises(ValueError, match=expect):
+        main(argv)
+    assert not dist.is_initialized()
 
 
 HF_MISSING = importlib.util.find_spec("transformers") is None or importlib.util.find_spec("peft") is None
@@ -204,7 +253,7 @@ def test_benchmark_runs_and_reports_consistent_numbers(tmp_path):
 def test_benchmark_checkpoint_only(tmp_path):
     """--checkpoint-only: the saves alone (no training steps), their JSON and table."""
     out = run_ok("benchmark.py", "--checkpoint-only", "--dim", "128", "--layers", "1", "--save-repeats", "1",
-                 "--out", str(tmp_path), runner=launch)
+                 "--out", str(tmp_path), runner=in_ranks)
     assert "| save_checkpoint, frozen='auto' (reference) |" in out.stdout, out.stdout[-3000:]
     assert "| plain FSDP2 |" not in out.stdout and not (tmp_path / "benchmark.json").exists()
     ck = json.loads((tmp_path / "checkpoint.json").read_text())["checkpoint"]

@@ -23,7 +23,7 @@ from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import load_checkpoint, read_manifest, save_checkpoint
 
-from .common import CommCounter, adamw, frozen_group_names, hf_train, mesh_1d, train, whole
+from .common import CommCounter, adamw, frozen_group_names, hf_train, mesh_1d, structural_fallback, train, whole
 from .dist_harness import run_ranks
 from .models import batch, make_model
 from .test_checkpoint import full_optim
@@ -347,9 +347,9 @@ def test_refreeze_on_a_transformers_peft_model(tmp_path):
         assert all(torch.equal(v, r["ref_params"][k]) for k, v in r["params"].items())
 
 
+@structural_fallback()
 def _structural(rank: int, world: int, tmp: str) -> dict:
     """torch < 2.13's structural fallback (frozen-only submodules as their own FSDP groups)."""
-    compat.SPLIT_GROUPS_SUPPORTED = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's "cannot hold two param groups" warning
         return _parity(rank, world, tmp, STRUCTURAL_CASES)
@@ -359,7 +359,7 @@ STRUCTURAL_CASES = ("after_forward", "never", "after_forward->never, root groupi
 
 
 def test_refreeze_in_the_structural_fallback(tmp_path):
-    results = run_ranks(_structural, 2, str(tmp_path), fresh=True)
+    results = run_ranks(_structural, 2, str(tmp_path))
     for name in STRUCTURAL_CASES:
         for r in results:
             r = r[name]

@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from fsdp_frozen import FreezePolicy, PolicyError, describe, lora_tp_plan, shard_with_freezing
 from fsdp_frozen._torch_compat import split_groups_supported
 
-from .common import adamw, plain_fsdp, train
+from .common import adamw, plain_fsdp, structural_fallback, train
 from .dist_harness import run_ranks
 from .models import batch, make_model
 
@@ -116,12 +116,10 @@ def test_fsdp_x_tp_equals_plain_fsdp2_with_the_same_tp_plan():
             assert all(torch.equal(a[n], b[n]) for n in a), (policy, [n for n in a if not torch.equal(a[n], b[n])])
 
 
+@structural_fallback()  # what torch < 2.13 gets
 def _fallback_parity(rank: int, world_size: int, cases: list[dict]) -> dict:
     import warnings
 
-    import fsdp_frozen._torch_compat as compat
-
-    compat.SPLIT_GROUPS_SUPPORTED = False  # what torch < 2.13 gets (a fresh process: nothing to restore)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's "cannot hold two param groups" warning
         return _parity(rank, world_size, cases)
@@ -131,7 +129,7 @@ def test_tp_structural_fallback():
     """torch < 2.13 (forced here; real on the 2.11 tier): FSDP x TP through the structural fallback,
     bitwise plain FSDP2 + the same TP plan, frozen parameters still frozen."""
     cases = [{}, {"trainable_grouping": "root", "frozen_dtype": "bfloat16", "param_dtype": "bfloat16"}]
-    results = run_ranks(_fallback_parity, 4, cases, fresh=True)
+    results = run_ranks(_fallback_parity, 4, cases)
     for i, policy in enumerate(cases):
         for r in results:
             case = r[i]
@@ -535,4 +533,5 @@ def test_in_repo_llama_under_tp_equals_plain_fsdp2():
         want, got = r[False], r[True]
         assert got["losses"] == want["losses"]
         assert [n for n in want["full"] if not torch.equal(want["full"][n], got["full"][n])] == []
+
 
