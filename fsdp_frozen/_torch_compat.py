@@ -220,9 +220,9 @@ def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
         fresh._dim_group_names = [g.group_name for g in dim_groups]
         return fresh
     # Dim names of their own: a DeviceMesh equals any other of the same ranks, layout and names whatever
-    # its groups, and DTensor's sharding propagation caches output specs by that equality, so a DTensor
-    # op on a frozen parameter (a dtype cast) could return it on the user's mesh or on the mesh of a
-    # released frozen group ("Could not resolve the process group"); named after the new groups, the
+    # its groups, and DTensor reuses specs by that equality: without names of their own, frozen parameters
+    # were found on the user's mesh after sharding, or, after a release, on the released frozen mesh
+    # ("Could not resolve the process group"; tests/test_sharding.py); named after the new groups, the
     # frozen mesh equals no other
     names = tuple(f"fsdp_frozen_{g.group_name}" for g in dim_groups)
     return DeviceMesh.from_group(dim_groups if mesh.ndim > 1 else dim_groups[0], mesh.device_type, mesh=mesh.mesh,

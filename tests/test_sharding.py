@@ -243,6 +243,12 @@ def test_frozen_process_groups_are_created_once_per_mesh_and_released():
         assert r["released"] == 5, r  # the 1-D mesh's shard group, the int reshard's 2 x 2 post-forward mesh's two; the HSDP mesh's shard and replicate groups
 
 
+def _release(rank: int, world_size: int) -> int:
+    from fsdp_frozen import release_process_groups
+
+    return release_process_groups()
+
+
 def _build_after_release(rank: int, world_size: int) -> dict:
     """Models on a 1-D and an HSDP mesh, each mesh built anew; a step; every parameter gathered whole
     (DTensor collectives on its spec's groups); then `release_process_groups`."""
@@ -271,6 +277,7 @@ def test_models_built_after_release_process_groups_train():
     inherits the first's history) neither hang nor use a released group: [Note: frozen groups' names] in
     _torch_compat (torch <= 2.13 reused a destroyed group's name and store keys: gloo hung; DTensor's spec
     cache handed a frozen parameter the released mesh: "Could not resolve the process group")."""
+    run_ranks(_release, 4)  # what earlier tasks in these pooled ranks left
     first = run_ranks(_build_after_release, 4, timeout=120)
     second = run_ranks(_build_after_release, 4, timeout=120)
     for a, b in zip(first, second):
