@@ -3,6 +3,7 @@ sub-mesh of a (dp, tp) world mesh, against plain FSDP2 with the same TP plan (4 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import pytest
@@ -535,3 +536,53 @@ def test_in_repo_llama_under_tp_equals_plain_fsdp2():
         assert [n for n in want["full"] if not torch.equal(want["full"][n], got["full"][n])] == []
 
 
+
+
+def _hf_offload(rank: int, world_size: int) -> dict:
+    """`_hf`'s model under TP, every block in checkpoint_wrapper, trained with and without
+    recipes/offload.py's OffloadActivations."""
+    import sys
+    from pathlib import Path
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    from offload import OffloadActivations
+
+    world = _world()
+    dp = world.get_coordinate()[0]
+    out = {}
+    for offload in (False, True):
+        model = _hf_llama(world)
+        layers = model.base_model.model.model.layers
+        for i in range(len(layers)):
+            layers[i] = checkpoint_wrapper(layers[i])
+        shard_with_freezing(model, world["dp"], FreezePolicy(units=("base_model.model.model.layers.*",),
+                                                             frozen_dtype="bfloat16", param_dtype="bfloat16",
+                                                             reduce_dtype="float32"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        losses, counts = [], []
+        for step in range(2):
+            ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(10 * step + dp))
+            hook = OffloadActivations(min_bytes=0)
+            with hook if offload else contextlib.nullcontext():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            counts.append(hook.offloaded)
+        out[offload] = {"losses": losses, "full": _full(model), "counts": counts, "layers": len(layers)}
+    return out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+def test_offloaded_activations_under_tp_train_bitwise_the_same():
+    """Activation offloading (recipes/offload.py) under FSDP x TP: the checkpointed blocks' inputs (plain
+    tensors: the TP plan's outputs are local) leave and come back, training bitwise the same."""
+    for r in run_ranks(_hf_offload, 4):
+        plain, offloaded = r[False], r[True]
+        assert offloaded["losses"] == plain["losses"]
+        assert [n for n in plain["full"] if not torch.equal(plain["full"][n], offloaded["full"][n])] == []
+        assert all(n >= plain["layers"] for n in offloaded["counts"]), offloaded["counts"]
