@@ -545,6 +545,43 @@ def remove_fully_shard(root: nn.Module) -> None:
             module.__dict__.pop(attr, None)
 
 
+# --- the structural fallback's frozen group entered at its unit ([Note: frozen group entered at its unit] in
+# apply.py; ``FSDPState._pre_forward``, ``_modules_to_run_forward`` and ``_pre_forward_hook_handle``: checked on
+# 2.11 and 2.13, the same names in the 2.6-2.10 sources, where ``fully_shard`` takes a list of modules)
+def enter_at_unit(unit: nn.Module, modules: list[nn.Module]) -> list[Any]:
+    """Run the pre-forward of the FSDP group ``fully_shard(modules)`` at `unit`'s forward (after the
+    unit's own FSDP pre-forward) instead of at the first of `modules` to run; the handles of the hooks.
+
+    A group of several modules runs its pre-forward once per forward, at the first module to run, and
+    its post-forward at the last (``_register_group_forward_hooks``): marking all of them as to run
+    makes their own pre-hooks pass, and the post-forward stays. A group of one module has FSDP's
+    pre-hook on that module directly: it is replaced by one that passes when the unit entered."""
+    state = fully_shard.state(modules[0])
+    to_run = state._modules_to_run_forward
+    handles: list[Any] = []
+    if len(modules) == 1:
+        state._pre_forward_hook_handle.remove()
+
+        @torch.compiler.disable
+        def module_pre(module: nn.Module, args: Any, kwargs: Any) -> Any:
+            return None if module in to_run else state._pre_forward(module, args, kwargs)
+
+        def module_post(module: nn.Module, args: Any, output: Any) -> None:
+            to_run.discard(module)
+
+        handles.append(modules[0].register_forward_pre_hook(module_pre, prepend=True, with_kwargs=True))
+        handles.append(modules[0].register_forward_hook(module_post, prepend=True, always_call=True))
+        state._pre_forward_hook_handle = handles[0]
+
+    @torch.compiler.disable
+    def unit_pre(module: nn.Module, args: Any, kwargs: Any) -> Any:
+        to_run.update(modules)
+        return state._pre_forward(module, args, kwargs)
+
+    handles.append(unit.register_forward_pre_hook(unit_pre, with_kwargs=True))
+    return handles
+
+
 # --- a root fully_shard that manages nothing ([Note: dormant root] in apply.py; checked on 2.13, the same
 # attribute names in the 2.7-2.11 sources; where they are missing the hooks stay and only cost time)
 def remove_forward_hooks(module: nn.Module) -> bool:

@@ -132,7 +132,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
 
     mp_policy = MixedPrecisionPolicy(param_dtype=policy.torch_param_dtype, reduce_dtype=policy.torch_reduce_dtype)
     apply = _apply_split if plan.split else _apply_structural
-    apply(model, mesh, plan, mp_policy)
+    unit_hooks = apply(model, mesh, plan, mp_policy)
 
     names = {id(p): plan.names.canonical(n) for n, p in model.named_parameters()}
     fsdp_params, group_of = {}, {}
@@ -154,7 +154,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
     state.root_hooks = (_freezing_check(state), _track_backward(state))
-    state.hooks = [model.register_forward_pre_hook(state.root_hooks[0], prepend=True),
+    state.hooks = [*unit_hooks, model.register_forward_pre_hook(state.root_hooks[0], prepend=True),
                    model.register_forward_hook(state.root_hooks[1])]
     _cast_inputs_outside_fsdp(model, state, mp_policy)
     if plan.split and not fsdp_params:
@@ -375,8 +375,9 @@ def _dim1_placement(model: nn.Module, plan: ShardingPlan) -> Any:
     return lambda p: Shard(1) if id(p) in ids else None
 
 
-def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
-    """torch >= 2.13: one fully_shard per unit; frozen params go to a param group on their own PGs."""
+def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> list[Any]:
+    """torch >= 2.13: one fully_shard per unit; frozen params go to a param group on their own PGs (which
+    FSDP enters at the unit's forward: no hooks of ours, an empty list)."""
     frozen_mesh_info = None
     if any(g.kind == FROZEN and not g.merged for g in plan.groups):
         frozen_mesh_info = process_groups.frozen_mesh_info(mesh)  # created once per mesh, then reused
@@ -414,11 +415,27 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
         else:
             post_forward = process_groups.post_forward_mesh_info(mesh, reshard)
         compat.configure_group(group, post_forward, reshard_after_backward=reshard != "never")
+    return []
 
 
-def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> None:
-    """torch < 2.13: frozen-only submodules of each unit become one extra FSDP group (public API)."""
+def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan,
+                      mp_policy: MixedPrecisionPolicy) -> list[Any]:
+    """torch < 2.13: frozen-only submodules of each unit become one extra FSDP group, entered at the
+    unit's forward; the handles of the hooks that do so.
+
+    [Note: frozen group entered at its unit] FSDP wraps a group's inputs in one identity autograd node
+    (``RegisterPostBackwardFunction``) at the group's pre-forward. Entered at its first module (a
+    block's input norm), the frozen group put that node between the block's input and the norm, so the
+    gradients of the block input's consumers were summed in two steps (the residual's, then the norm's
+    two: an fp32 RMSNorm's ``.to(float32)`` returns its input, consumed by ``pow`` and ``mul``) where
+    plain FSDP2 sums all three in one buffer: other rounding, up to 5e-6 in fp32 parameters after three
+    steps on transformers models. Entered at the unit (`_torch_compat.enter_at_unit`), its node sits on
+    the unit's input beside the unit's own, and an identity chain changes no sum: bitwise plain FSDP2
+    (tests/test_matrix.py's fallback cases). The frozen weights are gathered at the unit's start rather
+    than at their first module's, and resharded after the unit's backward (when the gradient reaches its
+    input) rather than the first module's: a few modules' time longer, as the unit's trainable group."""
     dim1 = _dim1_placement(model, plan)
+    hooks: list[Any] = []
     for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
         frozen_group = plan.frozen_group(unit)
         if frozen_group is not None and not frozen_group.merged:  # [Note: merged frozen groups]
@@ -435,14 +452,18 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp
             )
             if reshard == "never":
                 modules[0].set_reshard_after_backward(False, recurse=False)
+        unit_module = model.get_submodule(plan.path(unit))
         fully_shard(
-            model.get_submodule(plan.path(unit)),
+            unit_module,
             mesh=mesh,
             reshard_after_forward=plan.unit_reshard[unit],
             shard_placement_fn=dim1,
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
         )
+        if frozen_group is not None and not frozen_group.merged:
+            hooks += compat.enter_at_unit(unit_module, modules)
+    return hooks
 
 
 def _freezing_entries(state: ShardedModelState) -> list[tuple[str, Any, bool]]:

@@ -77,14 +77,6 @@ FALLBACK = os.environ.get("FSDP_FROZEN_FORCE_FALLBACK") == "1" or not split_grou
 #: what the fallback refuses beyond `REFUSED`: a replicated trainable group when the root module holds
 #: frozen and trainable parameters together (torch < 2.13 cannot split them), naming what to use instead
 FALLBACK_REFUSAL = ("trainable_grouping='replicate'", "use trainable_grouping='root' or 'per_unit'")
-#: fp32 parameters after 3 steps in the fallback, transformers families: the losses are bitwise, the
-#: parameters within this (measured up to 5.4e-6 on 2.13 with the fallback forced; the cause is not
-#: found yet: issue 23). The in-repo models are bitwise there too.
-FALLBACK_HF_PARAM_ATOL = 1e-5
-#: ... and so the losses after the first step, relative: Qwen2 + DoRA under checkpoint_wrapper with the
-#: adapters replicated (a case the covering picked on 2026-12-03) differs from plain FSDP2 by 1e-7 relative
-#: at step 2 on torch 2.11.0 (4.761841297 against 4.761841774), coalesce_frozen or not
-FALLBACK_HF_LOSS_RTOL = 1e-6
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing
-from fsdp_frozen._torch_compat import split_groups_supported
 from fsdp_frozen.apply import sharded_state
 
 from .common import full_state, hf_train, mesh_1d
 from .dist_harness import run_ranks
-from .matrix import FALLBACK_HF_PARAM_ATOL
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra")
 
@@ -92,16 +90,8 @@ def test_small_rank_adapters_are_sharded_on_dim_1(tmp_path, r, world, load_world
         ref = res["ref"]
         for grouping in ("per_unit", "root"):
             got = res[grouping]
-            if split_groups_supported():
-                assert got["losses"] == ref["losses"], (grouping, got["losses"], ref["losses"])
-            else:
-                torch.testing.assert_close(got["losses"], ref["losses"], rtol=1e-6, atol=0)
-            # the structural fallback (torch < 2.13): the transformers families within
-            # matrix.FALLBACK_HF_PARAM_ATOL of plain FSDP2 (measured on real 2.11: parameters 2.4e-7,
-            # losses 1e-7 relative; the cause is open, as in the matrix)
-            atol = 0.0 if split_groups_supported() else FALLBACK_HF_PARAM_ATOL
-            assert [n for n in ref["full"] if not torch.allclose(ref["full"][n], got["full"][n], rtol=0, atol=atol)] \
-                == [], grouping
+            assert got["losses"] == ref["losses"], (grouping, got["losses"], ref["losses"])  # the fallback too
+            assert [n for n in ref["full"] if not torch.equal(ref["full"][n], got["full"][n])] == [], grouping
             assert len(got["dim1"]) == 6 and all("lora_A" in n for n in got["dim1"]), got["dim1"]
             assert set(got["placements"].values()) == {(Shard(1),)}, got["placements"]
     # per rank, fp32: 2 layers x lora_A r x 64 (q, v), r x 128 (down) and lora_B 64 x r (q, v, down), 1/world each

@@ -13,7 +13,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from fsdp_frozen import FreezePolicy, FreezingChangedError, PolicyError, describe, shard_with_freezing
 from fsdp_frozen import _torch_compat as compat
 
-from .common import CommCounter, full_state, mesh_1d, plain_fsdp, structural_fallback, train
+from .common import CommCounter, adamw, full_state, mesh_1d, plain_fsdp, structural_fallback, train
 from .dist_harness import RankFailure, run_ranks
 from .models import batch, make_model
 
@@ -287,3 +287,54 @@ def test_models_built_after_release_process_groups_train():
             assert all(torch.equal(a[name]["full"][k], v) for k, v in b[name]["full"].items()), name
             # every frozen parameter on the frozen groups' one mesh, a new one after the release
             assert len(b[name]["frozen_meshes"]) == 1 and a[name]["frozen_meshes"] != b[name]["frozen_meshes"], name
+
+
+OPENED = ("layers.*.norm.*", "layers.*.attn.base_layer.*", "layers.*.mlp.base_layer.*")
+
+
+@structural_fallback()  # what torch < 2.13 gets
+def _fallback_one_module(rank: int, world_size: int) -> dict:
+    """Each block's frozen-only part is one module (proj): its FSDP group's own pre-hook is replaced by one
+    that passes when the block entered the group ([Note: frozen group entered at its unit] in apply.py)."""
+    from fnmatch import fnmatch
+
+    mesh = mesh_1d(world_size)
+    kinds = {"mixed_bias": False, "frozen_block": False}  # proj wholly frozen in every block
+    ref = make_model(**kinds)
+    for name, p in ref.named_parameters():
+        if any(fnmatch(name, g) for g in OPENED):
+            p.requires_grad_(True)
+    ref = plain_fsdp(ref, mesh, tuple(UNITS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's "cannot hold two param groups" warning
+        model = shard_with_freezing(make_model(**kinds), mesh, FreezePolicy(units=UNITS, unfreeze=list(OPENED)))
+    from fsdp_frozen import refreeze
+    from fsdp_frozen.apply import sharded_state
+
+    modules = {g.unit: list(g.modules) for g in sharded_state(model).plan.groups if g.kind == "frozen" and g.unit}
+    opt = adamw(model)
+    out = {"modules": modules, "ref": train(ref, 3, rank), "ours": train(model, 3, rank, opt=opt)}
+    out["equal"] = all(torch.equal(a, b) for a, b in zip(full_state(ref).values(), full_state(model).values()))
+    # the group's pre-forward runs once per forward (at the block), not again at proj
+    calls = []
+    groups = [layer.proj._get_fsdp_state()._fsdp_param_group for layer in model.layers]
+    for i, g in enumerate(groups):
+        g.pre_forward = (lambda f, i: lambda *a: calls.append(i) or f(*a))(g.pre_forward, i)
+    with torch.no_grad():
+        model(batch(0, rank)[0])
+    for g in groups:
+        del g.pre_forward
+    out["pre_forward_calls"] = calls
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        refreeze(model, opt, FreezePolicy(units=UNITS))  # the replaced hooks come off; groups of several modules
+    out["after_refreeze"] = train(model, 1, rank, opt=opt, start=3)
+    return out
+
+
+def test_fallback_frozen_group_of_one_module_is_entered_at_its_unit():
+    for r in run_ranks(_fallback_one_module, 2):
+        assert r["modules"] == {f"layers.{i}": [f"layers.{i}.proj"] for i in range(3)}, r["modules"]
+        assert r["ours"] == r["ref"] and r["equal"], (r["ours"], r["ref"])
+        assert r["pre_forward_calls"] == [0, 1, 2], r["pre_forward_calls"]
+        assert len(r["after_refreeze"]) == 1 and r["after_refreeze"][0] == r["after_refreeze"][0]  # finite
