@@ -229,6 +229,24 @@ def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
                                  mesh_dim_names=names)
 
 
+def released_groups(t: torch.Tensor) -> list[str]:
+    """Names of the process groups of `t`'s DTensor mesh that no longer resolve (destroyed, as
+    `release_process_groups` does); [] for a plain tensor or where this torch keeps no group names
+    (``DeviceMesh._dim_group_names`` and ``distributed_c10d._resolve_process_group``: checked on 2.11 and 2.13)."""
+    names = getattr(getattr(t, "device_mesh", None), "_dim_group_names", None) if isinstance(t, DTensor) else None
+    if not names:
+        return []
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    dead = []
+    for name in names:
+        try:
+            _resolve_process_group(name)
+        except RuntimeError:
+            dead.append(name)
+    return dead
+
+
 def make_frozen_mesh_info(mesh: DeviceMesh) -> Any:
     """An FSDP mesh info for frozen groups: same ranks and layout as `mesh`, own process groups."""
     fresh = _fresh_mesh(mesh)

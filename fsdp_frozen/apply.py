@@ -139,6 +139,13 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     for _, group, fp in compat.iter_all_fsdp_params(model):
         fqn = names[id(compat.sharded_param(fp))]
         fsdp_params[fqn], group_of[fqn] = fp, group
+        released = compat.released_groups(compat.sharded_param(fp))
+        if released:  # [Note: frozen groups' names]: the case it does not cover
+            raise RuntimeError(
+                f"parameter {fqn!r} was sharded onto process group(s) {released} that release_process_groups() "
+                f"destroyed: torch's DTensor caches take meshes of the same ranks and dim names for one, and a "
+                f"frozen mesh under TP must equal your data-parallel sub-mesh. Shard the models you need before "
+                f"calling release_process_groups(), or call it only at the end of the job")
     param_groups = {(g.unit, g.kind): group_of[p] for g in plan.groups for p in g.params[:1] if p in group_of}
     frozen_settings = [(group, compat.reshard_settings(group)) for (unit, kind), group in param_groups.items()
                        if kind == FROZEN and not plan.frozen_group(unit).merged]  # [Note: merged frozen groups]

@@ -94,7 +94,8 @@ def release_process_groups() -> int:
     processes; [Note: frozen groups' names] in `_torch_compat`). Not covered: a frozen mesh that is a
     sub-mesh of a TP world (``world["dp"]``) stays equal to the user's sub-mesh (FSDP needs that to join
     it with the TP mesh), so torch's DTensor caches may still hand a model built after a release a spec
-    on the released groups there; under TP, release only at the end of the job.
+    on the released groups there: `shard_with_freezing` then raises a RuntimeError naming the parameter
+    (rather than a collective failing later); under TP, release only at the end of the job.
     """
     groups = []
     for e in _ENTRIES:

@@ -586,3 +586,33 @@ def test_offloaded_activations_under_tp_train_bitwise_the_same():
         assert offloaded["losses"] == plain["losses"]
         assert [n for n in plain["full"] if not torch.equal(plain["full"][n], offloaded["full"][n])] == []
         assert all(n >= plain["layers"] for n in offloaded["counts"]), offloaded["counts"]
+
+
+def _tp_after_release(rank: int, world_size: int) -> str | None:
+    """A TP model sharded and its frozen groups released, then another one sharded: the error it raises."""
+    from fsdp_frozen import release_process_groups
+
+    world = _world()
+    shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",)))
+    release_process_groups()
+    world = _world()
+    try:
+        shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",)))
+    except RuntimeError as e:
+        return str(e)
+    finally:
+        release_process_groups()
+    return None
+
+
+@pytest.mark.skipif(not split_groups_supported(), reason="the frozen groups' own process groups (torch >= 2.13)")
+def test_tp_model_built_after_a_release_is_refused_naming_the_fix():
+    """Under TP the frozen dp mesh must equal the user's sub-mesh, and torch's DTensor caches then hand a
+    model built after `release_process_groups` a spec on the released groups (process_groups.py): refused at
+    sharding, naming the parameter and what to do, rather than a collective failing later."""
+    # fresh ranks: what DTensor's caches hold decides whether a spec goes stale, and pooled ranks hold earlier
+    # tests' meshes (an equal live one from a plain FSDP2 + TP reference would be handed out instead)
+    for message in run_ranks(_tp_after_release, 4, fresh=True):
+        assert message is not None, "the model built after the release was not refused"
+        assert "was sharded onto process group(s)" in message and "release_process_groups()" in message, message
+        assert "Shard the models you need before" in message, message
