@@ -132,7 +132,6 @@ def hf_sharded(arch: str, peft: str, wrapper: str | None, tmp: str, world: int, 
 def run_cli(argv: list[str]):
     """``python -m fsdp_frozen ARGV`` in this process (its entry point is tests/test_cli_help.py's
     subprocess): a CompletedProcess with the exit code and what it printed."""
-    import contextlib
     import io
     import subprocess
 

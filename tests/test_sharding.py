@@ -252,8 +252,6 @@ def _release(rank: int, world_size: int) -> int:
 def _build_after_release(rank: int, world_size: int) -> dict:
     """Models on a 1-D and an HSDP mesh, each mesh built anew; a step; every parameter gathered whole
     (DTensor collectives on its spec's groups); then `release_process_groups`."""
-    from torch.distributed.distributed_c10d import _resolve_process_group
-
     from fsdp_frozen import release_process_groups
 
     out = {}
@@ -263,8 +261,7 @@ def _build_after_release(rank: int, world_size: int) -> dict:
         model = shard_with_freezing(make_model(), mesh, FreezePolicy(units=UNITS, frozen_dtype="bfloat16",
                                                                      param_dtype="bfloat16"))
         losses = train(model, 1, rank)
-        for group in (g for p in model.parameters() for g in p.device_mesh._dim_group_names):
-            _resolve_process_group(group)  # raises for a destroyed group
+        assert [n for n, p in model.named_parameters() if compat.released_groups(p)] == []  # no destroyed group
         frozen_meshes = {tuple(p.device_mesh._dim_group_names) for p in model.parameters() if not p.requires_grad}
         out[name] = {"losses": losses, "full": full_state(model), "frozen_meshes": frozen_meshes}
     out["released"] = release_process_groups()
