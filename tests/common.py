@@ -19,6 +19,17 @@ from fsdp_frozen.plan import resolve_units
 from .models import batch
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment for a subprocess that imports ``fsdp_frozen``: this checkout first on
+    ``PYTHONPATH``, so a recipe or script run by a test imports the code under test even where pip's
+    editable install points at another clone."""
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": ROOT + (os.pathsep + path if path else ""), **extra}
+
+
 def mesh_1d(world_size: int):
     return init_device_mesh("cpu", (world_size,))
 

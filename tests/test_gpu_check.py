@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from .common import checkout_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 STAGES = ["wheels", "args", "env", "base", "bfloat16", "nf4", "tier"]
@@ -33,7 +35,7 @@ pytestmark = [
 
 
 def _gpu_check(out: Path, base_root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OUT": str(out), "GPU_BASE_ROOT": str(base_root), "PYTHON": sys.executable, **env}
+    env = checkout_env(OUT=str(out), GPU_BASE_ROOT=str(base_root), PYTHON=sys.executable, **env)
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
 

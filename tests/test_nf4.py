@@ -9,7 +9,7 @@ from fsdp_frozen import FreezePolicy, PolicyError, describe, shard_with_freezing
 from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import CheckpointLayoutError, save_checkpoint
 
-from .common import CommCounter, adamw, frozen_group_names, mesh_1d, structural_fallback, train
+from .common import CommCounter, adamw, checkout_env, frozen_group_names, mesh_1d, structural_fallback, train
 from .dist_harness import run_ranks
 from .models import make_model
 
@@ -339,7 +339,8 @@ def test_torchao_extension_noise_is_filtered():
             "import fsdp_frozen, torchao\n"
             "logging.getLogger('torchao').warning('kept')\n"
             "print(sum(m.startswith('Failed to load ') for m in seen))\n")
-    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=checkout_env())
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert "Failed to load" not in ours.stderr and "kept" in ours.stderr, ours.stderr[-2000:]
     if int(ours.stdout.split()[-1]) == 0:

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from .common import checkout_env
 from .dist_harness import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ def torchrun(script: str, config: str, *overrides: str, world: int = 2) -> subpr
 def launch(script: str, *args: str, world: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
            str(ROOT / "recipes" / script), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = checkout_env(OMP_NUM_THREADS="1")
     # Own process group, so a hung run is killed with all its ranks, not just the launcher.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                             start_new_session=True)
@@ -163,7 +164,7 @@ def test_misspelled_config_key_fails_naming_it(tmp_path, where, bad, expect):
         argv = ["--config", str(ROOT / "recipes" / "configs" / "lora_tiny.yaml"), bad]
     if bad == "trian.steps=3":
         out = subprocess.run([sys.executable, str(ROOT / "recipes" / "lora_finetune.py"), *argv], capture_output=True,
-                             text=True, timeout=TIMEOUT, cwd=ROOT)
+                             text=True, timeout=TIMEOUT, cwd=ROOT, env=checkout_env())
         assert out.returncode != 0 and re.search(expect, out.stderr), out.stderr[-3000:]
     if str(ROOT / "recipes") not in sys.path:
         sys.path.insert(0, str(ROOT / "recipes"))
