@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 from torch.distributed.tensor import DTensor
 
 from fsdp_frozen import FreezePolicy, shard_with_freezing
+from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import (
     CheckpointLayoutError,
     FrozenLoadPlanner,
@@ -25,7 +27,7 @@ from fsdp_frozen.checkpoint import (
     save_checkpoint,
 )
 
-from .common import adamw, full_state, mesh_1d, plain_fsdp, train
+from .common import adamw, full_state, mesh_1d, plain_fsdp, structural_fallback, train
 from .dist_harness import RankFailure, run_ranks
 from .models import make_model
 
@@ -456,6 +458,45 @@ def _resume(rank: int, world: int, tmp: str) -> tuple[list[float], list[float]]:
 def test_resume_is_bitwise(tmp_path):
     for losses, resumed in run_ranks(_resume, 2, str(tmp_path)):
         assert losses == resumed
+
+
+def _resume_across_paths(rank: int, world: int, tmp: str, frozen_dtype: str, saved_in: str) -> dict:
+    """A run saved on one torch's path resumed on the other's: torch 2.6-2.12's structural fallback and
+    2.13's split groups (a torch upgrade mid-run, or a checkpoint moved between clusters)."""
+    path = {"fallback": structural_fallback, "split": contextlib.nullcontext}
+    policy = dict(frozen_dtype=frozen_dtype, param_dtype="bfloat16", frozen_reshard="never")
+    if frozen_dtype == "nf4":
+        policy.update(nf4_block_size=16, nf4_scaler_block_size=4)
+    straight = build(world, **policy)  # the reference: 4 steps on the split path, in one go
+    losses = train(straight, 4, rank)
+    expected = full_state(straight)
+    with path[saved_in]():
+        model = build(world, **policy)
+        opt = adamw(model)
+        first = train(model, 1, rank, opt=opt)
+        save_checkpoint(os.path.join(tmp, "s1"), model, opt)  # the frozen weights, once
+        first += train(model, 1, rank, opt=opt, start=1)
+        second = save_checkpoint(os.path.join(tmp, "s2"), model, opt, extra={"step": 2})  # references s1
+    with path["split" if saved_in == "fallback" else "fallback"]():
+        resumed = build(world, seed=1, **policy)
+        opt = adamw(resumed)
+        step = load_checkpoint(second, resumed, opt)["step"]
+        rest = train(resumed, 4 - step, rank, opt=opt, start=step)
+    splits = [sharded_state(m).plan.split for m in (model, resumed)]
+    assert splits == [saved_in == "split", saved_in != "split"], splits  # the two paths, as named
+    assert_same(expected, full_state(resumed), "params after the resume")
+    return {"straight": losses, "resumed": first + rest, "frozen": read_manifest(second)["frozen_state"]}
+
+
+@pytest.mark.split_layout  # needs both paths: torch >= 2.13 (the fallback forced for one of them)
+@pytest.mark.parametrize("frozen_dtype", ["bfloat16", "nf4"])
+@pytest.mark.parametrize("saved_in", ["fallback", "split"])
+def test_resume_across_the_fallback_and_split_layouts(tmp_path, frozen_dtype, saved_in):
+    """Saved in the structural fallback and resumed with split groups, or the other way: the same keys
+    and shards (a checkpoint names parameters by FQN, never by FSDP group), bitwise the straight run,
+    through a checkpoint that references its base."""
+    for r in run_ranks(_resume_across_paths, 2, str(tmp_path), frozen_dtype, saved_in):
+        assert r["resumed"] == r["straight"] and r["frozen"] == "referenced", r
 
 
 # ------------------------------------------------------------------------------------------ atomicity

@@ -210,6 +210,7 @@ def _process_groups_reused(rank: int, world: int) -> dict:
     def frozen_pgs(model):
         return {id(compat.mesh_info_groups(group.mesh_info)[0]) for group, _ in sharded_state(model).frozen_settings}
 
+    release_process_groups()  # what earlier tasks in these pooled ranks left: only this task's are counted
     mesh = mesh_1d(world)
     first = shard_with_freezing(make_model(), mesh, FreezePolicy(units=["layers.*"]))
     second = shard_with_freezing(make_model(seed=1), mesh, FreezePolicy(units=["layers.*"], frozen_reshard="never"))
