@@ -26,7 +26,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -118,13 +118,14 @@ def _reduce_itemsize(local: torch.Tensor, policy: FreezePolicy) -> int:
     return dtype.itemsize
 
 
-def gathered_bytes(model: nn.Module, group: Any) -> int:
-    """The all-gather output bytes of one plan group of a sharded model: each FSDP parameter's padded
-    shard times the shard ranks, in the gathered dtype (``param_dtype``; NF4 at its packed size).
-    Parameters FSDP does not manage (NF4 at shard size 1, replicated ones) are never gathered."""
+def gathered_bytes(model: nn.Module, params: Iterable[str]) -> int:
+    """The all-gather output bytes of the parameters `params` (FQNs, e.g. a plan group's) of a sharded
+    model: each FSDP parameter's padded shard times the shard ranks, in the gathered dtype
+    (``param_dtype``; NF4 at its packed size). Parameters FSDP does not manage (NF4 at shard size 1,
+    replicated ones) are never gathered."""
     state = sharded_state(model)
     per_rank = 0
-    for fqn in group.params:
+    for fqn in params:
         fp = state.fsdp_params.get(fqn)
         if fp is None:
             continue
@@ -149,7 +150,7 @@ def measure(model: nn.Module) -> Estimate:
     trainable_params = [model.get_parameter(plan.path(p)) for g in plan.groups if g.kind != FROZEN for p in g.params]
     optimizer = sum(2 * storage_nbytes(compat.local_tensor(p)) + ADAMW_STEP_BYTES for p in trainable_params)
 
-    gather = {(g.unit, g.kind): gathered_bytes(model, g) for g in plan.groups}  # all-gather output bytes
+    gather = {(g.unit, g.kind): gathered_bytes(model, g.params) for g in plan.groups}  # all-gather output bytes
     reduce = 0
     for g in plan.groups:
         for fqn in g.params:

@@ -51,7 +51,7 @@ from fsdp_frozen import FreezePolicy, describe, shard_with_freezing  # noqa: E40
 from fsdp_frozen.apply import sharded_state  # noqa: E402
 from fsdp_frozen.checkpoint import read_manifest, save_checkpoint  # noqa: E402
 from fsdp_frozen import _torch_compat as compat  # noqa: E402
-from fsdp_frozen.diagnostics import CommCounter, frozen_group_names, merged_frozen_all_gather_bytes  # noqa: E402
+from fsdp_frozen.diagnostics import CommCounter, frozen_group_names, shared_frozen_all_gathers  # noqa: E402
 from fsdp_frozen.diagnostics import PeakTensorMemory, state_tensors  # noqa: E402
 from fsdp_frozen.storage import storage_nbytes  # noqa: E402
 
@@ -396,6 +396,7 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
         with counter:
             step(v, 0)
         fpgs = frozen_group_names(models[v]) if v != "plain" else set()  # plain: derived below
+        shared_calls, shared_bytes = shared_frozen_all_gathers(models[v]) if v != "plain" else (0, 0)
         frozen_b, total_b = persistent_bytes(models[v])
         kept = kept_shard_bytes(models[v]) if v != "plain" else 0
         cuda_max = None
@@ -407,12 +408,12 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
             "step_time_s": statistics.median(times[v]),
             "tokens_per_s": tokens / statistics.median(times[v]),
             "all_gather_bytes": counter.total("all_gather"),
-            # frozen bytes on the frozen groups' process groups, and those merged into trainable groups
-            "frozen_all_gather_bytes": counter.total("all_gather", fpgs)
-            + (merged_frozen_all_gather_bytes(models[v]) if v != "plain" else 0),
+            # frozen bytes on the frozen groups' own process groups, and those on groups shared with
+            # trainable parameters (merged groups; torch < 2.13's structural fallback)
+            "frozen_all_gather_bytes": counter.total("all_gather", fpgs) + shared_bytes,
             "reduce_scatter_bytes": counter.total("reduce_scatter"),
             "all_gathers": counter.total("all_gather", count=True),
-            "frozen_all_gathers": counter.total("all_gather", fpgs, count=True),
+            "frozen_all_gathers": counter.total("all_gather", fpgs, count=True) + shared_calls,
             "reduce_scatters": counter.total("reduce_scatter", count=True),
             "all_reduces": counter.total("all_reduce", count=True),
             "frozen_persistent_bytes": frozen_b + kept,

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 
 from fsdp_frozen import FreezePolicy, shard_with_freezing
 from fsdp_frozen.apply import sharded_state
+from fsdp_frozen.diagnostics import shared_frozen_all_gathers
 from fsdp_frozen.plan import FROZEN, TRAINABLE
 
-from .common import CommCounter, frozen_group_names, mesh_1d, train
+from .common import CommCounter, frozen_group_names, mesh_1d, structural_fallback, train
 from .dist_harness import run_ranks
 from .models import make_model
 
@@ -64,6 +66,7 @@ def _count(rank: int, world_size: int) -> dict:
     return out
 
 
+@pytest.mark.split_layout
 @pytest.mark.parametrize("world_size", [2])
 def test_frozen_all_gathers_and_reduce_scatter_per_step(world_size):
     results = run_ranks(_count, world_size)
@@ -94,3 +97,46 @@ def test_frozen_all_gathers_and_reduce_scatter_per_step(world_size):
         assert {s["rs_bytes"] for s in steps} == {r["trainable_rs_bytes"]}, (reshard, steps)
         if reshard == "never":
             assert [s["frozen_ag"] for s in after_sd] == [n, 0], after_sd  # one re-gather after state_dict()
+
+
+def _told_apart(rank: int, world_size: int) -> dict:
+    out = {}
+    for path in ("split", "fallback"):
+        for grouping, reshard in (("per_unit", "after_forward"), ("per_unit", "never"), ("root", "after_forward")):
+            with structural_fallback() if path == "fallback" else contextlib.nullcontext():
+                model = shard_with_freezing(make_model(), mesh_1d(world_size), FreezePolicy(
+                    units=["layers.*"], frozen_reshard=reshard, trainable_grouping=grouping))
+                train(model, 1, rank)  # "never": the first step gathers once
+                counter = CommCounter()
+                with counter:
+                    train(model, 1, rank, start=1)
+            own = frozen_group_names(model)
+            calls, nbytes = shared_frozen_all_gathers(model)
+            plan = sharded_state(model).plan
+            trainable = {n: p for n, p in make_model().named_parameters() if p.requires_grad}
+            out[(path, grouping, reshard)] = {
+                "split": plan.split, "own": len(own), "shared": (calls, nbytes),
+                "frozen_calls": counter.total("all_gather", own, count=True) + calls,
+                "want_frozen_calls": sum(g.own_all_gathers_per_step for g in plan.groups if g.kind == FROZEN),
+                "trainable_bytes": counter.total("all_gather") - counter.total("all_gather", own) - nbytes,
+                # fp32: each trainable parameter's padded rows x ranks, times its group's gathers per step
+                "want_trainable_bytes": sum(4 * _padded_numel(trainable[f].shape, world_size) * g.all_gathers_per_step
+                                            for g in plan.groups if g.kind == TRAINABLE for f in g.params
+                                            if f in trainable),
+            }
+    return out
+
+
+@pytest.mark.split_layout  # both layouts: torch >= 2.13, the fallback forced for one
+def test_frozen_traffic_is_told_apart_in_both_layouts():
+    """`frozen_group_names` + `shared_frozen_all_gathers` (what the benchmark reports as frozen traffic)
+    against a counter: the frozen calls the plan predicts, and what is left is exactly the trainable
+    parameters' bytes. torch < 2.13's structural fallback keeps its frozen groups on the user's process
+    group (none of their own), and leaves some frozen parameters in trainable groups: counted by the
+    plan there; on the split layout nothing is shared."""
+    for key, r in run_ranks(_told_apart, 2)[0].items():
+        fallback = key[0] == "fallback"
+        assert r["split"] is not fallback, key
+        assert (r["own"], r["shared"] == (0, 0)) == ((0, False) if fallback else (1, True)), (key, r)
+        assert r["frozen_calls"] == r["want_frozen_calls"], (key, r)
+        assert r["trainable_bytes"] == r["want_trainable_bytes"] > 0, (key, r)

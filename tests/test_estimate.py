@@ -19,7 +19,7 @@ from fsdp_frozen import _torch_compat as compat
 from fsdp_frozen._torch_compat import local_tensor
 from fsdp_frozen.apply import sharded_state
 from fsdp_frozen.checkpoint import save_checkpoint
-from fsdp_frozen.diagnostics import merged_frozen_all_gather_bytes
+from fsdp_frozen.diagnostics import shared_frozen_all_gathers
 from fsdp_frozen.estimate import activation_bytes, estimate, fake_process_group, loss_bytes, measure
 
 from .common import CommCounter, frozen_group_names, mesh_1d, run_cli
@@ -73,7 +73,7 @@ def _real(rank: int, world: int, tmp: str) -> dict:
         merged_ag = sum(math.prod(compat.padded_shard_size(state.fsdp_params[f])) * world
                         * (dtype or state.fsdp_params[f].orig_dtype).itemsize * g.all_gathers_per_step
                         for g in state.plan.groups if g.merged for f in g.params) if world > 1 else 0
-        assert merged_ag == merged_frozen_all_gather_bytes(model)  # the benchmarks' helper says the same
+        assert (0, merged_ag) == shared_frozen_all_gathers(model)  # the benchmarks' helper says the same
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         counter = CommCounter()
         steps = []

@@ -1,6 +1,7 @@
 """`CommCounter`: count the c10d collectives FSDP issues (calls and bytes, per process group).
 
-Used by the tests (counts per step) and the benchmark (bytes per step). Intercepts the c10d ops
+Used by the tests (counts per step) and the benchmark (bytes per step); `frozen_group_names` and
+`shared_frozen_all_gathers` tell frozen traffic from trainable traffic. Intercepts the c10d ops
 with a `TorchDispatchMode`, so it sees what FSDP2 really launches; checked on torch 2.13.
 """
 
@@ -47,25 +48,51 @@ class CommCounter(compat.TorchDispatchMode):
         self.records = []
 
 
+def _names(group) -> set[str]:
+    """The names of the process groups an FSDP param group all-gathers on (its shard group, and its
+    post-forward mesh's under an int reshard)."""
+    return {compat.mesh_info_groups(info)[0].group_name for info in compat.group_mesh_infos(group)}
+
+
 def frozen_group_names(model: nn.Module) -> set[str]:
-    """Names of the process groups that the frozen param groups `shard_with_freezing` built on
-    `model` communicate on (read from the groups it recorded, not re-found)."""
+    """Names of the process groups that only `model`'s frozen param groups communicate on (those
+    `shard_with_freezing` made for them; read from the groups it recorded, not re-found): what a
+    `CommCounter` counts there is frozen traffic. Frozen bytes gathered on process groups trainable
+    parameters use too are not there (torch < 2.13's structural fallback keeps its frozen groups on the
+    user's mesh; merged groups ride the trainable all-gathers): `shared_frozen_all_gathers` counts them."""
     from ..apply import sharded_state
 
-    names = set()
-    for group, _ in sharded_state(model).frozen_settings:
-        for info in compat.group_mesh_infos(group):
-            names.add(compat.mesh_info_groups(info)[0].group_name)  # the shard group
-    return names
+    frozen = {id(group) for group, _ in sharded_state(model).frozen_settings}
+    names: dict[bool, set[str]] = {True: set(), False: set()}
+    for group in {id(g): g for _, g, _ in compat.iter_all_fsdp_params(model)}.values():
+        names[id(group) in frozen] |= _names(group)
+    return names[True] - names[False]
 
 
-def merged_frozen_all_gather_bytes(model: nn.Module) -> int:
-    """All-gather output bytes per step of the frozen parameters that ride their unit's trainable
-    group's all-gathers ([Note: merged frozen groups] in plan.py): a `CommCounter` sees them on the
-    trainable groups' process groups. `fsdp_frozen.estimate.gathered_bytes` of each merged group (what
-    FSDP puts in the gathered buffer) times its gathers per step."""
+def shared_frozen_all_gathers(model: nn.Module) -> tuple[int, int]:
+    """(calls, output bytes) per step of the frozen all-gathers that a `CommCounter` sees on process
+    groups trainable parameters use too, which `frozen_group_names` leaves out:
+
+    * merged frozen groups ([Note: merged frozen groups] in plan.py): bytes only, their parameters ride
+      their unit's trainable group's all-gathers;
+    * torch < 2.13's structural fallback: every frozen group (its own calls, on the user's mesh) and the
+      frozen parameters it leaves in a trainable group (``plan.unsplit``: bytes only).
+
+    Bytes are `fsdp_frozen.estimate.gathered_bytes` (what FSDP puts in the gathered buffer) times the
+    plan's gathers per step. (0, 0) on torch >= 2.13 without merged groups."""
     from ..apply import sharded_state
     from ..estimate import gathered_bytes
+    from ..plan import FROZEN
 
-    plan = sharded_state(model).plan
-    return sum(gathered_bytes(model, g) * g.all_gathers_per_step for g in plan.groups if g.merged)
+    state = sharded_state(model)
+    own, unsplit = frozen_group_names(model), set(state.plan.unsplit)
+    calls = nbytes = 0
+    for g in state.plan.groups:
+        if g.kind == FROZEN:
+            group = state.param_groups.get((g.unit, g.kind))
+            shared = g.merged or (group is not None and not _names(group) & own)
+            calls += g.own_all_gathers_per_step if shared else 0
+            nbytes += gathered_bytes(model, g.params) * g.all_gathers_per_step if shared else 0
+        else:
+            nbytes += gathered_bytes(model, [f for f in g.params if f in unsplit]) * g.all_gathers_per_step
+    return calls, nbytes
