@@ -145,9 +145,14 @@ def measure(model: nn.Module) -> Estimate:
     replicate = state.mesh.size(0) if state.mesh.ndim == 2 else 1
     shard_size = plan.shard_size
     records = describe(model)
-    frozen = sum(r.sharded_bytes for r in records if r.kind == FROZEN)
-    trainable = sum(r.sharded_bytes for r in records if r.kind != FROZEN)
-    trainable_params = [model.get_parameter(plan.path(p)) for g in plan.groups if g.kind != FROZEN for p in g.params]
+    # torch < 2.13's structural fallback leaves some frozen parameters in trainable groups (plan.unsplit):
+    # frozen bytes, no gradient, no optimizer state, gathered in the trainable group's all-gathers
+    unsplit = set(plan.unsplit)
+    moved = sum(storage_nbytes(compat.local_tensor(model.get_parameter(plan.path(f)))) for f in unsplit)
+    frozen = sum(r.sharded_bytes for r in records if r.kind == FROZEN) + moved
+    trainable = sum(r.sharded_bytes for r in records if r.kind != FROZEN) - moved
+    trainable_params = [model.get_parameter(plan.path(p)) for g in plan.groups if g.kind != FROZEN
+                        for p in g.params if p not in unsplit]
     optimizer = sum(2 * storage_nbytes(compat.local_tensor(p)) + ADAMW_STEP_BYTES for p in trainable_params)
 
     gather = {(g.unit, g.kind): gathered_bytes(model, g.params) for g in plan.groups}  # all-gather output bytes
@@ -155,15 +160,17 @@ def measure(model: nn.Module) -> Estimate:
     for g in plan.groups:
         for fqn in g.params:
             fp = state.fsdp_params.get(fqn)
-            if fp is not None and g.kind != FROZEN:
+            if fp is not None and g.kind != FROZEN and fqn not in unsplit:
                 local = compat.local_tensor(compat.sharded_param(fp))
                 reduce += shard_size * math.prod(compat.padded_shard_size(fp)) * _reduce_itemsize(local, policy)
     by_record = {(r.unit, r.kind): r for r in records}
     all_gather = {"frozen": 0, "trainable": 0}
     kept = 0
-    for key, nbytes in gather.items():
-        r = by_record[key]
-        all_gather["frozen" if r.kind == FROZEN else "trainable"] += nbytes * r.all_gathers_per_step
+    for g in plan.groups:
+        r, nbytes = by_record[(g.unit, g.kind)], gather[(g.unit, g.kind)]
+        frozen_part = nbytes if g.kind == FROZEN else gathered_bytes(model, [f for f in g.params if f in unsplit])
+        all_gather["frozen"] += frozen_part * r.all_gathers_per_step
+        all_gather["trainable"] += (nbytes - frozen_part) * r.all_gathers_per_step
         if r.kind == FROZEN and r.reshard == "never":
             kept += nbytes
     units: dict[str, int] = {}

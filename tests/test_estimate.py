@@ -73,7 +73,9 @@ def _real(rank: int, world: int, tmp: str) -> dict:
         merged_ag = sum(math.prod(compat.padded_shard_size(state.fsdp_params[f])) * world
                         * (dtype or state.fsdp_params[f].orig_dtype).itemsize * g.all_gathers_per_step
                         for g in state.plan.groups if g.merged for f in g.params) if world > 1 else 0
-        assert (0, merged_ag) == shared_frozen_all_gathers(model)  # the benchmarks' helper says the same
+        shared_calls, shared_bytes = shared_frozen_all_gathers(model)
+        if state.plan.split:  # the benchmarks' helper says the same; the fallback's frozen groups: test_comm
+            assert (shared_calls, shared_bytes) == (0, merged_ag)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         counter = CommCounter()
         steps = []
@@ -88,7 +90,7 @@ def _real(rank: int, world: int, tmp: str) -> dict:
                 grads = _storage(p.grad for p in model.parameters() if p.grad is not None)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                frozen_ag = counter.total("all_gather", frozen_pgs) + merged_ag
+                frozen_ag = counter.total("all_gather", frozen_pgs) + shared_bytes
                 steps.append({"frozen_ag": frozen_ag, "trainable_ag": counter.total("all_gather") - frozen_ag,
                               "rs": counter.total("reduce_scatter"), "grads": grads, "gathered_after_forward": gathered})
         path = save_checkpoint(os.path.join(tmp, f"{name}-{world}"), model, opt, frozen="include")
@@ -173,7 +175,7 @@ def test_estimate_cli_on_a_hugging_face_config(tmp_path):
     never, sharded = by[("never", "bfloat16")], by[("after_forward", "bfloat16")]
     # kept gathered beside the shards (in FSDP), or whole outside FSDP (trainable_grouping="replicate"): more per rank
     assert never["kept_gathered_bytes"] + never["frozen_shard_bytes"] > 2 * sharded["frozen_shard_bytes"]
-    if never["trainable_grouping"] == "replicate":
+    if never["trainable_grouping"] == "replicate" and compat.split_groups_supported():  # the fallback: in FSDP
         assert never["kept_gathered_bytes"] == 0 and never["frozen_shard_bytes"] == 4 * sharded["frozen_shard_bytes"]
     acts = by[("never", "bfloat16")]["activations"]
     assert 0 < acts["checkpointing_bytes"] < acts["no_checkpointing_bytes"] and "Korthikanti" in acts["method"]

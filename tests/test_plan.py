@@ -71,8 +71,10 @@ def test_peft_shaped_model():
 
 
 def test_tied_parameter_owned_by_outer_unit():
+    # the split layout's planning (torch >= 2.13), on any torch: the fallback's is tested apart
     model = make_model(tied=True)
-    plan = build_plan(model, FreezePolicy(units=["tok", "layers.*"], trainable_grouping="per_unit"), shard_size=2)
+    plan = build_plan(model, FreezePolicy(units=["tok", "layers.*"], trainable_grouping="per_unit"),
+                      shard_size=2, split=True)
     # tok.weight is used by unit "tok" and by the root's head: the root owns it, "tok" ignores it.
     assert plan.ignored == {"tok": ("tok.weight",)}
     assert "tok.weight" in plan.frozen_group("").params
@@ -115,12 +117,14 @@ def test_expected_all_gathers():
 
 
 def test_auto_keeps_largest_groups_within_budget():
+    # the split layout's planning (torch >= 2.13), on any torch: the fallback's is tested apart
     model = make_model()
-    base = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2)
+    base = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2, split=True)
     sizes = {g.unit: g.unsharded_bytes for g in base.groups if g.kind == FROZEN}
     largest = max(sizes, key=sizes.get)
     budget = sizes[largest] + min(sizes.values()) - 1  # the largest fits, then nothing else does
-    plan = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=budget), shard_size=2)
+    plan = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=budget),
+                      shard_size=2, split=True)
     kept = {g.unit for g in plan.groups if g.kind == FROZEN and g.reshard == "never"}
     assert kept == {largest}
     # Groups "auto" does not keep get "after_forward", under the root rule: the root's is kept until
@@ -136,8 +140,10 @@ def test_auto_keeps_largest_groups_within_budget():
     assert all(w.startswith("auto: ") and "exceed" in w for u, w in whys.items() if u != largest)
     if "" != largest:
         assert "FSDP's root rule" in whys[""]
-    none = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=0), shard_size=2)
-    fixed = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="after_forward"), shard_size=2)
+    none = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="auto", frozen_budget_bytes=0),
+                      shard_size=2, split=True)
+    fixed = build_plan(model, FreezePolicy(units=["layers.*"], frozen_reshard="after_forward"),
+                       shard_size=2, split=True)
     assert [(g.reshard, g.all_gathers_per_step) for g in none.groups] == [
         (g.reshard, g.all_gathers_per_step) for g in fixed.groups]
 
@@ -145,20 +151,21 @@ def test_auto_keeps_largest_groups_within_budget():
 def test_auto_charges_the_root_trainable_group_first():
     """Under trainable_grouping="root" the adapters stay gathered all step: auto charges them before
     any frozen group, so a budget the largest frozen group alone fits keeps nothing once they are added."""
+    # the split layout's planning (torch >= 2.13), on any torch: the fallback's is tested apart
     model = make_model()
-    base = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root"), shard_size=2)
+    base = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root"), shard_size=2, split=True)
     adapters = next(g.unsharded_bytes for g in base.groups if g.kind == TRAINABLE)
     largest = max(g.unsharded_bytes for g in base.groups if g.kind == FROZEN)
     for budget, kept in ((largest, False), (largest + adapters - 1, False), (largest + adapters, True)):
         policy = FreezePolicy(units=["layers.*"], trainable_grouping="root", frozen_reshard="auto",
                               frozen_budget_bytes=budget)
-        plan = build_plan(model, policy, shard_size=2)
+        plan = build_plan(model, policy, shard_size=2, split=True)
         # is the largest frozen group kept gathered? (smaller ones may still fit what is left)
         assert any(g.reshard == "never" and g.unsharded_bytes == largest for g in plan.groups) == kept, budget
         assert all(f"after {adapters:,} of trainable groups kept gathered" in g.why
                    for g in plan.groups if g.kind == FROZEN), budget
     at_one = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root", frozen_reshard="auto",
-                                            frozen_budget_bytes=largest), shard_size=1)
+                                            frozen_budget_bytes=largest), shard_size=1, split=True)
     assert any(g.reshard == "never" for g in at_one.groups)  # shard size 1: nothing is gathered, nothing charged
 
 

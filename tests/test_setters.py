@@ -7,6 +7,8 @@ from torch.distributed.fsdp import FSDPModule
 
 from fsdp_frozen import FreezePolicy, describe, shard_with_freezing
 
+from fsdp_frozen.diagnostics import shared_frozen_all_gathers
+
 from .common import CommCounter, adamw, frozen_group_names, mesh_1d, train
 from .dist_harness import run_ranks
 from .models import make_model
@@ -36,11 +38,13 @@ def _setters(rank: int, world: int) -> dict:
             call(model)
             after = describe(model)
             frozen_pgs = frozen_group_names(model)
+            # torch < 2.13's structural fallback: frozen groups on the user's process group, by the plan
+            shared = shared_frozen_all_gathers(model)[0]
             counter = CommCounter()
             per_step = []
 
             def on_step(step, model, opt, counter=counter):
-                frozen = counter.total("all_gather", frozen_pgs, count=True)
+                frozen = counter.total("all_gather", frozen_pgs, count=True) + shared
                 per_step.append((frozen, counter.total("all_gather", count=True) - frozen))
                 counter.clear()
 
