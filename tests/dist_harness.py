@@ -1,11 +1,11 @@
 """Run a function on N ranks (gloo; NCCL for the CUDA tier), for pytest, on a pool of ranks kept alive.
 
-Spawning ranks costs seconds per test (each imports torch); so, as PyTorch's own
-``MultiProcContinuousTest`` does, one pool of N spawned ranks per (world size, backend) serves every
+Starting ranks costs seconds per test (each imports torch); so, as PyTorch's own
+``MultiProcContinuousTest`` does, one pool of N ranks per (world size, backend) serves every
 test that asks for that size, with its process group kept. A rank that raises fails the test with that
 rank's traceback; ranks that do not finish within `timeout` fail it naming them; a rank that dies fails
 it with its exit code. After any failure the whole pool is killed (a failed rank can leave the others
-inside a collective) and the next test gets a fresh one. ``fresh=True`` runs in newly spawned ranks
+inside a collective) and the next test gets a fresh one. ``fresh=True`` runs in newly started ranks
 that end with the test, for tests that change process-wide state (monkeypatched classes, DCP's class-
 level plan cache, killed ranks). Nothing is left running at exit.
 
