@@ -8,10 +8,15 @@ Several param groups per FSDP state (``state._fsdp_param_groups`` and ``ShardPla
 from 2.13 on; older versions fall back to one group per module (see `apply.py`).
 DCP save-plan caching (``DefaultSavePlanner(enable_plan_caching=...)`` and its ``_cached_plans_key``)
 is used where the signature has it (checked on 2.13; absent from 2.6).
+Real torch 2.11.0 runs in CI's second tier; torch 2.9.0 was run by hand on 2026-12-03 (parity, sharding,
+checkpoints, TP, refreeze, estimate: pass, except tests needing transformers 5.24 or torchao 0.18, which do
+not import on 2.9): `root_mesh` and `keep_requires_grad` come from it. torch 2.6.0's FSDP2 does not run on
+the CPU at all (``Stream.record_event`` in ``foreach_all_gather``).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import itertools
@@ -135,12 +140,43 @@ def process_group_alive(pg: Any) -> bool:
     return dist.is_initialized() and pg in c10d._world.pg_map
 
 
+def root_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The world mesh `mesh` was sliced from (`mesh` itself if none): ``DeviceMesh._get_root_mesh()``
+    (checked on torch 2.11 and 2.13); before it, ``_mesh_resources.get_root_mesh(mesh)`` (checked on
+    2.9, where the method does not exist)."""
+    get = getattr(mesh, "_get_root_mesh", None)
+    if get is not None:
+        return get()
+    from torch.distributed.device_mesh import _mesh_resources  # pragma: no cover - torch < 2.11
+
+    return _mesh_resources.get_root_mesh(mesh)
+
+
+def keep_requires_grad(style: Any) -> Any:
+    """A copy of the TP `style` whose ``_apply`` (what ``parallelize_module`` calls) gives each parameter
+    it replaces the original's ``requires_grad``. torch 2.11+ does so itself (checked on 2.11 and 2.13);
+    torch 2.9's ``ColwiseParallel`` / ``RowwiseParallel`` (checked) made every sharded parameter
+    trainable, so a model frozen before ``parallelize_module`` trained its frozen base weights there."""
+    apply = style._apply
+
+    def _apply(module: nn.Module, device_mesh: DeviceMesh) -> Any:
+        flags = {name: p.requires_grad for name, p in module.named_parameters()}
+        out = apply(module, device_mesh)
+        for name, p in module.named_parameters():
+            if name in flags and p.requires_grad != flags[name]:
+                p.requires_grad_(flags[name])
+        return out
+
+    kept = copy.copy(style)
+    kept._apply = _apply
+    return kept
+
+
 def first_of_replicas(mesh: DeviceMesh) -> bool:
     """True if this rank is at coordinate 0 of every dim of `mesh`'s world (root) mesh that `mesh` is
     not on: a tensor on a sub-mesh (``world["dp"]``) is the same on the ranks that differ only there
-    (the TP ranks of a plain parameter). Sub-meshes are matched by dim name (``_get_root_mesh``,
-    checked on torch 2.11 and 2.13)."""
-    root = mesh._get_root_mesh()
+    (the TP ranks of a plain parameter). Sub-meshes are matched by dim name (`root_mesh`)."""
+    root = root_mesh(mesh)
     if root is mesh or root == mesh:
         return True
     names = root.mesh_dim_names or ()
@@ -165,7 +201,7 @@ def _dim_lines(mesh: DeviceMesh) -> tuple[list[list[list[int]]], bool]:
     Collective (True) when `mesh`'s root spans the world and `mesh` is that root or a sub-mesh of named
     root dims: every line of each dim over the whole root, as ``init_device_mesh`` creates its groups.
     Otherwise (a root over part of the world, a flattened sub-mesh) this rank's own lines only."""
-    root = mesh._get_root_mesh()
+    root = root_mesh(mesh)
     full = root.mesh
     if full.numel() == dist.get_world_size():
         if root is mesh:
@@ -213,9 +249,7 @@ def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
                 if rank in line:
                     mine = group
         dim_groups.append(mine)
-    if mesh._get_root_mesh() is not mesh:
-        import copy
-
+    if root_mesh(mesh) is not mesh:
         fresh = copy.copy(mesh)
         fresh._dim_group_names = [g.group_name for g in dim_groups]
         return fresh

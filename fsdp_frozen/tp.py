@@ -39,6 +39,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor, Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from . import _torch_compat as compat
 from .errors import PolicyError
 
 _ADAPTERS = ("lora_A", "lora_B")
@@ -81,7 +82,9 @@ def lora_tp_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, 
 
     Returns:
         A plan on concrete module names: each LoRA layer's base gets the base's style, and the adapter
-        that is sharded (colwise base: ``lora_B``; rowwise base: ``lora_A``) a copy of it.
+        that is sharded (colwise base: ``lora_B``; rowwise base: ``lora_A``) a copy of it. Every style
+        keeps the ``requires_grad`` of the parameters it shards (torch < 2.11 made them all trainable:
+        `_torch_compat.keep_requires_grad`).
 
     Raises:
         PolicyError: a key matches no module; a LoRA layer with a sequence-parallel style, DoRA
@@ -107,7 +110,7 @@ def lora_tp_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, 
             sharded = "lora_B" if isinstance(style, ColwiseParallel) else "lora_A"
             for rel in _adapter_modules(layer, sharded):
                 out[f"{layer_name}.{rel}"] = copy.copy(style)
-    return out
+    return {name: compat.keep_requires_grad(style) for name, style in out.items()}
 
 
 def check_tp(model: nn.Module, mesh: Any) -> bool:
@@ -122,9 +125,9 @@ def check_tp(model: nn.Module, mesh: Any) -> bool:
     tp = {n: p for n, p in model.named_parameters() if isinstance(p, DTensor)}
     if not tp:
         return False
-    root = mesh._get_root_mesh()
+    root = compat.root_mesh(mesh)
     for name, p in tp.items():
-        if p.device_mesh._get_root_mesh() != root or p.device_mesh == root:  # equal, maybe not the same object
+        if compat.root_mesh(p.device_mesh) != root or p.device_mesh == root:  # equal, maybe not the same object
             raise PolicyError(
                 f"parameter {name!r} is a DTensor on {p.device_mesh}, which is not a sub-mesh of the data-parallel "
                 f"mesh's world mesh; FSDP x TP needs both from one mesh: parallelize_module(model, world['tp'], ...) "
