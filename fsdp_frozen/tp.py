@@ -31,7 +31,6 @@ whole weight's row norms) and IA3 (its vector scales the sharded features) are r
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from typing import Any
 
@@ -109,7 +108,7 @@ def lora_tp_plan(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, 
             out[f"{layer_name}.base_layer"] = style
             sharded = "lora_B" if isinstance(style, ColwiseParallel) else "lora_A"
             for rel in _adapter_modules(layer, sharded):
-                out[f"{layer_name}.{rel}"] = copy.copy(style)
+                out[f"{layer_name}.{rel}"] = style  # each entry gets its own copy below
     return {name: compat.keep_requires_grad(style) for name, style in out.items()}
 
 
