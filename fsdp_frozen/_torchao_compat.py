@@ -351,6 +351,16 @@ def _cached_table(nf4: torch.Tensor, kind: str) -> torch.Tensor:
 _PAIR_WIDE = {2: torch.int32, 4: torch.int64}
 
 
+def nf4_traced(t: torch.Tensor) -> bool:
+    """True while the NF4Tensor `t` is traced rather than run: by dynamo (``torch.compiler.is_compiling()``)
+    or on fake or functional tensors, whose inner tensors are not of type ``torch.Tensor``. The second
+    case is dynamo's fake-tensor propagation of ``F.linear`` and AOTAutograd's tracing: on torch 2.11 and
+    2.12 ``is_compiling()`` is False there (True on 2.13), and the eager path's host read of the lookup
+    table (``.numpy()``) failed every compiled NF4 linear whose weight dynamo sees as a parameter (a
+    ``frozen_reshard="never"`` unit, found on real 2.12; tests/test_nf4_compute.py)."""
+    return torch.compiler.is_compiling() or type(t.quantized_data) is not torch.Tensor
+
+
 def nf4_dequantize_fast(t: torch.Tensor) -> torch.Tensor:
     """Bitwise ``t.get_original_weight()`` (torchao 0.18) of the NF4Tensor `t`, faster:
     [Note: fast NF4 dequantization]. A new contiguous tensor of `t`'s shape and dtype."""
@@ -358,7 +368,7 @@ def nf4_dequantize_fast(t: torch.Tensor) -> torch.Tensor:
 
     data, dtype, block = t.quantized_data, t.dtype, t.block_size
     scalers = nf4_scalers(t).unsqueeze(-1)  # (blocks, 1)
-    if torch.compiler.is_compiling():  # traceable, no bit-casts or caches: a gather per byte, the multiply
+    if nf4_traced(t):  # traceable, no bit-casts or caches: a gather per byte, the multiply
         values = _nf4_pair_table(t.nf4)[data.long()]  # (numel/2, 2)
         return (values.view(-1, block) * scalers).view(t.shape)
     size = dtype.itemsize

@@ -80,9 +80,9 @@ def nf4_compute(mode: str) -> Iterator[None]:
         set_nf4_compute(previous)
 
 
-def _backward_follows() -> bool:
-    """[Note: NF4 dequantization reuse]: `compat.in_checkpointed_region`, never while compiling."""
-    return not torch.compiler.is_compiling() and compat.in_checkpointed_region()
+def _backward_follows(weight: torch.Tensor) -> bool:
+    """[Note: NF4 dequantization reuse]: `compat.in_checkpointed_region`, never while traced (`ao.nf4_traced`)."""
+    return not ao.nf4_traced(weight) and compat.in_checkpointed_region()
 
 
 class _NF4Linear(torch.autograd.Function):
@@ -110,7 +110,7 @@ def nf4_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad)):
         out = F.linear(input, ao.nf4_dequantize_fast(weight).to(input.dtype))  # no graph: LinearNF4's forward
     elif _mode == "fast" and not weight.requires_grad and not torch.is_autocast_enabled(input.device.type) \
-            and _backward_follows():
+            and _backward_follows(weight):
         # [Note: NF4 dequantization reuse]: autograd's own linear of the dense weight, which it saves (a
         # checkpoint holder in the checkpointed forward; in the recompute, the weight the backward uses,
         # and the recompute can stop early before this matmul, as it does for a dense weight)

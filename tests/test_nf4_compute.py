@@ -125,6 +125,39 @@ def test_linear_modes_are_bitwise_with_fewer_dequantizations(dtype, monkeypatch)
         assert torch.equal(mlp(x0), want_y)
 
 
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_nf4_parameters_trace_on_every_torch(backend):
+    """A compiled module whose NF4 weights dynamo sees as parameters (a ``frozen_reshard="never"`` unit,
+    a model without FSDP) traces and gives torchao's eager outputs and input gradients, plain and
+    checkpointed, fp32 and bf16. On torch 2.11 and 2.12 (``is_compiling()`` False in dynamo's fake-tensor
+    propagation) the eager path read a fake table on the host and every such linear failed
+    (``.numpy() is not supported for tensor subclasses``; the matrix's compiled NF4 ``never`` case on real
+    2.12). `ao.nf4_traced`: False on the real weights (the eager fast path stays on), True on fake ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for dtype in (torch.float32, torch.bfloat16):
+        mlp = _nf4_mlp(dtype)
+        x0 = torch.randn(2, 8, 64, dtype=dtype)
+        assert not ao.nf4_traced(mlp[0].weight) and not ao.nf4_traced(torch.chunk(mlp[0].weight, 2)[1])
+        with FakeTensorMode() as fake_mode:
+            assert ao.nf4_traced(fake_mode.from_tensor(mlp[0].weight))
+        for ac in (False, True):
+            def run(x):
+                return checkpoint(mlp, x, use_reentrant=False) if ac else mlp(x)
+
+            outs = {}
+            for name in ("torchao", "fast"):
+                torch._dynamo.reset()
+                x = x0.clone().requires_grad_(True)
+                with nf4_compute(name):
+                    y = run(x) if name == "torchao" else torch.compile(run, backend=backend, fullgraph=False)(x)
+                    y.float().square().sum().backward()
+                outs[name] = (y.detach(), x.grad)
+            assert torch.equal(outs["fast"][0], outs["torchao"][0]), (dtype, ac)
+            assert torch.equal(outs["fast"][1], outs["torchao"][1]), (dtype, ac)
+    torch._dynamo.reset()
+
+
 def test_handler_scope_and_nf4_to(monkeypatch):
     """The fast linear takes ``F.linear(x, w[, bias])`` of a contiguous 2-D NF4 weight (the bias positional
     or by keyword); anything else goes to torchao's handler as before; `nf4_to` is ``w.to(dtype)``."""
