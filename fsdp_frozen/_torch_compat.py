@@ -1,14 +1,16 @@
 """The only module that touches private torch internals, plus every version gate.
 
-Checked on torch 2.13.0 (CPU, gloo). The names used from 2.6-2.12 were read from those sources:
-``FSDPState._fsdp_param_group`` (single group, <= 2.12), ``FSDPParamGroup.post_forward_mesh_info``,
+Checked on torch 2.13.0 (CPU, gloo). The names used from 2.6-2.11 were read from those sources:
+``FSDPState._fsdp_param_group`` (single group, <= 2.11), ``FSDPParamGroup.post_forward_mesh_info``,
 ``.reshard_after_backward``, ``.fsdp_params``, ``FSDPParam.sharded_param`` and ``DTensor._local_tensor``
 (2.4+).
 Several param groups per FSDP state (``state._fsdp_param_groups`` and ``ShardPlacementResult``) exist
-from 2.13 on; older versions fall back to one group per module (see `apply.py`).
+from 2.12 on (checked on real 2.12.0 and 2.13.0: the whole suite); older versions fall back to one group per module (see `apply.py`).
 DCP save-plan caching (``DefaultSavePlanner(enable_plan_caching=...)`` and its ``_cached_plans_key``)
 is used where the signature has it (checked on 2.13; absent from 2.6).
-Real torch 2.11.0 runs in CI's second tier; torch 2.9.0 was run by hand on 2026-12-03 (parity, sharding,
+Real torch 2.11.0 runs in CI's second tier, 2.12.0 in its third; the whole suite passed by hand on real 2.10.0,
+2.11.0, 2.12.0 and 2.14.1 on 2026-12-03 (2.12 takes the split path; under torch.compile its dynamo, like
+2.11's, propagates fake tensors with ``is_compiling()`` False: `_torchao_compat.nf4_traced`); torch 2.9.0 was run by hand on 2026-12-03 (parity, sharding,
 checkpoints, TP, refreeze, estimate: pass, except tests needing transformers 5.24 or torchao 0.18, which do
 not import on 2.9): `root_mesh` and `keep_requires_grad` come from it. torch 2.6.0's FSDP2 does not run on
 the CPU at all (``Stream.record_event`` in ``foreach_all_gather``).
@@ -38,7 +40,7 @@ TORCH_VERSION: tuple[int, int] = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)",
 if TORCH_VERSION < MIN_TORCH:  # pragma: no cover - exercised by test_version_gates via monkeypatch
     raise ImportError(f"fsdp_frozen needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, found {torch.__version__}")
 
-try:  # 2.13+: several param groups per FSDP state, keyed by process group
+try:  # 2.12+: several param groups per FSDP state, keyed by process group
     from torch.distributed.fsdp._fully_shard._fsdp_common import (  # noqa: F401
         FSDPMeshInfo,
         HSDPMeshInfo,
@@ -47,7 +49,7 @@ try:  # 2.13+: several param groups per FSDP state, keyed by process group
     from torch.distributed.fsdp._fully_shard._fsdp_init import _get_post_forward_mesh_info
 
     SPLIT_GROUPS_SUPPORTED = True
-except ImportError:  # pragma: no cover - torch < 2.13
+except ImportError:  # pragma: no cover - torch < 2.12
     SPLIT_GROUPS_SUPPORTED = False
 
 #: `ignored_params` of fully_shard (needed to give a tied parameter to an outer unit).
@@ -66,7 +68,7 @@ SAVE_PLAN_CACHING_SUPPORTED = "enable_plan_caching" in inspect.signature(Default
 
 
 def split_groups_supported() -> bool:
-    """True when one FSDP module can hold a frozen and a trainable param group (torch >= 2.13)."""
+    """True when one FSDP module can hold a frozen and a trainable param group (torch >= 2.12)."""
     return SPLIT_GROUPS_SUPPORTED
 
 
@@ -74,7 +76,7 @@ def param_groups(module: nn.Module) -> list[Any]:
     """The FSDPParamGroups of an FSDP module's state (empty if it holds no parameters)."""
     state = fully_shard.state(module)
     groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:  # torch <= 2.12
+    if groups is None:  # torch <= 2.11
         group = state._fsdp_param_group
         groups = [] if group is None else [group]
     return list(groups)
@@ -219,7 +221,7 @@ def _dim_lines(mesh: DeviceMesh) -> tuple[list[list[list[int]]], bool]:
 def _fresh_mesh(mesh: DeviceMesh) -> DeviceMesh:
     """A mesh over the same ranks as `mesh` with new process groups.
 
-    FSDP 2.13 groups parameters by process group, so the frozen group needs its own.
+    FSDP 2.12+ groups parameters by process group, so the frozen group needs its own.
 
     [Note: frozen meshes under TP] A data-parallel sub-mesh of a larger mesh (``world_mesh["dp"]``
     beside ``world_mesh["tp"]``) stays a sub-mesh of that root: FSDP concatenates it with a TP

@@ -82,7 +82,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
       bytes on every rank), or a partial reshard to N ranks (int),
     * get no ``.grad`` and no optimizer state, and never appear in a reduce-scatter.
 
-    On torch >= 2.13 the split is per parameter (a module with a frozen weight and a trainable
+    On torch >= 2.12 the split is per parameter (a module with a frozen weight and a trainable
     bias is split too), using a second set of process groups over the same ranks for frozen
     groups. On older torch, frozen-only submodules are grouped structurally and frozen parameters
     of mixed modules stay in the trainable group, with a warning naming them.
@@ -116,7 +116,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
     if plan.unsplit:
         warnings.warn(
             f"torch {compat.TORCH_VERSION[0]}.{compat.TORCH_VERSION[1]} cannot hold two param groups in "
-            f"one module (needs >= 2.13): frozen parameters {list(plan.unsplit)} share their unit's "
+            f"one module (needs >= 2.12): frozen parameters {list(plan.unsplit)} share their unit's "
             f"trainable group and are gathered like trainable ones",
             stacklevel=2,
         )
@@ -360,7 +360,7 @@ def _guard_setters(model: nn.Module, state: ShardedModelState) -> None:
 
 def _unmanaged(plan: ShardingPlan, unit: str) -> list[str]:
     """The unit's frozen parameters the plan keeps out of FSDP (`ShardingPlan.unmanaged`): in its
-    frozen group, or (torch < 2.13 fallback) left in its trainable group with a trainable neighbour."""
+    frozen group, or (torch < 2.12 fallback) left in its trainable group with a trainable neighbour."""
     return [f for g in plan.groups_of(unit) for f in g.params if f in plan.unmanaged]
 
 
@@ -383,7 +383,7 @@ def _dim1_placement(model: nn.Module, plan: ShardingPlan) -> Any:
 
 
 def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_policy: MixedPrecisionPolicy) -> list[Any]:
-    """torch >= 2.13: one fully_shard per unit; frozen params go to a param group on their own PGs (which
+    """torch >= 2.12: one fully_shard per unit; frozen params go to a param group on their own PGs (which
     FSDP enters at the unit's forward: no hooks of ours, an empty list)."""
     frozen_mesh_info = None
     if any(g.kind == FROZEN and not g.merged for g in plan.groups):
@@ -427,7 +427,7 @@ def _apply_split(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan, mp_poli
 
 def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan,
                       mp_policy: MixedPrecisionPolicy) -> list[Any]:
-    """torch < 2.13: frozen-only submodules of each unit become one extra FSDP group, entered at the
+    """torch < 2.12: frozen-only submodules of each unit become one extra FSDP group, entered at the
     unit's forward; the handles of the hooks that do so.
 
     [Note: frozen group entered at its unit] FSDP wraps a group's inputs in one identity autograd node

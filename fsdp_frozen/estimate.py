@@ -145,7 +145,7 @@ def measure(model: nn.Module) -> Estimate:
     replicate = state.mesh.size(0) if state.mesh.ndim == 2 else 1
     shard_size = plan.shard_size
     records = describe(model)
-    # torch < 2.13's structural fallback leaves some frozen parameters in trainable groups (plan.unsplit):
+    # torch < 2.12's structural fallback leaves some frozen parameters in trainable groups (plan.unsplit):
     # frozen bytes, no gradient, no optimizer state, gathered in the trainable group's all-gathers
     unsplit = set(plan.unsplit)
     moved = sum(storage_nbytes(compat.local_tensor(model.get_parameter(plan.path(f)))) for f in unsplit)

@@ -48,7 +48,7 @@ class GroupPlan:
     #: all-reduces per step over the shard dim (the replicated trainable group, at shard size > 1;
     #: HSDP adds one over the replicas)
     all_reduces_per_step: int = 0
-    modules: tuple[str, ...] = ()  #: canonical FQNs of frozen-only submodules (structural fallback, torch < 2.13)
+    modules: tuple[str, ...] = ()  #: canonical FQNs of frozen-only submodules (structural fallback, torch < 2.12)
     why: str = ""  #: why the group got its reshard (the policy field, the root rule, auto's budget)
     #: a frozen group FSDP runs inside its unit's trainable group: the same reshard and gathered dtype, so
     #: its bytes ride the trainable group's all-gathers (`all_gathers_per_step` counts them) and it
@@ -69,9 +69,9 @@ class ShardingPlan:
     groups: tuple[GroupPlan, ...]
     frozen: frozenset[str]  #: FQNs of frozen parameters after freeze/unfreeze
     ignored: dict[str, tuple[str, ...]] = field(default_factory=dict)  #: unit -> tied params it must not take
-    unsplit: tuple[str, ...] = ()  #: frozen params left in a trainable group (torch < 2.13 fallback)
+    unsplit: tuple[str, ...] = ()  #: frozen params left in a trainable group (torch < 2.12 fallback)
     shard_size: int = 1
-    split: bool = True  #: True: per-parameter groups (2.13+); False: structural fallback
+    split: bool = True  #: True: per-parameter groups (2.12+); False: structural fallback
     quantized: frozenset[str] = frozenset()  #: frozen params stored as NF4 (frozen_dtype="nf4")
     not_quantized: dict[str, str] = field(default_factory=dict)  #: frozen params NF4 cannot hold -> why
     names: ModelNames | None = None  #: canonical names of the model and the module paths behind them
@@ -282,7 +282,7 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
 
     Args:
         shard_size: ranks a parameter is sharded over (the mesh's last dim).
-        split: per-parameter groups (torch >= 2.13); default: what this torch supports.
+        split: per-parameter groups (torch >= 2.12); default: what this torch supports.
         tensor_parallel: `ShardingPlan.tensor_parallel` of a model already sharded (`refreeze`, whose
             FSDP parameters are all DTensors); default: the DTensor parameters of the unsharded model.
     """
@@ -315,14 +315,14 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
     except PolicyError:
         if not (grouping == "replicate" and policy.trainable_grouping == "auto" and not split):
             raise
-        # the structural fallback (torch < 2.13) cannot split the root's frozen parameters off a
+        # the structural fallback (torch < 2.12) cannot split the root's frozen parameters off a
         # replicated set (`_groups` refuses it): "auto" takes the next choice, one root group (the
         # state fits replicated, so it fits gathered)
         grouping = "root"
         mixed = _root_mixed_modules(model, units, frozen, names)
         what = f"the frozen parameters of the root's modules {mixed}" if mixed else "the root's frozen parameters"
         grouping_why = (grouping_why.removesuffix(": replicated") + f"; but the structural fallback (torch < "
-                        f"2.13) cannot split {what} off a replicated set: one root group")
+                        f"2.12) cannot split {what} off a replicated set: one root group")
         params, owner, ignored, quantized, not_quantized, groups, unsplit = plan_groups(grouping)
     if policy.frozen_reshard == "auto":
         groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
@@ -392,7 +392,7 @@ def _whole_frozen(groups: list[GroupPlan], grouping: str, split: bool) -> tuple[
     per unit per step on the benchmark's CPU, measured). Under ``trainable_grouping="replicate"``
     such groups leave FSDP as the trainable parameters did: whole on every rank from the start,
     never communicated, and a unit left with nothing for FSDP gets no fully_shard call at all. The
-    structural fallback (torch < 2.13) keeps them in FSDP, and so does a group FSDP would cast
+    structural fallback (torch < 2.12) keeps them in FSDP, and so does a group FSDP would cast
     (stored in another dtype than ``param_dtype``) or NF4 (dequantized through FSDP's hooks). Returns
     the groups (their ``why`` says so) and the parameters kept whole."""
     if grouping != "replicate" or not split:
@@ -604,7 +604,7 @@ def _groups(
     tensor_parallel: dict[str, int], grouping_why: str = "", replicate: bool = False,
 ) -> tuple[list[GroupPlan], list[str]]:
     """Each unit's frozen and trainable groups (frozen first), and the frozen params left unsplit
-    (structural fallback, torch < 2.13)."""
+    (structural fallback, torch < 2.12)."""
     frozen_dtype, mp_dtype = policy.torch_frozen_dtype, policy.torch_param_dtype
 
     def make_group(unit: str, kind: GroupKind, fqns: list[str], reshard, modules=()) -> GroupPlan:
@@ -622,7 +622,7 @@ def _groups(
             storage_dtype=_label(labels), gathered_dtype=_label(gathered_labels),
             reshard=reshard, all_gathers_per_step=_gathers(kind, reshard, shard_size),
             unsharded_bytes=sum(nbytes), modules=tuple(modules),
-            # a trainable group holding only frozen params (torch < 2.13 fallback) has no gradient to reduce
+            # a trainable group holding only frozen params (torch < 2.12 fallback) has no gradient to reduce
             reduce_scatters_per_step=int(kind != FROZEN and shard_size > 1 and any(f not in frozen for f in fqns)),
         )
 
@@ -648,7 +648,7 @@ def _groups(
                 raise PolicyError(
                     f"FreezePolicy.trainable_grouping='replicate': the root's frozen parameters {kept_frozen} "
                     f"share a module with trainable ones and torch {torch.__version__} cannot split them off "
-                    f"(needs >= 2.13); use trainable_grouping='root' or 'per_unit', or put those modules in a unit"
+                    f"(needs >= 2.12); use trainable_grouping='root' or 'per_unit', or put those modules in a unit"
                 )
             group = make_group(unit, TRAINABLE, trainable_fqns, REPLICATED)
             groups.append(replace(group, all_gathers_per_step=0, reduce_scatters_per_step=0,

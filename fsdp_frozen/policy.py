@@ -77,7 +77,7 @@ class FreezePolicy:
             when the trainable parameters' whole state (parameters, gradients, AdamW moments,
             ``param_dtype`` copies) fits in the largest unit other than the root's gathered bytes,
             else ``"root"`` when they fit gathered, else ``"per_unit"``; ``"root"`` where
-            ``"replicate"`` cannot take them (tensor-parallel adapters; the torch < 2.13 fallback with
+            ``"replicate"`` cannot take them (tensor-parallel adapters; the torch < 2.12 fallback with
             frozen parameters beside trainable ones on the root); `describe` says which and why. ``"per_unit"`` (plain FSDP2's
             layout: each unit's trainable group is gathered in its forward, resharded, re-gathered in
             its backward and reduce-scattered there, overlapping with compute; right for large

@@ -1,6 +1,6 @@
 """Process groups of frozen param groups: created once per mesh, reused, released on request.
 
-[Note: why frozen groups have process groups of their own] FSDP 2.13 keys the param groups of one
+[Note: why frozen groups have process groups of their own] FSDP 2.12+ keys the param groups of one
 module by process group, so a module's frozen group must communicate on groups other than its
 trainable group's: the same ranks and layout as the mesh, new groups (`_torch_compat._fresh_mesh`).
 Each costs what any process group costs: with gloo a few sockets and threads per group; with NCCL one
@@ -60,7 +60,7 @@ def _entry(mesh: DeviceMesh) -> _Entry:
 def count(plan: Any, mesh_ndim: int) -> int:
     """Process groups this rank holds for the frozen groups of a model planned as `plan`, beyond the
     mesh's own: one per mesh dim when some frozen group is in FSDP with the per-parameter split (torch
-    >= 2.13), plus two per distinct int ``frozen_reshard`` (FSDP builds its post-forward mesh as
+    >= 2.12), plus two per distinct int ``frozen_reshard`` (FSDP builds its post-forward mesh as
     replicate x N; only the N-rank shard group ever communicates). On NCCL a communicator is created
     at a group's first collective (setup time, and its buffers: NCCL_BUFFSIZE, 4 MiB by default, per
     channel and peer), so the unused replicate group costs none. The structural fallback shares the

@@ -30,7 +30,7 @@ class GroupRecord:
     all_gathers_per_step: int  #: expected in steady state
     reduce_scatters_per_step: int = 0  #: expected per step (trainable groups at shard size > 1)
     all_reduces_per_step: int = 0  #: expected per step over the shard dim (the replicated trainable group)
-    note: str = ""  #: e.g. frozen parameters a torch < 2.13 could not split off
+    note: str = ""  #: e.g. frozen parameters a torch < 2.12 could not split off
     why: str = ""  #: why the group got its reshard: the policy field, the root rule, auto's budget, a setter
     #: a frozen group gathered inside its unit's trainable group: `all_gathers_per_step` counts its bytes
     #: gathered, in the trainable group's collectives, none of its own ([Note: merged frozen groups])
@@ -169,7 +169,7 @@ def describe(model: nn.Module) -> Description:
     for g in plan.groups:
         unsplit = [p for p in g.params if p in plan.unsplit]
         dense = {p: plan.not_quantized[p] for p in g.params if p in plan.not_quantized}
-        notes = [f"frozen but not split off (torch < 2.13): {unsplit}"] if unsplit else []
+        notes = [f"frozen but not split off (torch < 2.12): {unsplit}"] if unsplit else []
         notes += [f"not NF4, kept in {g.gathered_dtype.split('+')[-1]}: " + "; ".join(f"{p} ({why})" for p, why in dense.items())] if dense else []
         if g.kind == FROZEN and g.unit in dense_nf4:
             notes.append(f"NF4 dequantized to the compute dtype in each linear: {sum(dense_nf4[g.unit]):,} "

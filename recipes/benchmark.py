@@ -409,7 +409,7 @@ def measure(step, models: dict, opts: dict, times: dict, variants: list[str], to
             "tokens_per_s": tokens / statistics.median(times[v]),
             "all_gather_bytes": counter.total("all_gather"),
             # frozen bytes on the frozen groups' own process groups, and those on groups shared with
-            # trainable parameters (merged groups; torch < 2.13's structural fallback)
+            # trainable parameters (merged groups; torch < 2.12's structural fallback)
             "frozen_all_gather_bytes": counter.total("all_gather", fpgs) + shared_bytes,
             "reduce_scatter_bytes": counter.total("reduce_scatter"),
             "all_gathers": counter.total("all_gather", count=True),

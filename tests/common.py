@@ -156,7 +156,7 @@ def run_cli(argv: list[str]):
 
 @contextlib.contextmanager
 def structural_fallback() -> Iterator[None]:
-    """torch < 2.13's structural fallback forced in this process (``split_groups_supported()`` read as
+    """torch < 2.12's structural fallback forced in this process (``split_groups_supported()`` read as
     False at each call), restored after: a pooled rank runs the fallback and the next task does not."""
     import fsdp_frozen._torch_compat as compat
 

@@ -7,7 +7,7 @@ import pytest
 from fsdp_frozen._torch_compat import TORCH_VERSION, split_groups_supported
 
 SPLIT_LAYOUT = (
-    "asserts the layout or collective counts of split param groups (torch >= 2.13); torch "
+    "asserts the layout or collective counts of split param groups (torch >= 2.12); torch "
     f"{TORCH_VERSION[0]}.{TORCH_VERSION[1]} takes the structural fallback, whose layout differs by design "
     "(docs/combinations.md) and whose parity the configuration matrix checks"
 )

@@ -71,11 +71,11 @@ LOSS_RTOL = {"fp32": 0.0, "bf16": 0.0, "bf16_fp32_frozen": 0.0, "nf4": 0.05}
 LOGITS_RTOL = {"fp32": 0.0, "bf16": 0.0, "bf16_fp32_frozen": 0.0, "nf4": 0.25}
 NF4_BLOCKS = {"nf4_block_size": 32, "nf4_scaler_block_size": 16}
 HF_VOCAB = 128
-#: torch < 2.13's structural fallback (frozen-only submodules as their own fully_shard groups), the
-#: path torch 2.6-2.12 users and the lent GPU take; FSDP_FROZEN_FORCE_FALLBACK=1 forces it on 2.13
+#: torch < 2.12's structural fallback (frozen-only submodules as their own fully_shard groups), the
+#: path torch 2.6-2.11 users and the lent GPU take; FSDP_FROZEN_FORCE_FALLBACK=1 forces it on 2.13
 FALLBACK = os.environ.get("FSDP_FROZEN_FORCE_FALLBACK") == "1" or not split_groups_supported()
 #: what the fallback refuses beyond `REFUSED`: a replicated trainable group when the root module holds
-#: frozen and trainable parameters together (torch < 2.13 cannot split them), naming what to use instead
+#: frozen and trainable parameters together (torch < 2.12 cannot split them), naming what to use instead
 FALLBACK_REFUSAL = ("trainable_grouping='replicate'", "use trainable_grouping='root' or 'per_unit'")
 
 
@@ -405,7 +405,7 @@ def _all_gathers(model: nn.Module) -> int:
 
 def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
     """One case on the ranks; returns what the parent asserts (or the refusal's message)."""
-    if FALLBACK:  # what torch < 2.13 gets (the CI tier on 2.13 forces it)
+    if FALLBACK:  # what torch < 2.12 gets (the CI tier on 2.13 forces it)
         import fsdp_frozen._torch_compat as compat
 
         compat.SPLIT_GROUPS_SUPPORTED = False

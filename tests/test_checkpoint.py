@@ -461,8 +461,8 @@ def test_resume_is_bitwise(tmp_path):
 
 
 def _resume_across_paths(rank: int, world: int, tmp: str, frozen_dtype: str, saved_in: str) -> dict:
-    """A run saved on one torch's path resumed on the other's: torch 2.6-2.12's structural fallback and
-    2.13's split groups (a torch upgrade mid-run, or a checkpoint moved between clusters)."""
+    """A run saved on one torch's path resumed on the other's: torch 2.6-2.11's structural fallback and
+    2.12+'s split groups (a torch upgrade mid-run, or a checkpoint moved between clusters)."""
     path = {"fallback": structural_fallback, "split": contextlib.nullcontext}
     policy = dict(frozen_dtype=frozen_dtype, param_dtype="bfloat16", frozen_reshard="never")
     if frozen_dtype == "nf4":
@@ -488,7 +488,7 @@ def _resume_across_paths(rank: int, world: int, tmp: str, frozen_dtype: str, sav
     return {"straight": losses, "resumed": first + rest, "frozen": read_manifest(second)["frozen_state"]}
 
 
-@pytest.mark.split_layout  # needs both paths: torch >= 2.13 (the fallback forced for one of them)
+@pytest.mark.split_layout  # needs both paths: torch >= 2.12 (the fallback forced for one of them)
 @pytest.mark.parametrize("frozen_dtype", ["bfloat16", "nf4"])
 @pytest.mark.parametrize("saved_in", ["fallback", "split"])
 def test_resume_across_the_fallback_and_split_layouts(tmp_path, frozen_dtype, saved_in):

@@ -127,11 +127,11 @@ def _told_apart(rank: int, world_size: int) -> dict:
     return out
 
 
-@pytest.mark.split_layout  # both layouts: torch >= 2.13, the fallback forced for one
+@pytest.mark.split_layout  # both layouts: torch >= 2.12, the fallback forced for one
 def test_frozen_traffic_is_told_apart_in_both_layouts():
     """`frozen_group_names` + `shared_frozen_all_gathers` (what the benchmark reports as frozen traffic)
     against a counter: the frozen calls the plan predicts, and what is left is exactly the trainable
-    parameters' bytes. torch < 2.13's structural fallback keeps its frozen groups on the user's process
+    parameters' bytes. torch < 2.12's structural fallback keeps its frozen groups on the user's process
     group (none of their own), and leaves some frozen parameters in trainable groups: counted by the
     plan there; on the split layout nothing is shared."""
     for key, r in run_ranks(_told_apart, 2)[0].items():

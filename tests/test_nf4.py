@@ -347,7 +347,7 @@ def test_torchao_extension_noise_is_filtered():
         pytest.skip("this torchao build loads its extensions: nothing to filter here")
 
 
-@structural_fallback()  # what torch < 2.13 gets
+@structural_fallback()  # what torch < 2.12 gets
 def _fallback_parity(rank: int, world: int, reshard: str) -> dict:
     import warnings
 
@@ -357,7 +357,7 @@ def _fallback_parity(rank: int, world: int, reshard: str) -> dict:
 
 
 def test_nf4_at_shard_size_1_in_the_fallback():
-    """torch < 2.13 at one rank: NF4 weights stay out of FSDP (the plan's `unmanaged`), in the frozen-only
+    """torch < 2.12 at one rank: NF4 weights stay out of FSDP (the plan's `unmanaged`), in the frozen-only
     modules' fully_shard call too (torchao's all-gather hooks fail at shard size 1); bitwise the
     quantize-dequantize model (issue 23, 3)."""
     out = run_ranks(_fallback_parity, 1, "after_forward")[0]

@@ -75,7 +75,7 @@ def _load(rank: int, world: int, path: str, r: int) -> dict:
 
 @pytest.mark.parametrize("r,world,load_world", [
     # beyond 2 ranks gloo's ring reduce-scatter sums an element in an order set by its place in the
-    # buffer, and the structural fallback (torch < 2.13) puts other parameters beside the adapters
+    # buffer, and the structural fallback (torch < 2.12) puts other parameters beside the adapters
     # than plain FSDP2 does: equal to rounding, not bitwise; at 2 ranks a + b = b + a
     pytest.param(2, 4, 2, marks=pytest.mark.split_layout),
     (1, 2, 1),

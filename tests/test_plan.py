@@ -71,7 +71,7 @@ def test_peft_shaped_model():
 
 
 def test_tied_parameter_owned_by_outer_unit():
-    # the split layout's planning (torch >= 2.13), on any torch: the fallback's is tested apart
+    # the split layout's planning (torch >= 2.12), on any torch: the fallback's is tested apart
     model = make_model(tied=True)
     plan = build_plan(model, FreezePolicy(units=["tok", "layers.*"], trainable_grouping="per_unit"),
                       shard_size=2, split=True)
@@ -117,7 +117,7 @@ def test_expected_all_gathers():
 
 
 def test_auto_keeps_largest_groups_within_budget():
-    # the split layout's planning (torch >= 2.13), on any torch: the fallback's is tested apart
+    # the split layout's planning (torch >= 2.12), on any torch: the fallback's is tested apart
     model = make_model()
     base = build_plan(model, FreezePolicy(units=["layers.*"]), shard_size=2, split=True)
     sizes = {g.unit: g.unsharded_bytes for g in base.groups if g.kind == FROZEN}
@@ -151,7 +151,7 @@ def test_auto_keeps_largest_groups_within_budget():
 def test_auto_charges_the_root_trainable_group_first():
     """Under trainable_grouping="root" the adapters stay gathered all step: auto charges them before
     any frozen group, so a budget the largest frozen group alone fits keeps nothing once they are added."""
-    # the split layout's planning (torch >= 2.13), on any torch: the fallback's is tested apart
+    # the split layout's planning (torch >= 2.12), on any torch: the fallback's is tested apart
     model = make_model()
     base = build_plan(model, FreezePolicy(units=["layers.*"], trainable_grouping="root"), shard_size=2, split=True)
     adapters = next(g.unsharded_bytes for g in base.groups if g.kind == TRAINABLE)
@@ -181,7 +181,7 @@ def test_bf16_storage_and_gathered_bytes():
 
 
 def test_structural_fallback_keeps_ties_in_one_call():
-    """torch < 2.13: a module may be a frozen-only group only if every module sharing its tied
+    """torch < 2.12: a module may be a frozen-only group only if every module sharing its tied
     parameters is one too; otherwise FSDP would shard the tie twice."""
     import torch.nn as nn
 

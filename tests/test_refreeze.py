@@ -349,7 +349,7 @@ def test_refreeze_on_a_transformers_peft_model(tmp_path):
 
 @structural_fallback()
 def _structural(rank: int, world: int, tmp: str) -> dict:
-    """torch < 2.13's structural fallback (frozen-only submodules as their own FSDP groups)."""
+    """torch < 2.12's structural fallback (frozen-only submodules as their own FSDP groups)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fallback's "cannot hold two param groups" warning
         return _parity(rank, world, tmp, STRUCTURAL_CASES)

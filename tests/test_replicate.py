@@ -401,7 +401,7 @@ def test_replicate_plan_estimate_and_refusals(monkeypatch):
     assert auto.grouping_why.startswith("trainable_grouping='auto': the trainable parameters' whole state per rank "
                                         "(parameters, gradients, AdamW moments, bfloat16 copies: ")
     assert auto.grouping_why.endswith("): replicated") and "fits within the largest unit's gathered bytes (layers." in auto.grouping_why
-    # the torch < 2.13 fallback cannot split a root module's frozen weight from its trainable bias: "auto"
+    # the torch < 2.12 fallback cannot split a root module's frozen weight from its trainable bias: "auto"
     # takes the next choice instead of a layout it would refuse
     adapters.norm.weight.requires_grad_(False)
     fallback = build_plan(adapters, FreezePolicy(units=["layers.*"], freeze=["scale"], param_dtype="bfloat16"),
@@ -413,7 +413,7 @@ def test_replicate_plan_estimate_and_refusals(monkeypatch):
 
     with pytest.raises(PolicyError, match=r"use one of \['auto', 'per_unit', 'root', 'replicate'\]"):
         FreezePolicy(trainable_grouping="ddp")
-    # the torch < 2.13 fallback cannot split a root module's frozen weight from its trainable bias
+    # the torch < 2.12 fallback cannot split a root module's frozen weight from its trainable bias
     mixed = make_model()
     mixed.norm.weight.requires_grad_(False)
     with pytest.raises(PolicyError, match=r"trainable_grouping='replicate': the root's frozen parameters \['norm.weight'\]"):

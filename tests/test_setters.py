@@ -38,7 +38,7 @@ def _setters(rank: int, world: int) -> dict:
             call(model)
             after = describe(model)
             frozen_pgs = frozen_group_names(model)
-            # torch < 2.13's structural fallback: frozen groups on the user's process group, by the plan
+            # torch < 2.12's structural fallback: frozen groups on the user's process group, by the plan
             shared = shared_frozen_all_gathers(model)[0]
             counter = CommCounter()
             per_step = []

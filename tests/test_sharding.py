@@ -118,7 +118,7 @@ def test_requires_grad_flip_is_detected_at_next_forward(which, reshard):
     assert "before sharding" in msg
 
 
-@structural_fallback()  # what torch < 2.13 gets
+@structural_fallback()  # what torch < 2.12 gets
 def _fallback(rank: int, world_size: int) -> dict:
     mesh = mesh_1d(world_size)
     ref = plain_fsdp(make_model(), mesh, tuple(UNITS))
@@ -192,7 +192,7 @@ def test_version_gates(monkeypatch):
         importlib.reload(compat)
     monkeypatch.undo()
     importlib.reload(compat)
-    assert compat.split_groups_supported() == (compat.TORCH_VERSION >= (2, 13))
+    assert compat.split_groups_supported() == (compat.TORCH_VERSION >= (2, 12))  # checked on real 2.10-2.14
 
 
 def test_tied_param_gate_on_old_torch(monkeypatch):
@@ -290,7 +290,7 @@ def test_models_built_after_release_process_groups_train():
 OPENED = ("layers.*.norm.*", "layers.*.attn.base_layer.*", "layers.*.mlp.base_layer.*")
 
 
-@structural_fallback()  # what torch < 2.13 gets
+@structural_fallback()  # what torch < 2.12 gets
 def _fallback_one_module(rank: int, world_size: int) -> dict:
     """Each block's frozen-only part is one module (proj): its FSDP group's own pre-hook is replaced by one
     that passes when the block entered the group ([Note: frozen group entered at its unit] in apply.py)."""

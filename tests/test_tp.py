@@ -94,7 +94,7 @@ def _parity(rank: int, world_size: int, cases: list[dict]) -> dict:
     return out
 
 
-@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13); "
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.12); "
                     "the fallback's TP parity is in test_tp_structural_fallback")
 def test_fsdp_x_tp_equals_plain_fsdp2_with_the_same_tp_plan():
     """dp=2 x tp=2, fp32 and bf16 compute: losses and every parameter bitwise plain FSDP2 + the same
@@ -117,7 +117,7 @@ def test_fsdp_x_tp_equals_plain_fsdp2_with_the_same_tp_plan():
             assert all(torch.equal(a[n], b[n]) for n in a), (policy, [n for n in a if not torch.equal(a[n], b[n])])
 
 
-@structural_fallback()  # what torch < 2.13 gets
+@structural_fallback()  # what torch < 2.12 gets
 def _fallback_parity(rank: int, world_size: int, cases: list[dict]) -> dict:
     import warnings
 
@@ -127,7 +127,7 @@ def _fallback_parity(rank: int, world_size: int, cases: list[dict]) -> dict:
 
 
 def test_tp_structural_fallback():
-    """torch < 2.13 (forced here; real on the 2.11 tier): FSDP x TP through the structural fallback,
+    """torch < 2.12 (forced here; real on the 2.11 tier): FSDP x TP through the structural fallback,
     bitwise plain FSDP2 + the same TP plan, frozen parameters still frozen."""
     cases = [{}, {"trainable_grouping": "root", "frozen_dtype": "bfloat16", "param_dtype": "bfloat16"}]
     results = run_ranks(_fallback_parity, 4, cases)
@@ -198,7 +198,7 @@ def _refusals(rank: int, world_size: int) -> dict:
     return out
 
 
-@pytest.mark.skipif(not split_groups_supported(), reason="refusals of the split path (torch >= 2.13)")
+@pytest.mark.skipif(not split_groups_supported(), reason="refusals of the split path (torch >= 2.12)")
 def test_tp_refusals_name_what_to_do():
     r = run_ranks(_refusals, 4)[0]
     assert "frozen_dtype='nf4' with tensor-parallel frozen weights ['layers.0.attn.base_layer.weight'" in r["nf4"]
@@ -279,7 +279,7 @@ def _hf(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
-@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.12)")
 def test_transformers_llama_peft_lora_under_tp_equals_plain_fsdp2():
     """transformers Llama + PEFT LoRA on q/v (colwise) and o/down (rowwise), bf16 compute, frozen
     weights stored in bf16: bitwise plain FSDP2 + the same TP plan (from `lora_tp_plan`)."""
@@ -414,7 +414,7 @@ def _hsdp_tp(rank: int, world_size: int) -> dict:
     return out
 
 
-@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.12)")
 def test_hsdp_x_tp_equals_plain_fsdp2():
     """HSDP x TP, 8 ranks as (replicate, shard, tp) = (2, 2, 2): dp mesh world['dp_replicate', 'dp_shard'],
     bitwise plain FSDP2 + the same TP plan (the frozen groups' fresh 2-D sub-mesh under TP)."""
@@ -526,7 +526,7 @@ def _inrepo(rank: int, world_size: int) -> dict:
     return out
 
 
-@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.12)")
 def test_in_repo_llama_under_tp_equals_plain_fsdp2():
     """The recipes' Llama (recipes/llama.py, heads as -1 so colwise q/k/v split them) with its tp_plan():
     bitwise plain FSDP2 + the same TP plan at dp=2 x tp=2."""
@@ -577,7 +577,7 @@ def _hf_offload(rank: int, world_size: int) -> dict:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs the 'hf' extra: pip install -e '.[hf]'")
-@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.13)")
+@pytest.mark.skipif(not split_groups_supported(), reason="compared at the split groups' layout (torch >= 2.12)")
 def test_offloaded_activations_under_tp_train_bitwise_the_same():
     """Activation offloading (recipes/offload.py) under FSDP x TP: the checkpointed blocks' inputs (plain
     tensors: the TP plan's outputs are local) leave and come back, training bitwise the same."""
@@ -605,7 +605,7 @@ def _tp_after_release(rank: int, world_size: int) -> str | None:
     return None
 
 
-@pytest.mark.skipif(not split_groups_supported(), reason="the frozen groups' own process groups (torch >= 2.13)")
+@pytest.mark.skipif(not split_groups_supported(), reason="the frozen groups' own process groups (torch >= 2.12)")
 def test_tp_model_built_after_a_release_is_refused_naming_the_fix():
     """Under TP the frozen dp mesh must equal the user's sub-mesh, and torch's DTensor caches then hand a
     model built after `release_process_groups` a spec on the released groups (process_groups.py): refused at

@@ -58,7 +58,7 @@ def frozen_group_names(model: nn.Module) -> set[str]:
     """Names of the process groups that only `model`'s frozen param groups communicate on (those
     `shard_with_freezing` made for them; read from the groups it recorded, not re-found): what a
     `CommCounter` counts there is frozen traffic. Frozen bytes gathered on process groups trainable
-    parameters use too are not there (torch < 2.13's structural fallback keeps its frozen groups on the
+    parameters use too are not there (torch < 2.12's structural fallback keeps its frozen groups on the
     user's mesh; merged groups ride the trainable all-gathers): `shared_frozen_all_gathers` counts them."""
     from ..apply import sharded_state
 
@@ -75,11 +75,11 @@ def shared_frozen_all_gathers(model: nn.Module) -> tuple[int, int]:
 
     * merged frozen groups ([Note: merged frozen groups] in plan.py): bytes only, their parameters ride
       their unit's trainable group's all-gathers;
-    * torch < 2.13's structural fallback: every frozen group (its own calls, on the user's mesh) and the
+    * torch < 2.12's structural fallback: every frozen group (its own calls, on the user's mesh) and the
       frozen parameters it leaves in a trainable group (``plan.unsplit``: bytes only).
 
     Bytes are `fsdp_frozen.estimate.gathered_bytes` (what FSDP puts in the gathered buffer) times the
-    plan's gathers per step. (0, 0) on torch >= 2.13 without merged groups."""
+    plan's gathers per step. (0, 0) on torch >= 2.12 without merged groups."""
     from ..apply import sharded_state
     from ..estimate import gathered_bytes
     from ..plan import FROZEN
