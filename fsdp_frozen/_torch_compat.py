@@ -9,7 +9,7 @@ from 2.12 on (checked on real 2.12.0 and 2.13.0: the whole suite); older version
 DCP save-plan caching (``DefaultSavePlanner(enable_plan_caching=...)`` and its ``_cached_plans_key``)
 is used where the signature has it (checked on 2.13; absent from 2.6).
 Real torch 2.11.0 runs in CI's second tier, 2.12.0 in its third; the whole suite passed by hand on real 2.10.0,
-2.11.0, 2.12.0 and 2.14.1 on 2026-12-03 (2.12 takes the split path; under torch.compile its dynamo, like
+2.11.0, 2.12.0 and 2.14.1 on 2026-12-04 (2.12 takes the split path; under torch.compile its dynamo, like
 2.11's, propagates fake tensors with ``is_compiling()`` False: `_torchao_compat.nf4_traced`); torch 2.9.0 was run by hand on 2026-12-03 (parity, sharding,
 checkpoints, TP, refreeze, estimate: pass, except tests needing transformers 5.24 or torchao 0.18, which do
 not import on 2.9): `root_mesh` and `keep_requires_grad` come from it. torch 2.6.0's FSDP2 does not run on
