@@ -168,7 +168,7 @@ def measure(model: nn.Module) -> Estimate:
     kept = 0
     for g in plan.groups:
         r, nbytes = by_record[(g.unit, g.kind)], gather[(g.unit, g.kind)]
-        frozen_part = nbytes if g.kind == FROZEN else gathered_bytes(model, [f for f in g.params if f in unsplit])
+        frozen_part = gathered_bytes(model, plan.frozen_params(g))
         all_gather["frozen"] += frozen_part * r.all_gathers_per_step
         all_gather["trainable"] += (nbytes - frozen_part) * r.all_gathers_per_step
         if r.kind == FROZEN and r.reshard == "never":

@@ -121,6 +121,13 @@ class ShardingPlan:
             return fqn
         return self.names.params.get(fqn) or self.names.modules.get(fqn, fqn)
 
+    def frozen_params(self, group: GroupPlan) -> tuple[str, ...]:
+        """The frozen parameters of `group`: all of a frozen group's; of a trainable group, those the
+        structural fallback left in it (`unsplit`), which are gathered with it but get no gradient."""
+        if group.kind == FROZEN:
+            return group.params
+        return tuple(f for f in group.params if f in self.unsplit)
+
     def groups_of(self, unit: str) -> list[GroupPlan]:
         return [g for g in self.groups if g.unit == unit]
 

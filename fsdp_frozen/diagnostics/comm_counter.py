@@ -85,14 +85,12 @@ def shared_frozen_all_gathers(model: nn.Module) -> tuple[int, int]:
     from ..plan import FROZEN
 
     state = sharded_state(model)
-    own, unsplit = frozen_group_names(model), set(state.plan.unsplit)
+    own = frozen_group_names(model)
     calls = nbytes = 0
     for g in state.plan.groups:
-        if g.kind == FROZEN:
-            group = state.param_groups.get((g.unit, g.kind))
-            shared = g.merged or (group is not None and not _names(group) & own)
-            calls += g.own_all_gathers_per_step if shared else 0
-            nbytes += gathered_bytes(model, g.params) * g.all_gathers_per_step if shared else 0
-        else:
-            nbytes += gathered_bytes(model, [f for f in g.params if f in unsplit]) * g.all_gathers_per_step
+        group = state.param_groups.get((g.unit, g.kind))
+        if g.kind == FROZEN and not (g.merged or (group is not None and not _names(group) & own)):
+            continue  # on its own process groups: the counter sees it apart
+        calls += g.own_all_gathers_per_step if g.kind == FROZEN else 0
+        nbytes += gathered_bytes(model, state.plan.frozen_params(g)) * g.all_gathers_per_step
     return calls, nbytes
