@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from .storage import cast_frozen, quantize_nf4, shard_device
 from .tp import check_tp
 
 _STATE_ATTR = "_fsdp_frozen_state"
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
 @dataclass
@@ -160,11 +162,11 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
                                                 frozen=(tuple(whole), [plan.path(f) for f in whole]))
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
-    state.root_hooks = (_freezing_check(state), _track_backward(state))
+    state.root_hooks = (_freezing_check(state, model), _track_backward(state))
     state.hooks = [*unit_hooks, model.register_forward_pre_hook(state.root_hooks[0], prepend=True),
                    model.register_forward_hook(state.root_hooks[1])]
     _cast_inputs_outside_fsdp(model, state, mp_policy)
-    if plan.split and not fsdp_params:
+    if not fsdp_params:
         _dormant_root(model, state, mp_policy)
     return model
 
@@ -174,7 +176,8 @@ def _move_unmanaged(model: nn.Module, plan: ShardingPlan, device: torch.device) 
     size 1, ``"never"`` groups kept whole) to the mesh's device, as ``fully_shard`` moves the ones it
     manages: it leaves its ``ignored_params`` where they are, so a model built on the CPU would compute
     with CPU weights on a GPU mesh. Plain tensors move in place; an NF4Tensor cannot take
-    ``.data =`` across devices, so its moved Parameter takes every slot of the old one. Meta ones stay
+    ``.data =`` across devices, so its moved Parameter takes every slot of the old one (as a plain one does
+    to the meta device, which the tests use as a stand-in for an accelerator). Meta ones stay
     (`load_pretrained` allocates them on the device)."""
     if not plan.unmanaged:
         return
@@ -187,7 +190,7 @@ def _move_unmanaged(model: nn.Module, plan: ShardingPlan, device: torch.device) 
             param = model.get_parameter(plan.path(fqn))
             if param.device.type == "meta" or param.device == device:
                 continue
-            if type(param.data) is torch.Tensor:
+            if type(param.data) is torch.Tensor and device.type != "meta":  # .data cannot turn a tensor into meta
                 param.data = param.data.to(device)
                 continue
             moved = nn.Parameter(param.detach().to(device), requires_grad=param.requires_grad)
@@ -444,8 +447,12 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan,
     dim1 = _dim1_placement(model, plan)
     hooks: list[Any] = []
     for unit in plan.apply_order:  # root first under trainable_grouping='root' ([Note: root grouping])
+        if unit in plan.units_without_fsdp:  # [Note: whole frozen groups]
+            continue
         frozen_group = plan.frozen_group(unit)
-        if frozen_group is not None and not frozen_group.merged:  # [Note: merged frozen groups]
+        if frozen_group is not None and (frozen_group.merged or all(f in plan.unmanaged for f in frozen_group.params)):
+            frozen_group = None  # in the unit's trainable group ([Note: merged frozen groups]), or kept whole
+        if frozen_group is not None:
             modules = [model.get_submodule(plan.path(m)) for m in frozen_group.modules]
             reshard = frozen_group.reshard
             # what the plan keeps out of FSDP (NF4 weights at shard size 1) is out of this call too
@@ -468,7 +475,7 @@ def _apply_structural(model: nn.Module, mesh: DeviceMesh, plan: ShardingPlan,
             mp_policy=mp_policy,
             **_ignored(model, plan, unit),
         )
-        if frozen_group is not None and not frozen_group.merged:
+        if frozen_group is not None:
             hooks += compat.enter_at_unit(unit_module, modules)
     return hooks
 
@@ -509,7 +516,7 @@ def sync_requires_grad(model: nn.Module) -> None:
         _sync_flags(_freezing_entries(state))
 
 
-def _freezing_check(state: ShardedModelState):
+def _freezing_check(state: ShardedModelState, model: nn.Module):
     """Root forward pre-hook: refuse to run on after a parameter's requires_grad was flipped, and put
     back the frozen groups' reshard settings if an FSDP setter was called around the guard.
 
@@ -530,11 +537,23 @@ def _freezing_check(state: ShardedModelState):
     entries = _freezing_entries(state)
     trainable = tuple(fp for _, fp, want in entries if want)
     frozen = tuple(fp for _, fp, want in entries if not want)
+    # frozen parameters kept out of FSDP ([Note: whole frozen groups], NF4 at shard size 1): one tensor
+    # each, read from the module slot it is registered in (load_pretrained and refreeze register new objects)
+    outside = sorted(state.plan.unmanaged)
+    paths = [state.plan.path(f).rpartition(".") for f in outside]
+    dicts = tuple(model.get_submodule(parent)._parameters for parent, _, _ in paths)
+    leaves = tuple(leaf for _, _, leaf in paths)
 
     def check(module: nn.Module, args: Any) -> None:
         state.restore_frozen_policy()
         if not torch.is_grad_enabled():  # [Note: no-grad forwards]
             return
+        if any(map(_REQUIRES_GRAD, map(operator.getitem, dicts, leaves))):  # C-level maps, no frame per parameter
+            fqn = next(f for f, d, leaf in zip(outside, dicts, leaves) if d[leaf].requires_grad)
+            raise FreezingChangedError(
+                f"requires_grad of parameter {fqn!r} changed from False to True after shard_with_freezing, "
+                f"which kept it frozen, whole outside FSDP. Set requires_grad (or FreezePolicy.freeze/unfreeze) "
+                f"before sharding, use fsdp_frozen.refreeze to unfreeze it, or restore requires_grad=False.")
         if compat.requires_grad_all(trainable, True) and compat.requires_grad_all(frozen, False):
             return  # [Note: the check's steady state]: _sync_flags would do nothing
         for fqn, want in _sync_flags(entries)[:1]:

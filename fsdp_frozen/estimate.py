@@ -198,12 +198,14 @@ def measure(model: nn.Module) -> Estimate:
         sent = sum(padded) if fsdp_layout(numels, padded, itemsize, shard_size) else sum(numels)
         all_reduce += sent * itemsize * (int(shard_size > 1) + int(replicate > 1))
     largest_unit = max(units, key=units.get) if units else ""
-    largest = units.get(largest_unit, 0) if shard_size > 1 else 0
+    largest = units.get(largest_unit, 0)
     others = sorted(v for u, v in units.items() if u != "")
-    # FSDP's root stays gathered from its forward to the end of backward; two other units may be gathered beside it
+    # FSDP's root stays gathered from its forward to the end of backward; two other units may be gathered beside it.
+    # At shard size 1 too: FSDP2 copies each parameter it manages into its unsharded buffer there
+    # (gathered_bytes counts none of those kept out of FSDP, [Note: whole frozen groups] in plan.py)
     step_gathered += copies
-    transient = (units.get("", 0) + held_to_backward + sum(others[-2:]) + copies) if shard_size > 1 else 0
-    persistent = frozen + 2 * trainable + optimizer + (kept if shard_size > 1 else 0)
+    transient = units.get("", 0) + held_to_backward + sum(others[-2:]) + copies
+    persistent = frozen + 2 * trainable + optimizer + kept
 
     def global_bytes(p: torch.Tensor) -> int:
         local = compat.local_tensor(p)
@@ -219,8 +221,8 @@ def measure(model: nn.Module) -> Estimate:
     return Estimate(
         world=world, replicate=replicate, frozen_reshard=str(policy.frozen_reshard),
         frozen_dtype=str(policy.frozen_dtype), trainable_grouping=plan.trainable_grouping, frozen_shard_bytes=frozen, trainable_shard_bytes=trainable,
-        gradient_bytes=trainable, optimizer_bytes=optimizer, kept_gathered_bytes=kept if shard_size > 1 else 0,
-        trainable_step_gathered_bytes=step_gathered if shard_size > 1 else 0,
+        gradient_bytes=trainable, optimizer_bytes=optimizer, kept_gathered_bytes=kept,
+        trainable_step_gathered_bytes=step_gathered,
         largest_unit_gather_bytes=largest, largest_unit=largest_unit or "<root>",
         persistent_bytes=persistent, peak_bytes=persistent + transient,
         all_gather_bytes_per_step=all_gather, reduce_scatter_bytes_per_step=reduce,

@@ -333,9 +333,9 @@ def build_plan(model: nn.Module, policy: FreezePolicy, *, shard_size: int, split
         params, owner, ignored, quantized, not_quantized, groups, unsplit = plan_groups(grouping)
     if policy.frozen_reshard == "auto":
         groups = _resolve_auto(groups, policy.frozen_budget_bytes or 0, shard_size)
-    groups, whole = _whole_frozen(groups, grouping, split)
+    groups, whole = _whole_frozen(groups, grouping, split, shard_size)
     if policy.coalesce_frozen:
-        groups = _merge_frozen(groups)
+        groups = _merge_frozen(groups, whole)
     return ShardingPlan(
         units=tuple(units), groups=tuple(groups), frozen=frozenset(frozen),
         ignored={u: tuple(v) for u, v in ignored.items()}, unsplit=tuple(unsplit),
@@ -393,29 +393,52 @@ def _root_mixed_modules(model: nn.Module, units: list[str], frozen: set[str], na
     return out
 
 
-def _whole_frozen(groups: list[GroupPlan], grouping: str, split: bool) -> tuple[list[GroupPlan], frozenset[str]]:
+def _whole_frozen(groups: list[GroupPlan], grouping: str, split: bool,
+                  shard_size: int) -> tuple[list[GroupPlan], frozenset[str]]:
     """[Note: whole frozen groups] A ``"never"`` frozen group is gathered once and kept: every rank
     holds it whole, and FSDP adds only a 1/N shard copy beside it and its per-unit hooks (0.4-1 ms
     per unit per step on the benchmark's CPU, measured). Under ``trainable_grouping="replicate"``
     such groups leave FSDP as the trainable parameters did: whole on every rank from the start,
-    never communicated, and a unit left with nothing for FSDP gets no fully_shard call at all. The
-    structural fallback (torch < 2.12) keeps them in FSDP, and so does a group FSDP would cast
-    (stored in another dtype than ``param_dtype``) or NF4 (dequantized through FSDP's hooks). Returns
-    the groups (their ``why`` says so) and the parameters kept whole."""
-    if grouping != "replicate" or not split:
+    never communicated, and a unit left with nothing for FSDP gets no fully_shard call at all.
+
+    At shard size 1 (one rank, or HSDP with one rank per shard group) every frozen group leaves FSDP,
+    whatever its ``frozen_reshard`` and grouping, on either torch path: there is nothing to shard or
+    gather, but FSDP2 still "all-gathers" at world size 1 by copying each parameter into its unsharded
+    buffer (``FSDPParamGroup.wait_for_unshard``; seen on 2.11 and 2.13). That copy is a second full
+    copy of the frozen weights for as long as the group stays gathered: for ``"never"`` (and
+    ``"after_backward"`` at the turn of forward to backward) the whole frozen model twice. Llama-3.1-8B
+    LoRA on one H200 (torch 2.11, ``"never"``) peaked 15.4 GiB above its 16.8 GiB estimate, about its
+    14.96 GiB of frozen weights (docs/benchmark.md); the 2.11 fallback's frozen groups stayed in FSDP
+    there (tests/test_peak_memory.py reproduces the doubling on the CPU). Outside FSDP the weights are
+    used in place: the same values, so the same results as plain FSDP2 (tested bitwise).
+
+    Only what needs no per-step work leaves: a group stored in the dtype it computes in (no
+    mixed-precision cast; FSDP's copy is then the cast the user asked for) whose NF4 weights, if any,
+    are already outside FSDP (NF4 at shard size 1, `_quantization`); under ``"replicate"`` at shard
+    size > 1, only ``"never"`` groups without NF4 (dequantized through FSDP's hooks), on the split path
+    (the structural fallback keeps them in FSDP there). Frozen parameters the fallback leaves in a
+    trainable group (`ShardingPlan.unsplit`) stay in it. Returns the groups (their ``why`` says so)
+    and the parameters kept whole."""
+    if shard_size > 1 and (grouping != "replicate" or not split):
         return groups, frozenset()
     out, whole = [], set()
     for g in groups:
-        # only what needs no per-step work: stored in the dtype it computes in (no mixed-precision cast), not NF4
-        if g.kind == FROZEN and g.reshard == "never" and g.storage_dtype == g.gathered_dtype and NF4 not in g.storage_dtype:
-            whole |= set(g.params)
-            g = replace(g, all_gathers_per_step=0,
-                        why=f"{g.why}; kept whole on every rank outside FSDP (trainable_grouping='replicate')")
-        out.append(g)
+        # the dense part of "nf4+bfloat16" (NF4 weights and the leftovers NF4 cannot hold) is what FSDP would cast
+        stored, gathered = ([d for d in label.split("+") if d != NF4] for label in (g.storage_dtype, g.gathered_dtype))
+        in_place = g.kind == FROZEN and stored == gathered and "mixed" not in stored
+        if in_place and shard_size == 1:
+            why = "kept whole outside FSDP (shard size 1: nothing to shard, and FSDP would copy it into an unsharded buffer)"
+        elif in_place and g.reshard == "never" and NF4 not in g.storage_dtype:
+            why = "kept whole on every rank outside FSDP (trainable_grouping='replicate')"
+        else:
+            out.append(g)
+            continue
+        whole |= set(g.params)
+        out.append(replace(g, all_gathers_per_step=0, why=f"{g.why}; {why}"))
     return out, frozenset(whole)
 
 
-def _merge_frozen(groups: list[GroupPlan]) -> list[GroupPlan]:
+def _merge_frozen(groups: list[GroupPlan], whole: frozenset[str]) -> list[GroupPlan]:
     """[Note: merged frozen groups] (``FreezePolicy.coalesce_frozen``) A unit's frozen group earns
     its own FSDP param group by behaving differently from the trainable one: another reshard
     (``"never"``, ``"after_backward"`` beside trainable parameters resharded after forward, an int),
@@ -446,7 +469,8 @@ def _merge_frozen(groups: list[GroupPlan]) -> list[GroupPlan]:
         t = trainable.get(g.unit)
         same = t is not None and g.kind == FROZEN and (
             (g.reshard == "after_forward" and t.reshard is True) or (g.reshard == "after_backward" and t.reshard is False))
-        if same and g.gathered_dtype == t.gathered_dtype and g.gathered_dtype != "mixed" and NF4 not in g.storage_dtype:
+        if (same and g.gathered_dtype == t.gathered_dtype and g.gathered_dtype != "mixed" and NF4 not in g.storage_dtype
+                and not whole.intersection(g.params)):
             g = replace(g, merged=True, why=f"{g.why}; merged into the unit's trainable FSDP group (the same reshard "
                                             f"and gathered dtype: one all-gather for both, not two)")
         out.append(g)

@@ -66,7 +66,9 @@ class FreezePolicy:
             communication in steady state, at the cost of the unsharded frozen bytes per rank), an int
             N (reshard to N-rank groups after forward, as FSDP's int ``reshard_after_forward``), or
             ``"auto"`` (keep gathered the groups that fit in ``frozen_budget_bytes``, largest saving
-            first; ``"after_forward"`` for the rest).
+            first; ``"after_forward"`` for the rest). At shard size 1 it changes nothing for groups
+            stored in the dtype they compute in: they are kept whole outside FSDP, whose world-size-1
+            "all-gather" is a copy ([Note: whole frozen groups] in plan.py).
         frozen_budget_bytes: Per-rank bytes of gathered weights ``"auto"`` may keep: trainable
             groups gathered for the whole step (the root's; every adapter under
             ``trainable_grouping="root"``) are charged first, the rest goes to frozen groups kept

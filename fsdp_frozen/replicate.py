@@ -120,7 +120,7 @@ class ReplicatedTrainables:
         self.fqns = fqns
         self.params: list[nn.Parameter] = [model.get_parameter(p) for p in paths]
         #: frozen parameters kept whole outside FSDP beside them ([Note: whole frozen groups] in plan.py):
-        #: moved and broadcast here, checked each forward, never swapped or reduced
+        #: broadcast here (apply's freezing check reads their flags), never swapped or reduced
         self.frozen_fqns = frozen[0]
         self.frozen = [model.get_parameter(p) for p in frozen[1]]
         by_id: dict[int, list[tuple[dict, str]]] = {id(p): [] for p in self.params}
@@ -192,12 +192,8 @@ class ReplicatedTrainables:
 
     # --- forward ---------------------------------------------------------------------------------
     def _check_freezing(self) -> None:
-        """FreezingChangedError if a requires_grad was flipped since `shard_with_freezing`."""
-        for fqn, p in zip(self.frozen_fqns, self.frozen):
-            if p.requires_grad:
-                raise FreezingChangedError(
-                    f"requires_grad of parameter {fqn!r} changed from False to True after shard_with_freezing "
-                    f"(kept whole outside FSDP); restore it, or use fsdp_frozen.refreeze to unfreeze it")
+        """FreezingChangedError if a trainable requires_grad was flipped since `shard_with_freezing` (the
+        frozen parameters kept whole beside them: apply's freezing check)."""
         for fqn, p in zip(self.fqns, self.params):
             if not p.requires_grad:
                 raise FreezingChangedError(
@@ -232,8 +228,7 @@ class ReplicatedTrainables:
         if key != self._key:
             self._prepare_compute()
             self._key = key
-        if torch.is_grad_enabled() and (not all(p.requires_grad for p in self.params)
-                                        or any(p.requires_grad for p in self.frozen)):
+        if torch.is_grad_enabled() and not all(p.requires_grad for p in self.params):
             self._check_freezing()  # not under no_grad: [Note: no-grad forwards] in apply.py
         if self.copy_dsts:
             with torch.no_grad():

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from . import _torchao_compat as ao
 from ._torch_compat import local_tensor, own_buffers, set_buffer
@@ -42,7 +43,13 @@ def cast_frozen(model: nn.Module, paths: Iterable[str], dtype: torch.dtype) -> N
     """
     for path in paths:
         param = model.get_parameter(path)
-        if param.is_floating_point() and param.dtype != dtype:
+        if not param.is_floating_point() or param.dtype == dtype:
+            continue
+        if isinstance(param, DTensor):
+            # a TP weight: ``.data =`` would relabel the DTensor's dtype but keep its fp32 local tensor (a
+            # Python attribute of the DTensor, what FSDP shards), so the object's contents are swapped instead
+            torch.utils.swap_tensors(param, nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad))
+        else:
             param.data = param.data.to(dtype)
 
 

@@ -13,7 +13,9 @@ activation checkpointing (transformers' ``gradient_checkpointing_enable``), bf16
 adapters, on random tokens of batch x seq, with the recipes' chunked cross-entropy (recipes/loss.py,
 ``--loss-chunks``, default 8 as torchtune: the full fp32 logits never exist; ``--loss-chunks 0``: the
 model's own unchunked loss, ``labels=``). Not compiled (torchtune's published figures are). Records
-the peak ``torch.cuda.max_memory_allocated`` and tokens/s (steps after ``--warmup``), plus load time.
+the training peak ``torch.cuda.max_memory_allocated`` (reset after the load, as torchtune's figures
+count training; the load's own peak is ``load_peak_gib`` in the JSON) and tokens/s (steps after
+``--warmup``), plus load time.
 On the CPU (``--device cpu``, the dry run) there is no device peak: the row records the process's
 peak host RSS instead, labelled as such (``peak_metric``); its figures are not comparable to anything.
 
@@ -205,6 +207,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     from fsdp_frozen import shard_with_freezing
     from fsdp_frozen._torch_compat import local_tensor
     from fsdp_frozen.checkpoint import load_pretrained
+    from fsdp_frozen.storage import is_nf4
 
     cuda = a.device == "cuda"
     release(a.device)
@@ -225,10 +228,12 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     for p in model.parameters():
         if not p.requires_grad:
             t = local_tensor(p)
-            kind = type(t).__name__ if type(t) is not torch.Tensor else str(t.dtype).replace("torch.", "")
+            kind = type(t).__name__ if is_nf4(t) else str(t.dtype).replace("torch.", "")  # kept whole: a Parameter
             storage[kind] = storage.get(kind, 0) + 1
     load_peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else host_peak_rss_gib()
-    progress(phase="loaded", load_s=load_s)
+    if cuda:  # the training peak apart from the load's (which reads whole safetensors tensors onto the device)
+        torch.cuda.reset_peak_memory_stats()
+    progress(phase="loaded", load_s=load_s, load_peak_gib=load_peak)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator(a.device).manual_seed(0)

@@ -64,9 +64,9 @@ def build(args, world, variant):
             units=["LlamaDecoderLayer"], frozen_dtype="bfloat16", param_dtype="bfloat16", reduce_dtype="float32",
             **variant))
     if variant == "bf16":
-        for p in model.parameters():
+        for p in model.parameters():  # swapped whole: `.data =` would keep a TP weight's fp32 local tensor
             if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+                torch.utils.swap_tensors(p, torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in model.base_model.model.model.layers:
         fully_shard(layer, mesh=world["dp"], mp_policy=mp)

@@ -53,6 +53,15 @@ def plain_fsdp(model: nn.Module, mesh, units: tuple[str, ...], mp: MixedPrecisio
     return model
 
 
+def store_frozen_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """A reference's frozen parameters stored in `dtype`, as ``FreezePolicy.frozen_dtype`` stores ours.
+    A TP weight (DTensor) is swapped whole: ``p.data = p.data.to(dtype)`` relabels a DTensor's dtype but
+    keeps its local tensor, which is what FSDP shards (the reference stayed fp32 that way)."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point():
+            torch.utils.swap_tensors(p, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+
+
 def adamw(model: nn.Module, lr: float = 1e-2) -> torch.optim.Optimizer:
     """The tests' optimizer (what `train` makes when it is given none)."""
     return torch.optim.AdamW(model.parameters(), lr=lr)

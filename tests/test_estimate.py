@@ -130,9 +130,10 @@ def test_estimate_equals_real_ranks(tmp_path, world):
                                                     r["steady"]["trainable_ag"]),
                 "reduce-scatter bytes/step": (est.reduce_scatter_bytes_per_step if world > 1 else 0, r["steady"]["rs"]),
             }
-            if world > 1:  # trainable groups still gathered after forward: the root's (every one under "root")
-                checks["trainable gathered all step"] = (est.trainable_step_gathered_bytes,
-                                                         r["steady"]["gathered_after_forward"])
+            # trainable groups still gathered after forward: the root's (every one under "root"), at one
+            # rank too (FSDP2 copies each parameter into its unsharded buffer there)
+            checks["trainable gathered all step"] = (est.trainable_step_gathered_bytes,
+                                                     r["steady"]["gathered_after_forward"])
             if name != "nf4":  # DCP metadata holds NF4 weights by their logical shape, not their packed bytes
                 checks["checkpoint bytes (full)"] = (est.checkpoint_full_bytes, r["checkpoint_full"])
             checks["checkpoint bytes (trainable + AdamW)"] = (est.checkpoint_trainable_bytes, r["checkpoint_trainable"])

@@ -42,6 +42,8 @@ def _cases(world: int) -> list[tuple[str, object, str]]:
     cases = [("toy", p, "1d") for p in ("after_forward", "after_backward", "never", "auto")]
     if world >= 2:
         cases += [("peft", "after_forward", "1d"), ("tied", "never", "1d"), ("tied_trainable", "after_backward", "1d")]
+    if world == 2:  # HSDP at shard size 1: the frozen groups kept whole on both replicas ([Note: whole frozen groups])
+        cases += [("peft", "never", "hsdp"), ("toy", "after_forward", "hsdp")]
     if world == 4:
         cases += [("toy", 2, "1d"), ("toy", "after_forward", "hsdp"), ("peft", "never", "hsdp")]
     return cases

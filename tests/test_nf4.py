@@ -375,12 +375,14 @@ def _moved(rank: int, world: int) -> dict:
     devices = {n: str(p.device) for n, p in model.named_parameters()}
     unmanaged = {plan.names.canonical(n) for n in devices} & plan.unmanaged
     return {"unmanaged": sorted(unmanaged), "devices": devices,
-            "nf4_inner": [str(model.get_parameter(plan.path(f)).quantized_data.device) for f in sorted(unmanaged)]}
+            "nf4_inner": [str(model.get_parameter(plan.path(f)).quantized_data.device)
+                          for f in sorted(unmanaged & plan.quantized)]}
 
 
 def test_nf4_kept_out_of_fsdp_moves_to_the_mesh_device():
-    """At shard size 1 NF4 weights stay out of FSDP, which would leave them where the model was built
-    (issue 23, 4): they are moved with the rest; everything FSDP manages is left to FSDP."""
+    """At shard size 1 NF4 weights (and the frozen leftovers stored as computed in, [Note: whole frozen
+    groups]) stay out of FSDP, which would leave them where the model was built (issue 23, 4): they are
+    moved with the rest; everything FSDP manages is left to FSDP."""
     out = run_ranks(_moved, 1)[0]
     assert len(out["unmanaged"]) >= 7, out["unmanaged"]
     assert all(out["devices"][f] == "meta" for f in out["unmanaged"]), out["devices"]

@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 from fsdp_frozen import FreezePolicy, PolicyError, describe, lora_tp_plan, shard_with_freezing
 from fsdp_frozen._torch_compat import split_groups_supported
 
-from .common import adamw, plain_fsdp, structural_fallback, train
+from .common import adamw, plain_fsdp, store_frozen_in, structural_fallback, train
 from .dist_harness import run_ranks
 from .models import batch, make_model
 
@@ -71,9 +71,7 @@ def _parity(rank: int, world_size: int, cases: list[dict]) -> dict:
         frozen = {n for n, p in ref.named_parameters() if not p.requires_grad}
         storage = {"bfloat16": torch.bfloat16}.get(policy.get("frozen_dtype"))
         if storage is not None:  # the reference stores frozen params alike
-            for n, p in ref.named_parameters():
-                if n in frozen:
-                    p.data = p.data.to(storage)
+            store_frozen_in(ref, storage)
         plain_fsdp(ref, world["dp"], ("layers.*",), _mp(policy))
         model = shard_with_freezing(_toy_tp(world), world["dp"], FreezePolicy(units=("layers.*",), **policy))
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -87,6 +85,11 @@ def _parity(rank: int, world_size: int, cases: list[dict]) -> dict:
             "became_trainable": sorted(n for n in frozen if flags[n]),
             "became_frozen": sorted(n for n, f in flags.items() if not f and n not in frozen),
             "tp_frozen": tp_frozen,
+            # what the frozen weights are stored in: the local tensors FSDP shards (a DTensor's dtype alone
+            # once said bfloat16 over fp32 local tensors under TP)
+            "frozen_storage": {name: sorted({str(p.to_local().dtype if isinstance(p, DTensor) else p.dtype)
+                                             for n, p in m.named_parameters() if n in frozen})
+                               for name, m in (("ours", model), ("ref", ref))},
             "full": {n: got[n] for n in got if "lora_A" in n or n == "scale"},
             "grads": sorted(n for n, p in model.named_parameters() if n in frozen and p.grad is not None),
             "describe": str(describe(model)),
@@ -110,6 +113,8 @@ def test_fsdp_x_tp_equals_plain_fsdp2_with_the_same_tp_plan():
             assert case["became_trainable"] == [] and case["became_frozen"] == [] and case["grads"] == [], (policy, case)
             # 3 x (attn, mlp base, proj) weights, and the frozen block's two colwise lora_B
             assert len(case["tp_frozen"]) == 11, case["tp_frozen"]
+            want = ["torch.bfloat16"] if policy.get("frozen_dtype") == "bfloat16" else ["torch.float32"]
+            assert case["frozen_storage"] == {"ours": want, "ref": want}, (policy, case["frozen_storage"])
             # describe counts the TP plan: 3 layers x (attn, mlp) x (base, lora_B) colwise, 3 proj rowwise
             assert "tensor parallel: degree 2, 12 colwise and 3 rowwise linears" in case["describe"], case["describe"]
         for tp0, tp1 in ((0, 1), (2, 3)):  # ranks (dp, tp=0) and (dp, tp=1)
@@ -254,9 +259,7 @@ def _hf(rank: int, world_size: int) -> dict:
                            param_dtype="bfloat16", reduce_dtype="float32")))):
         model = _hf_llama(world)
         if name == "ref":
-            for p in model.parameters():
-                if not p.requires_grad:
-                    p.data = p.data.to(torch.bfloat16)
+            store_frozen_in(model, torch.bfloat16)
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             for layer in model.base_model.model.model.layers:
