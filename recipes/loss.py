@@ -69,6 +69,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from fsdp_frozen.storage import is_nf4
+
 #: torchtune's default number of chunks (``num_output_chunks``)
 DEFAULT_CHUNKS = 8
 IGNORE_INDEX = -100
@@ -96,6 +98,8 @@ def _dense(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
                            "where FSDP has gathered it (inside the model's forward, see recipes/loss.py model_loss)")
     if type(weight) in (torch.Tensor, nn.Parameter):
         return weight
+    if is_nf4(weight):  # fsdp_frozen's dequantization: bitwise torchao's `.to`, without its two int64 index
+        return weight.dequantize().to(dtype)  # tensors (8 bytes per element: ~4 GiB more for an 8B head)
     return weight.to(dtype)
 
 

@@ -119,6 +119,20 @@ def test_frozen_head_no_grad_and_nf4():
     exact_grad, = torch.autograd.grad(exact_loss, leaf)
     assert_as_exact(got, ref, exact_loss, "NF4 head loss")
     assert_as_exact(got_grad, ref_grad, exact_grad, "NF4 head: grad of hidden")
+    # What the NF4 head costs beyond a dense one: its dense copy, from fsdp_frozen's dequantization (one
+    # chunk of int32 indices), not torchao's `.to` (two int64 code tensors, 8 bytes per element: with the
+    # rest of its temporaries ~6 GiB more for Llama-3.1-8B's head, the first GPU run's QLoRA peak)
+    from fsdp_frozen._torchao_compat import _cached_table
+
+    dense = nf4.to(torch.bfloat16)
+    peaks = {}
+    for name, weight in (("dense", dense), ("nf4", nf4)):
+        with PeakTensorMemory([h, t, weight, _cached_table(nf4.nf4, "quad")]) as m:
+            before = m.current
+            linear_cross_entropy(h.clone().requires_grad_(), nn.Parameter(weight, requires_grad=False), t, chunks=4)
+        peaks[name] = m.peak - before
+    scalers = dense.numel() // 24 * 2
+    assert peaks["nf4"] - peaks["dense"] <= dense.numel() * 2 + 2 * scalers + dense.numel() + 1024, peaks
 
 
 def test_any_head_through_autograd():

@@ -4,6 +4,8 @@ alone, under activation checkpointing, torch.compile, FSDP training and QDoRA.""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -46,10 +48,42 @@ def test_fast_dequantize_is_bitwise_torchaos(dtype, monkeypatch):
     for p in [*torch.chunk(t, 3), ao.to_nf4(torch.randn(1, 2, generator=g).to(dtype), 2, 1)]:
         assert torch.equal(_bits(ao.nf4_dequantize_fast(p)), _bits(p.get_original_weight()))
     assert torch.chunk(t, 3)[1].quantized_data.storage_offset() == 1
+    # gathers in chunks of GATHER_CHUNK packed codes (index tensors of one chunk at a time): a chunk
+    # boundary inside a block, a row and a pair of bytes, and a last chunk shorter than the others
+    monkeypatch.setattr(ao, "GATHER_CHUNK", 37)
+    for shape, block, scaler in SHAPES:
+        t = ao.to_nf4((torch.randn(shape, generator=g) * 0.02).to(dtype), block, scaler)
+        assert torch.equal(_bits(ao.nf4_dequantize_fast(t)), _bits(t.get_original_weight())), (shape, block)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     for shape, block, scaler in SHAPES[:3]:
         t = ao.to_nf4(torch.randn(shape, generator=g).to(dtype), block, scaler)
         assert torch.equal(_bits(ao.nf4_dequantize_fast(t)), _bits(t.get_original_weight()))
+
+
+@pytest.mark.parametrize("traced_table", [False, True], ids=["quad", "pair"])
+def test_fast_dequantize_holds_one_chunk_of_indices(traced_table, monkeypatch):
+    """The dequantization's peak beyond the NF4 weight: its dense output, the block scalers and one
+    `GATHER_CHUNK` of int32 indices (the loss dequantizes Llama-3.1-8B's 525M-element NF4 head at once:
+    whole indices would add 1 GiB; torchao's ``get_original_weight`` holds two int64 index tensors of
+    numel/2 each, 8 bytes per element, several times the bf16 output)."""
+    from fsdp_frozen.diagnostics import PeakTensorMemory
+
+    t = ao.to_nf4(torch.randn(512, 1024, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16), 64, 256)
+    if traced_table:  # the per-byte table off the CPU's quad path (an odd storage offset takes it too)
+        monkeypatch.setattr(sys, "byteorder", "big")
+    monkeypatch.setattr(ao, "GATHER_CHUNK", 4096)
+    ao.nf4_dequantize_fast(t)  # the lookup table is built once per weight and cached: in the baseline below
+    table = ao._cached_table(t.nf4, "pair" if traced_table else "quad")
+    out_bytes, scaler_bytes = t.numel() * 2, t.numel() // 64 * 2
+    with PeakTensorMemory([t, table]) as m:
+        before = m.current
+        out = ao.nf4_dequantize_fast(t)
+    assert out_bytes + 4096 * 4 <= m.peak - before <= out_bytes + 2 * scaler_bytes + 4096 * 4 + 4096, m.peak - before
+    del out
+    with PeakTensorMemory([t]) as m:
+        before = m.current
+        t.get_original_weight()
+    assert m.peak - before >= 4 * out_bytes  # torchao's: the int64 codes alone are 8 bytes per element
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
