@@ -13,11 +13,14 @@ activation checkpointing (transformers' ``gradient_checkpointing_enable``), bf16
 adapters, on random tokens of batch x seq, with the recipes' chunked cross-entropy (recipes/loss.py,
 ``--loss-chunks``, default 8 as torchtune: the full fp32 logits never exist; ``--loss-chunks 0``: the
 model's own unchunked loss, ``labels=``). Not compiled (torchtune's published figures are). Records
-the training peak ``torch.cuda.max_memory_allocated`` (reset after the load, as torchtune's figures
-count training; the load's own peak is ``load_peak_gib`` in the JSON) and tokens/s (steps after
+the training peak ``torch.cuda.max_memory_allocated`` (reset after the load; the load's own peak is
+``load_peak_gib`` in the JSON) and tokens/s (steps after
 ``--warmup``), plus load time.
-On the CPU (``--device cpu``, the dry run) there is no device peak: the row records the process's
-peak host RSS instead, labelled as such (``peak_metric``); its figures are not comparable to anything.
+On the CPU (``--device cpu``, the dry run) there is no device peak: the row records the largest tensor
+storage peak of a training step instead (`fsdp_frozen.diagnostics.PeakTensorMemory` around each step, the
+model and optimizer state counted), labelled as such (``peak_metric``), with its ratio to the estimate, and
+the host RSS peak as ``host_peak_rss_gib``; its step times are not comparable to anything (the counting slows
+every op). That is how docs/benchmark.md reproduced the first GPU run's excess on the CPU.
 
 Each variant runs in a process of its own (several ``--frozen-dtypes``: this script re-invokes itself
 once per variant; ``--in-process`` runs them in one process, freeing each model before the next):
@@ -45,6 +48,7 @@ compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s, QLoRA 7.4 GiB at 2413 tok/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -66,7 +70,7 @@ TINY = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 
         "batch": 1, "seq": 16, "steps": 1, "warmup": 0, "nf4_block_size": 32, "nf4_scaler_block_size": 16}
 ORDER = ["bfloat16", "nf4"]
 PEAK_CUDA = "torch.cuda.max_memory_allocated"
-PEAK_HOST = "host peak RSS (CPU dry run: not a GPU figure)"
+PEAK_TENSORS = "tensor storage peak of a step (PeakTensorMemory; CPU dry run)"
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -207,6 +211,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     from fsdp_frozen import shard_with_freezing
     from fsdp_frozen._torch_compat import local_tensor
     from fsdp_frozen.checkpoint import load_pretrained
+    from fsdp_frozen.diagnostics import PeakTensorMemory, state_tensors
     from fsdp_frozen.storage import is_nf4
 
     cuda = a.device == "cuda"
@@ -239,22 +244,26 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     g = torch.Generator(a.device).manual_seed(0)
     times: list[float] = []
     loss = None
+    tensor_peak = 0.0  # CPU: the largest step's tensor storage peak
     for step in range(a.warmup + a.steps):
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
         sync()
         t = time.perf_counter()
-        loss = step_loss(model, ids, a)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with contextlib.nullcontext() if cuda else PeakTensorMemory(state_tensors(model, opt)) as counted:
+            loss = step_loss(model, ids, a)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if not cuda:
+            tensor_peak = max(tensor_peak, counted.peak / 2**30)
         sync()
         took = time.perf_counter() - t
         if step >= a.warmup:
             times.append(took)
         so_far = sorted(times)
         progress(phase=f"step {step + 1}/{a.warmup + a.steps}", load_s=load_s, steps_measured=len(times),
-                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else host_peak_rss_gib(),
-                 peak_metric=PEAK_CUDA if cuda else PEAK_HOST,
+                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else tensor_peak,
+                 peak_metric=PEAK_CUDA if cuda else PEAK_TENSORS,
                  **({"tokens_per_s": a.batch * a.seq / so_far[len(so_far) // 2]} if times else {}))
         # --time-limit (this process's seconds): stop once a further step would not fit (>= 1 measured step)
         if a.time_limit and times and time.perf_counter() - _T0 + 1.5 * took > a.time_limit:
@@ -263,8 +272,9 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     median = times[len(times) // 2]
     out = {"frozen_dtype": frozen_dtype, "load_s": load_s, "step_s_median": median, "steps_measured": len(times),
            "tokens_per_s": a.batch * a.seq / median,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else host_peak_rss_gib(),
-           "peak_metric": PEAK_CUDA if cuda else PEAK_HOST, "load_peak_gib": load_peak,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else tensor_peak,
+           "peak_metric": PEAK_CUDA if cuda else PEAK_TENSORS, "load_peak_gib": load_peak,
+           **({} if cuda else {"host_peak_rss_gib": host_peak_rss_gib()}),
            "allocated_at_start_gib": at_start, "loss": loss.item(), "frozen_storage": storage,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     del model, opt, loss
@@ -285,7 +295,7 @@ def header(meta: dict) -> list[str]:
     layers = meta.get("layers")
     partial = "" if layers == SHAPE_8B["layers"] or meta.get("hidden") != SHAPE_8B["hidden"] else \
         f" ({layers} of 32 layers: not comparable to the 8B reference)"
-    peak = "peak GiB" if meta.get("device") == "cuda" else "host peak RSS GiB (CPU)"
+    peak = "peak GiB" if meta.get("device") == "cuda" else "step tensor peak GiB (CPU)"
     return [f"{meta.get('date')}, {meta.get('gpu')}, torch {meta.get('torch')}: {shape}, {layers} layers{partial}, "
             f"LoRA r=8 on {', '.join(TARGET_MODULES)}, batch {meta.get('batch')} x {meta.get('seq')}, bf16, "
             f"activation checkpointing{' with its inputs offloaded to host memory' if meta.get('offload_activations') else ''}, "
@@ -471,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     written = write_base(base, a)  # normally done by the --write-base stage; then this is a no-op
     meta = {"gpu": torch.cuda.get_device_name() if a.device == "cuda" else "CPU (dry run)", "device": a.device,
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "lora_targets": TARGET_MODULES,
-            "peak_metric": PEAK_CUDA if a.device == "cuda" else PEAK_HOST, "base": str(base),
+            "peak_metric": PEAK_CUDA if a.device == "cuda" else PEAK_TENSORS, "base": str(base),
             "write_base_s": written["seconds"], **{k: getattr(a, k) for k in (*SHAPE_8B, "batch", "seq", "steps",
                                                                            "warmup", "loss_chunks",
                                                                            "offload_activations")}}
@@ -488,8 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = run(base, d, a, progress)
             r["estimate_gib"] = estimates.get(d)
-            r["measured_vs_estimate"] = (r["peak_gib"] / r["estimate_gib"]
-                                         if a.device == "cuda" and r["estimate_gib"] else None)
+            r["measured_vs_estimate"] = r["peak_gib"] / r["estimate_gib"] if r["estimate_gib"] else None
             r.update(status="done", phase="done", wall_s=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             import traceback
