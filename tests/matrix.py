@@ -1,7 +1,8 @@
 """The configuration matrix: a generated pairwise covering of the options users combine.
 
 Dimensions (`DIMENSIONS`): model family x wrapper x frozen policy x trainable grouping x precision x
-build path x how units are named. `cases()` covers every pair of values of any two dimensions that
+build path x how units are named x coalescing x ranks (1: the shard-size-1 layout, frozen groups kept out
+of FSDP, [Note: whole frozen groups]; 2; an int ``frozen_reshard`` runs on 4). `cases()` covers every pair of values of any two dimensions that
 some valid case can hold (a greedy covering, ties broken by ``random.Random(SEED)``), so adding a
 value to a dimension adds the cases that pair it with every other value. Combinations the package
 refuses (`REFUSED`) are left out of the covering and get one case each that asserts the refusal.
@@ -53,6 +54,8 @@ DIMENSIONS: dict[str, tuple] = {
     "build": ("real", "meta"),
     "units": ("glob", "class"),
     "coalesce": (False, True),  #: FreezePolicy.coalesce_frozen
+    #: world size (an int frozen_reshard: 4); at 1 frozen groups leave FSDP ([Note: whole frozen groups])
+    "ranks": (2, 1),
 }
 #: frozen_reshard="auto" keeps gathered what fits in this many bytes per rank (some groups, not all)
 AUTO_BUDGET = 40_000
@@ -89,10 +92,11 @@ class Case:
     build: str
     units: str
     coalesce: bool = False
+    ranks: int = 2
 
     @property
     def world(self) -> int:
-        return 4 if isinstance(self.frozen_reshard, int) else 2
+        return 4 if isinstance(self.frozen_reshard, int) else self.ranks
 
     @property
     def refused(self) -> tuple[str, ...] | None:
@@ -107,7 +111,10 @@ class Case:
 
 
 def _valid(values: dict[str, Any]) -> bool:
-    """Cases that exist: HF gradient checkpointing is a transformers method."""
+    """Cases that exist: HF gradient checkpointing is a transformers method; an int frozen_reshard
+    (reshard to N-rank groups) needs more ranks than one."""
+    if values.get("ranks") == 1 and isinstance(values["frozen_reshard"], int):
+        return False
     return not (values["wrapper"] == "hf_gradient_checkpointing" and values["family"] not in HF_FAMILIES)
 
 
@@ -424,6 +431,9 @@ def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
         raise
     plan = sharded_state(model).plan
     out["grouping"] = plan.trainable_grouping
+    # frozen parameters FSDP manages, beyond what the structural fallback leaves in trainable groups: at
+    # shard size 1 none unless FSDP casts them ([Note: whole frozen groups])
+    out["frozen_in_fsdp"] = sorted((set(sharded_state(model).fsdp_params) & plan.frozen) - set(plan.unsplit))
     reference = _reference(case, tmp, world, _trainable(model))
     frozen_before = _local_frozen(model)
     opt, ref_opt = torch.optim.AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)

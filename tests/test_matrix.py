@@ -78,6 +78,8 @@ def test_case(case: matrix.Case, pretrained: str):
             assert r["param_max_diff"] == 0.0, (rank, r["param_max_diff"])
         assert r["trainable_names_differ"] == [], r["trainable_names_differ"]
         assert r["frozen_with_grad"] == [] and r["frozen_with_state"] == [], r
+        if case.world == 1 and case.precision != "bf16_fp32_frozen":  # stored as they compute: no FSDP copy
+            assert r["frozen_in_fsdp"] == [], r["frozen_in_fsdp"]
         assert r["frozen_changed"] == [], r["frozen_changed"]
         assert "frozen" in r["describe"] or case.family == "partial", r["describe"]
         assert r["ag_described"] == r["ag_counted"], (r["ag_described"], r["ag_counted"], r["describe"])
