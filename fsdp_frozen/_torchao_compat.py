@@ -171,7 +171,8 @@ def nf4_copy_chunk_(target: torch.Tensor, whole: torch.Tensor) -> None:
 def nf4_quantize_chunk_(target: torch.Tensor, rows: torch.Tensor) -> None:
     """Quantize `rows`, this rank's dim-0 chunk of a weight, into `target` (a DTensor of an NF4Tensor,
     sharded on one mesh dimension): bitwise the chunk ``to_nf4(whole)`` would give, without any rank
-    reading or quantizing the whole weight. Collective over the shard dimension's process group.
+    reading or quantizing the whole weight. Collective over the shard dimension's process group. A
+    plain NF4Tensor `target` (kept out of FSDP at shard size 1) takes the whole weight: no collective.
 
     [Note: NF4 from row chunks]
     torchao 0.18's quantization is local per block except one global value: the mean of every block's
@@ -186,15 +187,20 @@ def nf4_quantize_chunk_(target: torch.Tensor, rows: torch.Tensor) -> None:
     local = local_tensor(target)
     nf4_class = type(local)
     block, scaler_block = local.block_size, local.scaler_block_size
-    (dim,) = [i for i, p in enumerate(target.placements) if p.is_shard()]
-    group = target.device_mesh.get_group(dim)
     flat = rows.to(device=local.device, dtype=local.dtype).contiguous().flatten()
     if flat.numel() != local.numel() or flat.numel() % (block * scaler_block):
         raise ValueError(f"nf4_quantize_chunk_: {tuple(rows.shape)} rows for an NF4 shard of shape {tuple(local.shape)} "
                          f"(blocks of {block} x {scaler_block} elements)")
-    absmax = flat.view(-1, block).abs().max(dim=1).values  # torchao's get_block_absmax
-    gathered = absmax.new_empty(absmax.numel() * group.size())
-    all_gather_single(gathered, absmax, group=group)
+    absmax = flat.new_empty(flat.numel() // block)  # torchao's get_block_absmax, a chunk of blocks at a time
+    for start, part in _chunks(flat, block):
+        absmax[start // block:(start + part.numel()) // block] = part.view(-1, block).abs().max(dim=1).values
+    if isinstance(target, DTensor):
+        (dim,) = [i for i, p in enumerate(target.placements) if p.is_shard()]
+        group = target.device_mesh.get_group(dim)
+        gathered = absmax.new_empty(absmax.numel() * group.size())
+        all_gather_single(gathered, absmax, group=group)
+    else:  # the whole weight
+        gathered = absmax
     mean = gathered.mean()
     # torchao 0.18 NF4Tensor.double_quantize_scalers, on this chunk's scaler blocks with the global mean
     scaler_blocks = (absmax - mean).view(-1, scaler_block)
@@ -206,12 +212,36 @@ def nf4_quantize_chunk_(target: torch.Tensor, rows: torch.Tensor) -> None:
     table = _nf4_probe(local.dtype, block, scaler_block).nf4.to(local.device)
     inner = dict(
         quantized_scalers=scalers, quantization_factor=factor[:, 0].contiguous(), scaler_mean=mean, nf4=table,
-        quantized_data=nf4_class.convert_to_norm_float_weight(flat, flat.numel() // block, block, table),
+        quantized_data=_norm_float_codes(nf4_class, flat, block, table),
     )
     if set(inner) != set(names):  # a torchao whose NF4Tensor holds other inner tensors than 0.18's
         raise NotImplementedError(f"nf4_quantize_chunk_: NF4Tensor's inner tensors are {sorted(names)}, "
                                   f"checked on torchao 0.18's {sorted(inner)}")
     local.copy_(nf4_class.__tensor_unflatten__(inner, ctx, local.size(), local.stride()))
+
+
+#: Elements torchao's 4-bit encoding takes at a time in `_norm_float_codes` (its temporaries are ~4
+#: bytes per element of a bf16 weight: whole, 2 GiB at Llama-3-70B's head on one rank)
+QUANTIZE_CHUNK = 1 << 24
+
+
+def _norm_float_codes(nf4_class: type, flat: torch.Tensor, block: int, table: torch.Tensor) -> torch.Tensor:
+    """torchao 0.18's ``convert_to_norm_float_weight`` of `flat` (whole blocks of `block` elements), run
+    on `QUANTIZE_CHUNK` elements at a time: every step of it is local to a block (its absmax, the
+    division by it, the nearest code) or to a pair of elements (the packing), so the chunks' codes are
+    the whole's, bitwise, with one chunk's temporaries alive."""
+    out = torch.empty(flat.numel() // 2, dtype=torch.uint8, device=flat.device)
+    for start, part in _chunks(flat, block):
+        out[start // 2:(start + part.numel()) // 2] = nf4_class.convert_to_norm_float_weight(
+            part, part.numel() // block, block, table)
+    return out
+
+
+def _chunks(flat: torch.Tensor, block: int):
+    """(offset, view) of `flat` in pieces of about `QUANTIZE_CHUNK` elements: whole blocks, an even count."""
+    step = max(2 * block, QUANTIZE_CHUNK // (2 * block) * (2 * block))
+    for start in range(0, flat.numel(), step):
+        yield start, flat[start:start + step]
 
 
 def nf4_concat(parts: list[torch.Tensor]) -> torch.Tensor:

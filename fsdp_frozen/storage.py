@@ -3,8 +3,9 @@
 * a float dtype (bf16/fp16/fp32): `cast_frozen`, in place;
 * ``"nf4"``: torchao's `NF4Tensor` (4-bit NormalFloat with double-quantized block scalers), which
   implements FSDP2's all-gather extension: shards stay packed, are all-gathered packed and are
-  dequantized to the compute dtype inside the linear. Quantization is torchao's (`to_nf4`), from the
-  compute dtype (`nf4_dtype`); `nf4_ineligible` says which frozen weights can take it.
+  dequantized to the compute dtype inside the linear. Quantization is torchao's (`to_nf4`'s values, a
+  chunk of blocks at a time), from the compute dtype (`nf4_dtype`); `nf4_ineligible` says which frozen
+  weights can take it.
 
 [Note: NF4 in the compute dtype]
 torchao's NF4Tensor dequantizes to the dtype it was quantized from (its lookup table, scaler factors
@@ -30,7 +31,7 @@ from torch.distributed.tensor import DTensor
 
 from . import _torchao_compat as ao
 from ._torch_compat import local_tensor, own_buffers, set_buffer
-from ._torchao_compat import NF4_PACKED, nf4_on_meta, to_nf4  # noqa: F401 (NF4_PACKED re-exported)
+from ._torchao_compat import NF4_PACKED, nf4_on_meta  # noqa: F401 (NF4_PACKED re-exported)
 
 NF4 = "nf4"
 
@@ -95,7 +96,9 @@ def nf4_nbytes(numel: int, block_size: int, scaler_block_size: int, dtype: torch
 def quantize_nf4(model: nn.Module, paths: Iterable[str], block_size: int, scaler_block_size: int,
                  param_dtype: torch.dtype | None = None) -> None:
     """Replace each frozen weight at `paths` by a frozen Parameter holding torchao's NF4Tensor of it,
-    quantized from the compute dtype (`nf4_dtype`: `param_dtype`, else the weight's own)."""
+    quantized from the compute dtype (`nf4_dtype`: `param_dtype`, else the weight's own) a chunk of
+    blocks at a time (`_torchao_compat.nf4_quantize_chunk_`: torchao's ``to_nf4`` holds ~3.5x the bf16
+    weight in temporaries, 7 GiB for Llama-3-70B's head)."""
     for path in paths:
         parent, _, leaf = path.rpartition(".")
         module = model.get_submodule(parent)
@@ -103,8 +106,9 @@ def quantize_nf4(model: nn.Module, paths: Iterable[str], block_size: int, scaler
         dtype = nf4_dtype(param_dtype, weight.dtype)
         if weight.is_meta:  # a meta build: the layout only (load_pretrained quantizes the real values)
             quantized = nf4_on_meta(weight, block_size, scaler_block_size, dtype)
-        else:
-            quantized = to_nf4(weight.detach().to(dtype).contiguous(), block_size, scaler_block_size)
+        else:  # bitwise to_nf4 of the whole weight, with one chunk of blocks' temporaries at a time
+            quantized = ao.nf4_empty(tuple(weight.shape), dtype, block_size, scaler_block_size, weight.device)
+            ao.nf4_quantize_chunk_(quantized, weight.detach())
         setattr(module, leaf, nn.Parameter(quantized, requires_grad=False))
 
 

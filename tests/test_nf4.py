@@ -588,3 +588,40 @@ def test_nf4_is_quantized_from_the_compute_dtype(tmp_path, world):
             "float32 in the checkpoint, from bfloat16 in the model (pass cast=True to re-quantize on load)"
             ) in out["refused"], out["refused"]
     assert out["differs"] == [], out["differs"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_quantized_in_chunks_is_torchaos(dtype, monkeypatch):
+    """`load_pretrained` quantizes a whole NF4 weight (shard size 1) or this rank's rows with
+    `nf4_quantize_chunk_`, whose 4-bit encoding runs on `QUANTIZE_CHUNK` elements at a time: bitwise
+    torchao's ``to_nf4`` of the whole (chunk boundaries inside a scaler block, a short last chunk), with
+    one chunk's temporaries (torchao's are ~3.5x the bf16 weight: 7 GiB for Llama-3-70B's head)."""
+    from torchao.quantization import to_nf4
+
+    from fsdp_frozen import _torchao_compat as ao
+    from fsdp_frozen.diagnostics import PeakTensorMemory
+
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(ao, "QUANTIZE_CHUNK", 3 * 2 * 16 + 5)  # 6 blocks of 16 per chunk; 64 x 32 = 21.3 chunks
+    w = torch.randn(64, 32, generator=g).to(dtype)
+    target = ao.nf4_empty((64, 32), dtype, 16, 4)
+    ao.nf4_quantize_chunk_(target, w)
+    want = to_nf4(w, 16, 4)
+    for name in want.__tensor_flatten__()[0]:
+        assert torch.equal(getattr(target, name), getattr(want, name)), name
+    chunk = 1 << 11
+    monkeypatch.setattr(ao, "QUANTIZE_CHUNK", chunk)
+    w = torch.randn(1024, 2048, generator=g).to(dtype)
+    target = ao.nf4_empty((1024, 2048), dtype, 64, 256)
+    with PeakTensorMemory([w, target]) as m:
+        before = m.current
+        ao.nf4_quantize_chunk_(target, w)
+    # the packed codes (numel / 2) and the scalers (their double quantization), plus one chunk's temporaries: scaled values, codes and
+    # their packing, and torchao's distances to the 16 code values (two (chunk, 16) tensors)
+    size = w.element_size()
+    bound = w.numel() // 2 + w.numel() // 64 * 8 * size + chunk * (4 * size + 2 + 32 * size)
+    assert m.peak - before <= bound, (m.peak - before, bound)
+    with PeakTensorMemory([w]) as m:
+        before = m.current
+        to_nf4(w, 64, 256)
+    assert m.peak - before >= 2 * w.numel() * w.element_size()  # torchao's whole-weight temporaries

@@ -564,9 +564,11 @@ def _fill(tensor: torch.Tensor, info: _FileTensor, name: str, device: torch.devi
     """Copy this rank's part of the file tensor `name` into `tensor` (a shard, a plain tensor, NF4)."""
     local = local_tensor(tensor)
     if is_nf4(local):
-        if isinstance(tensor, DTensor) and not info.key:  # [Note: NF4 from row chunks]: this rank's rows only
-            ao.nf4_quantize_chunk_(tensor, _read(info, name, _chunk_index(tensor)).to(device=device))
-        else:  # a plain NF4Tensor (kept out of FSDP) is the whole weight; a DCP source is read whole anyway
+        if not info.key:  # [Note: NF4 from row chunks]: this rank's rows only (a plain NF4Tensor, kept out of
+            # FSDP at shard size 1, is the whole weight), quantized a chunk of blocks at a time
+            index = _chunk_index(tensor) if isinstance(tensor, DTensor) else None
+            ao.nf4_quantize_chunk_(tensor, _read(info, name, index).to(device=device))
+        else:  # a DCP source is read whole anyway
             ao.nf4_copy_chunk_(tensor, _read(info, name, None).to(device=device, dtype=local.dtype))
         return
     index = _chunk_index(tensor)
