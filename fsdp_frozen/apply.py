@@ -173,7 +173,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
 
 def _move_unmanaged(model: nn.Module, plan: ShardingPlan, device: torch.device) -> None:
     """Move the parameters the plan keeps out of FSDP (`ShardingPlan.unmanaged`: NF4 weights at shard
-    size 1, ``"never"`` groups kept whole) to the mesh's device, as ``fully_shard`` moves the ones it
+    size 1, frozen groups kept whole) to the mesh's device, as ``fully_shard`` moves the ones it
     manages: it leaves its ``ignored_params`` where they are, so a model built on the CPU would compute
     with CPU weights on a GPU mesh. Plain tensors move in place; an NF4Tensor cannot take
     ``.data =`` across devices, so its moved Parameter takes every slot of the old one (as a plain one does
@@ -214,8 +214,9 @@ def _input_hook(device: torch.device | None, mp_policy: MixedPrecisionPolicy):
 
 def _cast_inputs_outside_fsdp(model: nn.Module, state: ShardedModelState, mp_policy: MixedPrecisionPolicy) -> None:
     """[Note: units outside FSDP] A unit the plan leaves without ``fully_shard`` (every parameter
-    kept out of FSDP: ``trainable_grouping="replicate"`` with its ``"never"`` frozen group whole,
-    [Note: whole frozen groups]) would lose the one thing FSDP2 does to its inputs: the cast of
+    kept out of FSDP: ``trainable_grouping="replicate"`` with its ``"never"`` frozen group whole, or at
+    shard size 1 a unit whose trainable parameters are replicated or the root's, [Note: whole frozen
+    groups]) would lose the one thing FSDP2 does to its inputs: the cast of
     floating-point tensors to ``param_dtype``. Without it an activation promoted to fp32 between
     units (an fp32 buffer added at the root, a scale) reaches bf16 weights and the unit fails
     ('mixed dtype'), or computes in another dtype than plain FSDP2 does. So each such unit gets

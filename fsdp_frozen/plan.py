@@ -77,8 +77,9 @@ class ShardingPlan:
     names: ModelNames | None = None  #: canonical names of the model and the module paths behind them
     #: Frozen parameters FSDP must not manage (``ignored_params``), kept whole on every rank: NF4
     #: weights at shard size 1 (torchao's NF4 all-gather hooks fail there, torch 2.13 / torchao 0.18,
-    #: and nothing would be communicated anyway), and every ``"never"`` frozen group under
-    #: ``trainable_grouping="replicate"`` ([Note: whole frozen groups]).
+    #: and nothing would be communicated anyway), every frozen group stored as it computes at shard
+    #: size 1, and every such ``"never"`` group under ``trainable_grouping="replicate"`` ([Note: whole
+    #: frozen groups]).
     unmanaged: frozenset[str] = frozenset()
     #: Each unit's ``reshard_after_forward`` for its fully_shard call (its trainable group's, FSDP's root rule).
     unit_reshard: dict[str, bool | int] = field(default_factory=dict)
