@@ -14,13 +14,14 @@ adapters, on random tokens of batch x seq, with the recipes' chunked cross-entro
 ``--loss-chunks``, default 8 as torchtune: the full fp32 logits never exist; ``--loss-chunks 0``: the
 model's own unchunked loss, ``labels=``). Not compiled (torchtune's published figures are). Records
 the training peak ``torch.cuda.max_memory_allocated`` (reset after the load; the load's own peak is
-``load_peak_gib`` in the JSON) and tokens/s (steps after
-``--warmup``), plus load time.
-On the CPU (``--device cpu``, the dry run) there is no device peak: the row records the largest tensor
-storage peak of a training step instead (`fsdp_frozen.diagnostics.PeakTensorMemory` around each step, the
-model and optimizer state counted), labelled as such (``peak_metric``), with its ratio to the estimate, and
-the host RSS peak as ``host_peak_rss_gib``; its step times are not comparable to anything (the counting slows
-every op). That is how docs/benchmark.md reproduced the first GPU run's excess on the CPU.
+``load_peak_gib`` in the JSON) and tokens/s (steps after ``--warmup``), plus load time. On the CPU
+(``--device cpu``, the dry run) there is no device peak: the row records the largest tensor storage peak
+of a training step instead (`fsdp_frozen.diagnostics.PeakTensorMemory` around each step, the model and
+optimizer state counted), labelled as such (``peak_metric``), with its ratio to the estimate; the host RSS
+peak as ``host_peak_rss_gib``; and ``peak_top``, the largest storages alive at that peak (bytes, the op
+that made them, shape, dtype; ``--peak-breakdown`` adds one such counted step on CUDA). Its step times
+are not comparable to anything (the counting slows every op). That is how docs/benchmark.md reproduced
+the first GPU run's excess on the CPU.
 
 Each variant runs in a process of its own (several ``--frozen-dtypes``: this script re-invokes itself
 once per variant; ``--in-process`` runs them in one process, freeing each model before the next):
@@ -48,7 +49,6 @@ compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s, QLoRA 7.4 GiB at 2413 tok/s.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import hashlib
 import json
@@ -71,6 +71,7 @@ TINY = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 
 ORDER = ["bfloat16", "nf4"]
 PEAK_CUDA = "torch.cuda.max_memory_allocated"
 PEAK_TENSORS = "tensor storage peak of a step (PeakTensorMemory; CPU dry run)"
+PEAK_TOP = 12  #: the largest storages alive at a counted step's peak, recorded as ``peak_top``
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -244,18 +245,29 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     g = torch.Generator(a.device).manual_seed(0)
     times: list[float] = []
     loss = None
-    tensor_peak = 0.0  # CPU: the largest step's tensor storage peak
-    for step in range(a.warmup + a.steps):
-        ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
-        sync()
-        t = time.perf_counter()
-        with contextlib.nullcontext() if cuda else PeakTensorMemory(state_tensors(model, opt)) as counted:
+    tensor_peak, peak_top = 0.0, []  # CPU: the largest step's tensor storage peak, and what it holds
+
+    def counted_step(ids, top: int):
+        with PeakTensorMemory(state_tensors(model, opt), top=top) as counted:
             loss = step_loss(model, ids, a)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if not cuda:
-            tensor_peak = max(tensor_peak, counted.peak / 2**30)
+        return loss, counted
+
+    for step in range(a.warmup + a.steps):
+        ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
+        sync()
+        t = time.perf_counter()
+        if cuda:
+            loss = step_loss(model, ids, a)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            loss, counted = counted_step(ids, PEAK_TOP)
+            if counted.peak / 2**30 > tensor_peak:
+                tensor_peak, peak_top = counted.peak / 2**30, counted.peak_top
         sync()
         took = time.perf_counter() - t
         if step >= a.warmup:
@@ -268,6 +280,13 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
         # --time-limit (this process's seconds): stop once a further step would not fit (>= 1 measured step)
         if a.time_limit and times and time.perf_counter() - _T0 + 1.5 * took > a.time_limit:
             break
+    breakdown = {}
+    if cuda and a.peak_breakdown:  # one more step, counted (slower: not timed), after the measured ones
+        ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
+        _, counted = counted_step(ids, PEAK_TOP)
+        breakdown = {"tensor_peak_gib": counted.peak / 2**30, "peak_top": counted.peak_top}
+    elif not cuda:
+        breakdown = {"peak_top": peak_top}
     times.sort()
     median = times[len(times) // 2]
     out = {"frozen_dtype": frozen_dtype, "load_s": load_s, "step_s_median": median, "steps_measured": len(times),
@@ -276,7 +295,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
            "peak_metric": PEAK_CUDA if cuda else PEAK_TENSORS, "load_peak_gib": load_peak,
            **({} if cuda else {"host_peak_rss_gib": host_peak_rss_gib()}),
            "allocated_at_start_gib": at_start, "loss": loss.item(), "frozen_storage": storage,
-           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **breakdown}
     del model, opt, loss
     release(a.device)
     return out
@@ -375,6 +394,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--nf4-scaler-block-size", type=int, default=None, help="default 256 (torchao's)")
     ap.add_argument("--loss-chunks", type=int, default=8,
                     help="the loss in this many chunks of tokens (recipes/loss.py); 0: the model's own unchunked loss")
+    ap.add_argument("--peak-breakdown", action="store_true",
+                    help="on CUDA, one more step counted with PeakTensorMemory after the measured ones: its tensor "
+                         "peak and the largest storages alive there (op, shape, dtype) as peak_top in the JSON "
+                         "(the CPU dry run records them for every step)")
     ap.add_argument("--offload-activations", action="store_true",
                     help="the checkpointed blocks' inputs to pinned host memory in forward (recipes/offload.py)")
     ap.add_argument("--time-limit", type=float, default=0.0,

@@ -71,6 +71,10 @@ def check_outputs(out: Path) -> None:
         # the CPU's figure: a step's tensor storage peak, against the estimate of the same run
         assert r["peak_metric"].startswith("tensor storage peak") and r["peak_gib"] > 0, r
         assert r["measured_vs_estimate"] > 0 and r["host_peak_rss_gib"] > 0, r
+        # what the peak holds: the largest storages, the op that made each
+        top = r["peak_top"]
+        assert len(top) == 12 and all(b > 0 and isinstance(op, str) for b, op, _, _ in top), top
+        assert [b for b, *_ in top] == sorted((b for b, *_ in top), reverse=True), top
         assert r["steps_measured"] == 1 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"]), r
         assert r["trainable_params"] > 0 and r["estimate_gib"] > 0, r
         assert kind in r["frozen_storage"], r  # NF4 frozen shards really are NF4Tensors

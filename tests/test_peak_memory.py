@@ -27,6 +27,23 @@ def test_counts_live_storages_exactly():
     assert m.peak == 12000
 
 
+def test_peak_top_names_what_the_peak_is_made_of():
+    held = torch.empty(100)  # 400 bytes, given as the baseline
+    with PeakTensorMemory([held], top=2) as m:
+        a = torch.zeros(1000)  # 4000 bytes
+        b = torch.ones(300, 2, dtype=torch.float64)  # 4800 bytes: the peak holds held, a and b
+        del a, b
+        c = torch.empty(10)  # after the peak: not in peak_top
+    assert m.peak == 9200 and c.numel() == 10
+    assert m.peak_top == [(4800, "aten.ones.default", (300, 2), "float64"), (4000, "aten.zeros.default", (1000,), "float32")]
+    with PeakTensorMemory([held], top=3) as m:
+        torch.empty(1)
+    assert m.peak_top == [(400, "baseline", (100,), "float32"), (4, "aten.empty.memory_format", (1,), "float32")]
+    with PeakTensorMemory() as m:  # without top: nothing recorded
+        torch.empty(1)
+    assert m.peak_top == []
+
+
 def test_baseline_and_in_place_resize_are_counted():
     held = torch.empty(100)  # 400 bytes before the region, never touched in it
     buf = torch.empty(10)

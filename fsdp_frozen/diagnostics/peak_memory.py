@@ -35,13 +35,21 @@ class PeakTensorMemory(compat.TorchDispatchMode):
     Args:
         baseline: tensors alive before the region that count even if no op touches them (see
             `state_tensors`).
+        top: with N > 0, `peak_top` lists the N largest storages alive at the peak as (bytes, the op
+            that first touched them, "baseline" for those given, shape, dtype), largest first: what
+            a peak is made of (how the first GPU run's QLoRA excess, torchao's int64 codes of the
+            dequantized head, was found). Costs a sort of the live storages at each new peak.
     """
 
-    def __init__(self, baseline: Iterable[torch.Tensor] = ()) -> None:
+    def __init__(self, baseline: Iterable[torch.Tensor] = (), *, top: int = 0) -> None:
         super().__init__()
         self._live: dict[int, weakref.ref] = {}
         self.peak = 0
         self.current = 0
+        self.top = top
+        self._origin: dict[int, tuple[str, tuple[int, ...], str]] = {}  #: storage -> (op, shape, dtype); with `top`
+        self._op = "baseline"
+        self.peak_top: list[tuple[int, str, tuple[int, ...], str]] = []
         for t in baseline:
             self._track(t)
         self._sample()
@@ -59,13 +67,25 @@ class PeakTensorMemory(compat.TorchDispatchMode):
             return
         key = id(storage)
         if key not in self._live:
-            self._live[key] = weakref.ref(storage, lambda _, k=key: self._live.pop(k, None))
+            self._live[key] = weakref.ref(storage, lambda _, k=key: self._forget(k))
+            if self.top:
+                self._origin[key] = (self._op, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+
+    def _forget(self, key: int) -> None:
+        self._live.pop(key, None)
+        self._origin.pop(key, None)
 
     def _sample(self) -> None:
         self.current = sum(s.nbytes() for ref in list(self._live.values()) if (s := ref()) is not None)
+        if self.current > self.peak and self.top:
+            live = [(s.nbytes(), *self._origin.get(k, ("?", (), "?"))) for k, ref in list(self._live.items())
+                    if (s := ref()) is not None]
+            self.peak_top = sorted(live, key=lambda x: -x[0])[:self.top]
         self.peak = max(self.peak, self.current)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if self.top:
+            self._op = str(func)
         out = func(*args, **(kwargs or {}))
         for t in compat.tree_leaves((args, kwargs, out)):
             if isinstance(t, torch.Tensor):
