@@ -19,6 +19,7 @@ Cost: after every op, a sum over the live storages it knows (use it for one meas
 
 from __future__ import annotations
 
+import heapq
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -38,7 +39,7 @@ class PeakTensorMemory(compat.TorchDispatchMode):
         top: with N > 0, `peak_top` lists the N largest storages alive at the peak as (bytes, the op
             that first touched them, "baseline" for those given, shape, dtype), largest first: what
             a peak is made of (how the first GPU run's QLoRA excess, torchao's int64 codes of the
-            dequantized head, was found). Costs a sort of the live storages at each new peak.
+            dequantized head, was found). Costs a pass over the live storages at each new peak.
     """
 
     def __init__(self, baseline: Iterable[torch.Tensor] = (), *, top: int = 0) -> None:
@@ -80,7 +81,7 @@ class PeakTensorMemory(compat.TorchDispatchMode):
         if self.current > self.peak and self.top:
             live = [(s.nbytes(), *self._origin.get(k, ("?", (), "?"))) for k, ref in list(self._live.items())
                     if (s := ref()) is not None]
-            self.peak_top = sorted(live, key=lambda x: -x[0])[:self.top]
+            self.peak_top = heapq.nlargest(self.top, live, key=lambda x: x[0])
         self.peak = max(self.peak, self.current)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
