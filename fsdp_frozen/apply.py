@@ -159,7 +159,7 @@ def shard_with_freezing(model: nn.Module, mesh: DeviceMesh, policy: FreezePolicy
         whole = sorted(plan.unmanaged - plan.quantized)  # "never" frozen groups kept whole ([Note: whole frozen groups])
         state.replicated = ReplicatedTrainables(model, group.params, [plan.path(f) for f in group.params], mesh,
                                                 mp_policy, shard_device(mesh),
-                                                frozen=(tuple(whole), [plan.path(f) for f in whole]))
+                                                frozen_paths=tuple(plan.path(f) for f in whole))
     setattr(model, _STATE_ATTR, state)
     _guard_setters(model, state)
     state.root_hooks = (_freezing_check(state, model), _track_backward(state))

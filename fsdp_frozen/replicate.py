@@ -116,13 +116,12 @@ class ReplicatedTrainables:
 
     def __init__(self, model: nn.Module, fqns: tuple[str, ...], paths: list[str], mesh: DeviceMesh,
                  mp_policy: MixedPrecisionPolicy, device: torch.device,
-                 frozen: tuple[tuple[str, ...], list[str]] = ((), [])) -> None:
+                 frozen_paths: tuple[str, ...] = ()) -> None:
         self.fqns = fqns
         self.params: list[nn.Parameter] = [model.get_parameter(p) for p in paths]
         #: frozen parameters kept whole outside FSDP beside them ([Note: whole frozen groups] in plan.py):
         #: broadcast here (apply's freezing check reads their flags), never swapped or reduced
-        self.frozen_fqns = frozen[0]
-        self.frozen = [model.get_parameter(p) for p in frozen[1]]
+        self.frozen = [model.get_parameter(p) for p in frozen_paths]
         by_id: dict[int, list[tuple[dict, str]]] = {id(p): [] for p in self.params}
         for path, param in model.named_parameters(remove_duplicate=False):
             if id(param) in by_id:

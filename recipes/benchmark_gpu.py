@@ -49,6 +49,7 @@ compiled, RTX 4090): LoRA 16.2 GiB at 3083 tok/s, QLoRA 7.4 GiB at 2413 tok/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -247,27 +248,23 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     loss = None
     tensor_peak, peak_top = 0.0, []  # CPU: the largest step's tensor storage peak, and what it holds
 
-    def counted_step(ids, top: int):
-        with PeakTensorMemory(state_tensors(model, opt), top=top) as counted:
+    def train_step(ids, counted: bool):
+        """One step; counted: inside a PeakTensorMemory (returned; None otherwise)."""
+        tracker = PeakTensorMemory(state_tensors(model, opt), top=PEAK_TOP) if counted else None
+        with tracker or contextlib.nullcontext():
             loss = step_loss(model, ids, a)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return loss, counted
+        return loss, tracker
 
     for step in range(a.warmup + a.steps):
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
         sync()
         t = time.perf_counter()
-        if cuda:
-            loss = step_loss(model, ids, a)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        else:
-            loss, counted = counted_step(ids, PEAK_TOP)
-            if counted.peak / 2**30 > tensor_peak:
-                tensor_peak, peak_top = counted.peak / 2**30, counted.peak_top
+        loss, counted = train_step(ids, counted=not cuda)
+        if counted is not None and counted.peak / 2**30 > tensor_peak:
+            tensor_peak, peak_top = counted.peak / 2**30, counted.peak_top
         sync()
         took = time.perf_counter() - t
         if step >= a.warmup:
@@ -283,7 +280,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     breakdown = {}
     if cuda and a.peak_breakdown:  # one more step, counted (slower: not timed), after the measured ones
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
-        _, counted = counted_step(ids, PEAK_TOP)
+        _, counted = train_step(ids, counted=True)
         breakdown = {"tensor_peak_gib": counted.peak / 2**30, "peak_top": counted.peak_top}
     elif not cuda:
         breakdown = {"peak_top": peak_top}

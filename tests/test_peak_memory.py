@@ -148,19 +148,10 @@ def _one_rank(rank: int, world: int, split: bool) -> dict:
                     train(model, 1, rank, opt=opt, start=2 + k)
                 steps.append((m.peak, before))
             peak, before = min(steps)
-            frozen_in_fsdp = sorted(n for n, g, fp in _fsdp_params(model) if not fp.sharded_param.requires_grad
-                                    and n not in plan.unsplit)
+            frozen_in_fsdp = sorted((set(sharded_state(model).fsdp_params) & plan.frozen) - set(plan.unsplit))
             out[name] = {"before": before, "peak": peak, "frozen_in_fsdp": frozen_in_fsdp,
                          "kept": measure(model).kept_gathered_bytes, "unmanaged": len(plan.unmanaged)}
     return out
-
-
-def _fsdp_params(model):
-    from fsdp_frozen import _torch_compat as compat
-    from fsdp_frozen.apply import sharded_state
-
-    names = {id(compat.sharded_param(fp)): f for f, fp in sharded_state(model).fsdp_params.items()}
-    return [(names[id(compat.sharded_param(fp))], g, fp) for _, g, fp in compat.iter_all_fsdp_params(model)]
 
 
 @pytest.mark.parametrize("split", [True, False], ids=["split", "fallback"])
