@@ -44,7 +44,7 @@ from .models import batch, make_model
 
 SEED = 0  #: tie-breaks of the covering
 STEPS = 3
-HF_FAMILIES = ("llama_lora", "gpt2_lora", "qwen2_dora", "mixtral_lora")
+HF_FAMILIES = ("llama_lora", "gpt2_lora", "qwen2_dora", "mixtral_lora", "llama_ia3")
 DIMENSIONS: dict[str, tuple] = {
     "family": ("toy", "bitfit", "partial", *HF_FAMILIES),
     "wrapper": ("none", "checkpoint_wrapper", "compile", "hf_gradient_checkpointing"),
@@ -169,6 +169,8 @@ FAMILIES = {
                          ["base_model.model.model.norm.weight"], [], []),
     "mixtral_lora": Family(True, ["base_model.model.model.layers.*"], ["MixtralDecoderLayer"],
                            ["base_model.model.model.norm.weight"], [], []),
+    "llama_ia3": Family(True, ["base_model.model.model.layers.*"], ["LlamaDecoderLayer"],
+                        ["base_model.model.model.norm.weight"], [], []),
 }
 
 
@@ -223,8 +225,10 @@ def save_toy(tmp: str) -> str:
 
 
 def _peft_config(family: str):
-    from peft import LoraConfig
+    from peft import IA3Config, LoraConfig
 
+    if family == "llama_ia3":  # vectors in ParameterDicts: one scales k/v outputs, one down_proj's input
+        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
     if family == "gpt2_lora":
         return LoraConfig(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
     if family == "mixtral_lora":
