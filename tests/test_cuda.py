@@ -3,8 +3,8 @@
 Skipped with a reason on machines without a GPU (CI, the CPU development machines). Run by
 ``scripts/gpu_check.sh`` on a lent GPU machine. Covers: shard + train (bitwise against plain FSDP2),
 save + load (frozen shards staged on the host: the device peak during the load stays near the model),
-checksums of CUDA shards, `load_pretrained` (shards created on the GPU), NF4, `refreeze` and
-``trainable_grouping="replicate"``.
+checksums of CUDA shards, `load_pretrained` (shards created on the GPU), NF4, `refreeze`,
+``trainable_grouping="replicate"`` and recipes/offload.py's CUDA path (pinned memory, a side stream).
 """
 
 from __future__ import annotations
@@ -308,3 +308,14 @@ def test_cuda_replicate(world):
         assert r["devices"] == ["cuda"] and r["grad_dtypes"] == ["torch.float32"], r
         assert r["during"] == ["cuda:torch.bfloat16"], r
         assert r["dormant"] == ("cuda", "torch.bfloat16", ["cuda"]), r
+
+
+@pytest.mark.skipif(HF_MISSING, reason="needs the 'hf' extra")
+@pytest.mark.parametrize("variant", ["hf_gc", pytest.param("checkpoint_wrapper_nf4", marks=pytest.mark.skipif(
+    TORCHAO_MISSING, reason="NF4 needs torchao"))])
+def test_cuda_offloaded_activations_train_bitwise_the_same(variant):
+    """recipes/offload.py on CUDA: saved block inputs copied to pinned host memory on a side stream and
+    back, training bitwise the same as without it (tests/test_offload.py runs the CPU path)."""
+    from .test_offload import check_bitwise, train
+
+    check_bitwise(run_ranks(train, WORLDS[-1], variant, "cuda", backend="nccl", timeout=300), variant)

@@ -2,7 +2,8 @@
 forward and come back for the backward, and training is bitwise the same.
 
 On the CPU the hook copies each saved tensor to a new CPU tensor: the packing path runs and is counted,
-nothing is saved. The CUDA path (pinned memory, a side stream, ``record_stream``) runs on a GPU only.
+nothing is saved. The CUDA path (pinned memory, a side stream, ``record_stream``) runs on a GPU only: the
+CUDA tier (tests/test_cuda.py) runs `train` and `check_bitwise` there.
 """
 
 from __future__ import annotations
@@ -62,16 +63,22 @@ def _model(variant: str) -> nn.Module:
     return model
 
 
-def _train(rank: int, world: int, variant: str = "hf_gc") -> dict:
+def train(rank: int, world: int, variant: str = "hf_gc", device: str = "cpu") -> dict:
+    """3 steps without, then with, the hook: losses, full states (on the host) and what the hook moved.
+    The model is built on the CPU; `shard_with_freezing` moves it to the mesh's device."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     out = {}
     for offload in (False, True):
-        model = shard_with_freezing(_model(variant), mesh_1d(world),
+        mesh = mesh_1d(world) if device == "cpu" else init_device_mesh(device, (world,))
+        model = shard_with_freezing(_model(variant), mesh,
                                     FreezePolicy(units=["LlamaDecoderLayer"], **VARIANTS[variant]))
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         losses, counts = [], []
         for step in range(3):
             ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(step * world + rank))
+            ids = ids.to(device)
             hook = OffloadActivations(min_bytes=0)
             with hook if offload else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 loss = causal_lm_loss(model, shifted_targets(ids), input_ids=ids, chunks=2)
@@ -80,15 +87,15 @@ def _train(rank: int, world: int, variant: str = "hf_gc") -> dict:
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
             counts.append((hook.offloaded, hook.offloaded_bytes))
-        out[offload] = {"losses": losses, "state": full_state(model), "counts": counts}
+        out[offload] = {"losses": losses, "state": {k: v.cpu() for k, v in full_state(model).items()},
+                        "counts": counts}
     return out
 
 
-@pytest.mark.skipif(HF_MISSING, reason="needs transformers and peft")
-@pytest.mark.parametrize("world,variant", [(1, "hf_gc"), (2, "hf_gc"), (2, "checkpoint_wrapper_nf4"),
-                                           (2, "checkpoint_wrapper_compile")])
-def test_offloaded_activations_train_bitwise_the_same(world, variant):
-    for rank, r in enumerate(run_ranks(_train, world, variant)):
+def check_bitwise(results: list[dict], variant: str) -> None:
+    """`train`'s results of every rank: offloaded training is bitwise the plain one, and every
+    checkpointed block's input went through the hook."""
+    for rank, r in enumerate(results):
         plain, offloaded = r[False], r[True]
         assert offloaded["losses"] == plain["losses"], rank
         assert all(torch.equal(plain["state"][k], v) for k, v in offloaded["state"].items()), rank
@@ -98,6 +105,13 @@ def test_offloaded_activations_train_bitwise_the_same(world, variant):
         itemsize = 2 if VARIANTS[variant].get("param_dtype") == "bfloat16" else 4
         for n, nbytes in offloaded["counts"]:
             assert n >= LAYERS and nbytes >= LAYERS * 2 * 16 * 64 * itemsize, (n, nbytes)
+
+
+@pytest.mark.skipif(HF_MISSING, reason="needs transformers and peft")
+@pytest.mark.parametrize("world,variant", [(1, "hf_gc"), (2, "hf_gc"), (2, "checkpoint_wrapper_nf4"),
+                                           (2, "checkpoint_wrapper_compile")])
+def test_offloaded_activations_train_bitwise_the_same(world, variant):
+    check_bitwise(run_ranks(train, world, variant), variant)
 
 
 def test_offload_skips_parameters_subclasses_and_small_tensors():
