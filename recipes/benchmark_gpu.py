@@ -21,7 +21,12 @@ optimizer state counted), labelled as such (``peak_metric``), with its ratio to 
 peak as ``host_peak_rss_gib``; and ``peak_top``, the largest storages alive at that peak (bytes, the op
 that made them, shape, dtype; ``--peak-breakdown`` adds one such counted step on CUDA). Its step times
 are not comparable to anything (the counting slows every op). That is how docs/benchmark.md reproduced
-the first GPU run's excess on the CPU.
+the first GPU run's excess on the CPU. ``--offloaded-step`` (what `scripts/gpu_check.sh` passes) runs one
+more step after the measured ones with the checkpointed blocks' inputs offloaded to pinned host memory
+(recipes/offload.py), its peak reset before it and recorded apart (``offloaded`` in the JSON: peak,
+estimate, step seconds, tensors and GiB moved), so one load gives both sides of the memory comparison:
+at Llama-3.1-8B's shape 16.2 GiB is below what any run that keeps the inputs on the device can reach
+(docs/estimate.md), and the offloaded figure is the one to compare with torchtune's.
 
 Each variant runs in a process of its own (several ``--frozen-dtypes``: this script re-invokes itself
 once per variant; ``--in-process`` runs them in one process, freeing each model before the next):
@@ -62,6 +67,7 @@ import time
 from pathlib import Path
 
 _T0 = time.perf_counter()  # process start, for --time-limit
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/loss.py and offload.py beside this file
 #: torchtune llama3_1/8B_lora_single_device: lora_attn_modules [q_proj, v_proj, output_proj], apply_lora_to_mlp
 TARGET_MODULES = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 REFERENCE = {"bfloat16": (16.2, 3083), "nf4": (7.4, 2413)}  # GiB, tok/s (torchtune, RTX 4090, compiled)
@@ -175,15 +181,16 @@ def policy_for(frozen_dtype: str, units: list[str], a: argparse.Namespace):
                         frozen_reshard="never", **nf4)
 
 
-def estimate_gib(frozen_dtype: str, a: argparse.Namespace) -> float:
-    """`fsdp_frozen.estimate` of the same run (fake process group: call before the real one exists)."""
+def estimate_gib(frozen_dtype: str, a: argparse.Namespace, offload: bool) -> float:
+    """`fsdp_frozen.estimate` of the same run, the checkpointed inputs offloaded or not (fake process
+    group: call before the real one exists)."""
     from fsdp_frozen.estimate import activation_bytes, estimate, hf_builder
 
     lora = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGET_MODULES}
     config = llama_config(a)
     est = estimate(hf_builder(config, lora), 1, policy_for(frozen_dtype, ["LlamaDecoderLayer"], a))
     acts = activation_bytes(config, a.batch, a.seq, loss_chunks=a.loss_chunks, nf4_head=frozen_dtype == "nf4",
-                            nf4_dense=est.nf4_dense_bytes, offload=a.offload_activations)
+                            nf4_dense=est.nf4_dense_bytes, offload=offload)
     return (est.peak_bytes + acts["checkpointing_bytes"]) / 2**30
 
 
@@ -192,14 +199,8 @@ def step_loss(model, ids, a: argparse.Namespace):
     model's own (``labels=ids``: the full logits, upcast to fp32)."""
     if not a.loss_chunks:
         return model(input_ids=ids, labels=ids).loss
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # recipes/loss.py beside this file
     from loss import causal_lm_loss, shifted_targets
 
-    if a.offload_activations:  # recipes/offload.py: the checkpointed blocks' inputs to pinned host memory
-        from offload import OffloadActivations
-
-        with OffloadActivations():
-            return causal_lm_loss(model, shifted_targets(ids), input_ids=ids, chunks=a.loss_chunks)
     return causal_lm_loss(model, shifted_targets(ids), input_ids=ids, chunks=a.loss_chunks)
 
 
@@ -247,22 +248,28 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     times: list[float] = []
     loss = None
     tensor_peak, peak_top = 0.0, []  # CPU: the largest step's tensor storage peak, and what it holds
+    offloaded_step = a.offloaded_step and not a.offload_activations  # one more step after the measured ones
 
-    def train_step(ids, counted: bool):
-        """One step; counted: inside a PeakTensorMemory (returned; None otherwise)."""
+    def train_step(ids, counted: bool, offload: bool = a.offload_activations):
+        """One step; counted: inside a PeakTensorMemory (returned; None otherwise); offload: the forward
+        under recipes/offload.py's hook (the checkpointed blocks' inputs to pinned host memory)."""
+        from offload import OffloadActivations
+
         tracker = PeakTensorMemory(state_tensors(model, opt), top=PEAK_TOP) if counted else None
+        hook = OffloadActivations(min_bytes=0 if a.tiny else 1 << 20) if offload else None  # tiny: every input
         with tracker or contextlib.nullcontext():
-            loss = step_loss(model, ids, a)
+            with hook or contextlib.nullcontext():
+                loss = step_loss(model, ids, a)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return loss, tracker
+        return loss, tracker, hook
 
     for step in range(a.warmup + a.steps):
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
         sync()
         t = time.perf_counter()
-        loss, counted = train_step(ids, counted=not cuda)
+        loss, counted, _ = train_step(ids, counted=not cuda)
         if counted is not None and counted.peak / 2**30 > tensor_peak:
             tensor_peak, peak_top = counted.peak / 2**30, counted.peak_top
         sync()
@@ -274,22 +281,34 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else tensor_peak,
                  peak_metric=PEAK_CUDA if cuda else PEAK_TENSORS,
                  **({"tokens_per_s": a.batch * a.seq / so_far[len(so_far) // 2]} if times else {}))
-        # --time-limit (this process's seconds): stop once a further step would not fit (>= 1 measured step)
-        if a.time_limit and times and time.perf_counter() - _T0 + 1.5 * took > a.time_limit:
+        # --time-limit (this process's seconds): stop once a further step (and the offloaded one) would not
+        # fit (>= 1 measured step)
+        if a.time_limit and times and time.perf_counter() - _T0 + (0.5 + 1 + offloaded_step) * took > a.time_limit:
             break
     breakdown = {}
     if cuda and a.peak_breakdown:  # one more step, counted (slower: not timed), after the measured ones
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
-        _, counted = train_step(ids, counted=True)
+        _, counted, _ = train_step(ids, counted=True)
         breakdown = {"tensor_peak_gib": counted.peak / 2**30, "peak_top": counted.peak_top}
     elif not cuda:
         breakdown = {"peak_top": peak_top}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else tensor_peak
+    if offloaded_step:  # the inputs off the device: its own peak, the same model (no second load)
+        ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t = time.perf_counter()
+        _, counted, hook = train_step(ids, counted=not cuda, offload=True)
+        sync()
+        breakdown["offloaded"] = {
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else counted.peak / 2**30,
+            "step_s": time.perf_counter() - t, "tensors": hook.offloaded, "gib": hook.offloaded_bytes / 2**30}
     times.sort()
     median = times[len(times) // 2]
     out = {"frozen_dtype": frozen_dtype, "load_s": load_s, "step_s_median": median, "steps_measured": len(times),
            "tokens_per_s": a.batch * a.seq / median,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else tensor_peak,
-           "peak_metric": PEAK_CUDA if cuda else PEAK_TENSORS, "load_peak_gib": load_peak,
+           "peak_gib": peak, "peak_metric": PEAK_CUDA if cuda else PEAK_TENSORS, "load_peak_gib": load_peak,
            **({} if cuda else {"host_peak_rss_gib": host_peak_rss_gib()}),
            "allocated_at_start_gib": at_start, "loss": loss.item(), "frozen_storage": storage,
            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), **breakdown}
@@ -317,8 +336,9 @@ def header(meta: dict) -> list[str]:
             f"activation checkpointing{' with its inputs offloaded to host memory' if meta.get('offload_activations') else ''}, "
             f"{loss_label(meta.get('loss_chunks', 0))}, not compiled; "
             f"peak = {meta.get('peak_metric')}", "",
-            f"| frozen | {peak} | estimate GiB (ratio) | tok/s | load s | torchtune (8B, RTX 4090, compiled) |",
-            "|---|---|---|---|---|---|"]
+            f"| frozen | {peak} | estimate GiB (ratio) | inputs offloaded: {peak} | estimate (ratio) | tok/s "
+            "| load s | torchtune (8B, RTX 4090, compiled) |",
+            "|---|---|---|---|---|---|---|---|"]
 
 
 def loss_label(chunks: int) -> str:
@@ -329,17 +349,25 @@ def row(dtype: str, r: dict) -> str:
     ref = REFERENCE.get(dtype)
     ref_s = f"{ref[0]} GiB, {ref[1]} tok/s" if ref else ""
     if "error" in r:
-        return f"| {dtype} | error: {r['error'][:100]} | | | | {ref_s} |"
+        return f"| {dtype} | error: {r['error'][:100]} | | | | | | {ref_s} |"
     if r.get("status") != "done":  # a variant killed on its way: what it had measured by then
         load = f"{r['load_s']:.1f}" if "load_s" in r else ""
         peak = f"{r['peak_gib']:.3g} " if "peak_gib" in r else ""
         tps = f"{r['tokens_per_s']:,.0f} ({r['steps_measured']} steps)" if "tokens_per_s" in r else ""
-        return (f"| {dtype} | {peak}(incomplete: killed or failed after {r.get('phase', '?')}) | | {tps} | {load} "
-                f"| {ref_s} |")
+        return (f"| {dtype} | {peak}(incomplete: killed or failed after {r.get('phase', '?')}) | | | | {tps} "
+                f"| {load} | {ref_s} |")
+    off = r.get("offloaded") or {}
+    off_peak = f"{off['peak_gib']:.3g}" if off else "-"
+    return (f"| {dtype} | {r['peak_gib']:.3g} | {_estimate(r)} | {off_peak} | {_estimate(off)} | "
+            f"{r['tokens_per_s']:,.0f} | {r['load_s']:.1f} | {ref_s} |")
+
+
+def _estimate(r: dict) -> str:
+    """A measured peak's estimate and their ratio ("-" where there is none)."""
+    if r.get("estimate_gib") is None:
+        return "-"
     ratio = f" ({r['measured_vs_estimate']:.2f}x)" if r.get("measured_vs_estimate") is not None else ""
-    est = f"{r['estimate_gib']:.3g}{ratio}" if r.get("estimate_gib") is not None else "-"
-    return (f"| {dtype} | {r['peak_gib']:.3g} | {est} | {r['tokens_per_s']:,.0f} | "
-            f"{r['load_s']:.1f} | {ref_s} |")
+    return f"{r['estimate_gib']:.3g}{ratio}"
 
 
 def variant_path(out: Path, dtype: str, suffix: str) -> Path:
@@ -397,6 +425,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                          "(the CPU dry run records them for every step)")
     ap.add_argument("--offload-activations", action="store_true",
                     help="the checkpointed blocks' inputs to pinned host memory in forward (recipes/offload.py)")
+    ap.add_argument("--offloaded-step", action="store_true",
+                    help="after the measured steps, one more with the checkpointed blocks' inputs offloaded "
+                         "(recipes/offload.py), its peak measured apart beside its estimate: both halves of the "
+                         "memory comparison from one load (as 'offloaded' in the JSON; ignored with "
+                         "--offload-activations)")
     ap.add_argument("--time-limit", type=float, default=0.0,
                     help="seconds this process may take: fewer measured steps (at least 1) when the load was slow")
     ap.add_argument("--frozen-dtypes", default="bfloat16,nf4")
@@ -481,13 +514,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(done))
         return 0
 
-    estimates = {}
-    for d in dtypes:  # before the real process group: estimate uses a fake one
+    estimates = {}  # (dtype, offloaded) -> GiB
+    offloads = sorted({a.offload_activations, a.offloaded_step or a.offload_activations})
+    for d, offload in ((d, o) for d in dtypes for o in offloads):  # before the real process group: a fake one
         try:
-            estimates[d] = estimate_gib(d, a)
+            estimates[d, offload] = estimate_gib(d, a, offload)
         except Exception as e:  # noqa: BLE001 - the measurement matters more than its estimate
             print(f"estimate for {d} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            estimates[d] = None
+            estimates[d, offload] = None
     if a.require_base and not base_ready(base):
         meta = {"device": a.device, "date": time.strftime("%Y-%m-%d"), "loss_chunks": a.loss_chunks,
                 **{k: getattr(a, k) for k in SHAPE_8B}}
@@ -517,8 +551,11 @@ def main(argv: list[str] | None = None) -> int:
         progress()
         try:
             r = run(base, d, a, progress)
-            r["estimate_gib"] = estimates.get(d)
-            r["measured_vs_estimate"] = r["peak_gib"] / r["estimate_gib"] if r["estimate_gib"] else None
+            for part, offload in ((r, a.offload_activations), (r.get("offloaded"), True)):
+                if part is not None:
+                    part["estimate_gib"] = estimates.get((d, offload))
+                    part["measured_vs_estimate"] = (part["peak_gib"] / part["estimate_gib"]
+                                                    if part["estimate_gib"] else None)
             r.update(status="done", phase="done", wall_s=time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 - report and go on with the next variant
             import traceback

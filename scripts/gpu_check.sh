@@ -18,7 +18,9 @@
 #   base    120/40  | 45/20   bench_base.json, bench_base.log: the random base, written once (RAM when
 #                             /dev/shm has room), reused by both variants and by a rerun with the same shape
 #   bf16    150/60  | 50/30   gpu_bench_bfloat16.json/.md, bench_bfloat16.log  (a killed run leaves its
-#   nf4     150/60  | 50/30   gpu_bench_nf4.json/.md, bench_nf4.log             row, marked incomplete)
+#   nf4     150/60  | 50/30   gpu_bench_nf4.json/.md, bench_nf4.log             row, marked incomplete;
+#                             each variant's last step has the checkpointed inputs offloaded, its peak apart:
+#                             benchmark_gpu.py --offloaded-step)
 #                             then gpu_bench.json / gpu_bench.md: every variant so far
 #   tier    150/60  | 90/45   cuda_tests.xml, cuda_tests.log, cuda_tests.json: the CUDA tier, in what is left
 #   always                    stages.json (each stage: status, exit code, seconds, timeout), summary.md
@@ -47,9 +49,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 GRACE=5   # seconds between a stage's SIGTERM and SIGKILL
 
-FULL_BENCH=(--layers "${GPU_LAYERS:-32}" --steps "${GPU_STEPS:-5}" --warmup 2)
-QUICK_BENCH=(--layers "${GPU_LAYERS:-4}" --steps "${GPU_STEPS:-2}" --warmup 1)
-DRY_BENCH=(--tiny --device cpu)
+FULL_BENCH=(--layers "${GPU_LAYERS:-32}" --steps "${GPU_STEPS:-5}" --warmup 2 --offloaded-step)
+QUICK_BENCH=(--layers "${GPU_LAYERS:-4}" --steps "${GPU_STEPS:-2}" --warmup 1 --offloaded-step)
+DRY_BENCH=(--tiny --device cpu --offloaded-step)
 case "$MODE" in
   full)    BUDGET=${GPU_BUDGET:-400} BENCH=("${FULL_BENCH[@]}")
            CAP_BASE=120 MIN_BASE=40 CAP_VAR=150 MIN_VAR=60 CAP_TIER=150 MIN_TIER=60 ;;

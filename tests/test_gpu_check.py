@@ -78,8 +78,12 @@ def check_outputs(out: Path) -> None:
         assert r["steps_measured"] == 1 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"]), r
         assert r["trainable_params"] > 0 and r["estimate_gib"] > 0, r
         assert kind in r["frozen_storage"], r  # NF4 frozen shards really are NF4Tensors
+        # --offloaded-step: one more step with the checkpointed inputs offloaded, its peak beside its estimate
+        off = r["offloaded"]
+        assert off["tensors"] >= meta["layers"] and off["gib"] > 0 and off["peak_gib"] > 0, off
+        assert 0 < off["estimate_gib"] < r["estimate_gib"] and off["measured_vs_estimate"] > 0, (off, r)
         md = _text(out / f"gpu_bench_{dtype}.md")
-        assert f"| {dtype} | " in md and "step tensor peak" in md, md
+        assert f"| {dtype} | " in md and "step tensor peak" in md and "inputs offloaded" in md, md
     assert set(_json(out / "gpu_bench_bfloat16.json")["run"]["frozen_storage"]) == {"bfloat16"}
     combined = _json(out / "gpu_bench.json")
     assert list(combined["runs"]) == ["bfloat16", "nf4"], combined
