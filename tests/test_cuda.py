@@ -4,7 +4,8 @@ Skipped with a reason on machines without a GPU (CI, the CPU development machine
 ``scripts/gpu_check.sh`` on a lent GPU machine. Covers: shard + train (bitwise against plain FSDP2),
 save + load (frozen shards staged on the host: the device peak during the load stays near the model),
 checksums of CUDA shards, `load_pretrained` (shards created on the GPU), NF4, `refreeze`,
-``trainable_grouping="replicate"`` and recipes/offload.py's CUDA path (pinned memory, a side stream).
+``trainable_grouping="replicate"``, recipes/offload.py's CUDA path (pinned memory, a side stream) and the
+fast NF4 dequantization and linear bitwise torchao's.
 """
 
 from __future__ import annotations
@@ -319,3 +320,15 @@ def test_cuda_offloaded_activations_train_bitwise_the_same(variant):
     from .test_offload import check_bitwise, train
 
     check_bitwise(run_ranks(train, WORLDS[-1], variant, "cuda", backend="nccl", timeout=300), variant)
+
+
+@pytest.mark.skipif(TORCHAO_MISSING, reason="NF4 needs torchao (carry its wheel: scripts/gpu_wheels.sh)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_nf4_compute_bitwise_torchaos(dtype, monkeypatch):
+    """The fast dequantization (tables on the device) and the NF4 linear in every mode against
+    torchao's, on CUDA: the same checks tests/test_nf4_compute.py runs on the CPU."""
+    from .test_nf4_compute import check_fast_dequantize, check_linear_modes
+
+    check_fast_dequantize(dtype, "cuda", monkeypatch)
+    monkeypatch.undo()
+    check_linear_modes(dtype, "cuda", monkeypatch)

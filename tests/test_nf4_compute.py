@@ -27,12 +27,20 @@ SHAPES = [((256, 512), 64, 256), ((64, 64), 16, 4), ((48, 64), 32, 2), ((12, 40)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fast_dequantize_is_bitwise_torchaos(dtype, monkeypatch):
+    check_fast_dequantize(dtype, "cpu", monkeypatch)
+
+
+def check_fast_dequantize(dtype: torch.dtype, device: str, monkeypatch) -> None:
     """`nf4_dequantize_fast` == ``get_original_weight()`` bit for bit: whole weights, FSDP's dim-0
     chunks (storage offsets inside the packed data, the whole weight's n_blocks), the 256-entry path
-    (odd offsets) and the traceable one torch.compile takes."""
+    (odd offsets) and the traceable one torch.compile takes; on `device` (the CUDA tier runs "cuda")."""
     g = torch.Generator().manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
     for shape, block, scaler in SHAPES:
-        w = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+        w = (randn(shape) * 0.02).to(dtype)
         w[0, :block] = 0  # an all-zero block
         t = ao.to_nf4(w, block, scaler)
         parts = [t]
@@ -44,19 +52,19 @@ def test_fast_dequantize_is_bitwise_torchaos(dtype, monkeypatch):
             assert (got.dtype, got.shape, got.is_contiguous()) == (dtype, want.shape, True)
             assert torch.equal(_bits(got), _bits(want)), (shape, block, scaler)
     # one packed byte per chunk (odd storage offsets) and per weight: the per-byte table (no int16 view)
-    t = ao.to_nf4(torch.randn(3, 2, generator=g).to(dtype), 2, 1)
-    for p in [*torch.chunk(t, 3), ao.to_nf4(torch.randn(1, 2, generator=g).to(dtype), 2, 1)]:
+    t = ao.to_nf4(randn(3, 2).to(dtype), 2, 1)
+    for p in [*torch.chunk(t, 3), ao.to_nf4(randn(1, 2).to(dtype), 2, 1)]:
         assert torch.equal(_bits(ao.nf4_dequantize_fast(p)), _bits(p.get_original_weight()))
     assert torch.chunk(t, 3)[1].quantized_data.storage_offset() == 1
     # gathers in chunks of GATHER_CHUNK packed codes (index tensors of one chunk at a time): a chunk
     # boundary inside a block, a row and a pair of bytes, and a last chunk shorter than the others
     monkeypatch.setattr(ao, "GATHER_CHUNK", 37)
     for shape, block, scaler in SHAPES:
-        t = ao.to_nf4((torch.randn(shape, generator=g) * 0.02).to(dtype), block, scaler)
+        t = ao.to_nf4((randn(shape) * 0.02).to(dtype), block, scaler)
         assert torch.equal(_bits(ao.nf4_dequantize_fast(t)), _bits(t.get_original_weight())), (shape, block)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     for shape, block, scaler in SHAPES[:3]:
-        t = ao.to_nf4(torch.randn(shape, generator=g).to(dtype), block, scaler)
+        t = ao.to_nf4(randn(shape).to(dtype), block, scaler)
         assert torch.equal(_bits(ao.nf4_dequantize_fast(t)), _bits(t.get_original_weight()))
 
 
@@ -121,9 +129,9 @@ def _count_dequantizations(monkeypatch) -> dict:
     return count
 
 
-def _nf4_mlp(dtype: torch.dtype) -> nn.Module:
+def _nf4_mlp(dtype: torch.dtype, device: str = "cpu") -> nn.Module:
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(64, 128, bias=True), nn.ReLU(), nn.Linear(128, 64, bias=False)).to(dtype)
+    mlp = nn.Sequential(nn.Linear(64, 128, bias=True), nn.ReLU(), nn.Linear(128, 64, bias=False)).to(device, dtype)
     for layer in (mlp[0], mlp[2]):
         layer.weight = nn.Parameter(ao.to_nf4(layer.weight.detach(), 32, 4), requires_grad=False)
     return mlp
@@ -131,14 +139,18 @@ def _nf4_mlp(dtype: torch.dtype) -> nn.Module:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_modes_are_bitwise_with_fewer_dequantizations(dtype, monkeypatch):
+    check_linear_modes(dtype, "cpu", monkeypatch)
+
+
+def check_linear_modes(dtype: torch.dtype, device: str, monkeypatch) -> None:
     """Outputs and input gradients bitwise equal in every mode, with and without activation
     checkpointing (non-reentrant, reentrant); dequantizations per linear and step: 2 without AC in
     every mode, 3 with AC in torchao's and "fast_dequant", 2 in "fast" (the backward reuses the
     recompute's). Without AC the "fast" linear saves the packed weight only (no dense copy between
-    forward and backward); no graph: no Function at all."""
+    forward and backward); no graph: no Function at all. On `device` (the CUDA tier runs "cuda")."""
     count = _count_dequantizations(monkeypatch)
-    mlp = _nf4_mlp(dtype)
-    x0 = torch.randn(2, 8, 64, dtype=dtype)
+    mlp = _nf4_mlp(dtype, device)
+    x0 = torch.randn(2, 8, 64, dtype=dtype).to(device)
     results = {}
     for mode in ("torchao", "fast_dequant", "fast"):
         for ac in ("none", "non_reentrant", "reentrant"):
