@@ -2,7 +2,7 @@
 
 Dimensions (`DIMENSIONS`): model family x wrapper x frozen policy x trainable grouping x precision x
 build path x how units are named x coalescing x ranks (1: the shard-size-1 layout, frozen groups kept out
-of FSDP, [Note: whole frozen groups]; 2; an int ``frozen_reshard`` runs on 4). `cases()` covers every pair of values of any two dimensions that
+of FSDP, [Note: whole frozen groups]; 2; HSDP, 2 replicas x 2 shards; an int ``frozen_reshard`` runs on 4). `cases()` covers every pair of values of any two dimensions that
 some valid case can hold (a greedy covering, ties broken by ``random.Random(SEED)``), so adding a
 value to a dimension adds the cases that pair it with every other value. Combinations the package
 refuses (`REFUSED`) are left out of the covering and get one case each that asserts the refusal.
@@ -30,6 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
@@ -54,8 +55,9 @@ DIMENSIONS: dict[str, tuple] = {
     "build": ("real", "meta"),
     "units": ("glob", "class"),
     "coalesce": (False, True),  #: FreezePolicy.coalesce_frozen
-    #: world size (an int frozen_reshard: 4); at 1 frozen groups leave FSDP ([Note: whole frozen groups])
-    "ranks": (2, 1),
+    #: world size (an int frozen_reshard: 4); at 1 frozen groups leave FSDP ([Note: whole frozen groups]);
+    #: "hsdp": 4 ranks, 2 replicas x 2 shards (mesh dims "replicate", "shard")
+    "ranks": (2, 1, "hsdp"),
 }
 #: frozen_reshard="auto" keeps gathered what fits in this many bytes per rank (some groups, not all)
 AUTO_BUDGET = 40_000
@@ -96,7 +98,13 @@ class Case:
 
     @property
     def world(self) -> int:
-        return 4 if isinstance(self.frozen_reshard, int) else self.ranks
+        return 4 if isinstance(self.frozen_reshard, int) or self.ranks == "hsdp" else self.ranks
+
+    def mesh(self):
+        """The case's device mesh (call on the ranks): 1-D, or HSDP's 2 x 2."""
+        if self.ranks == "hsdp":
+            return init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        return mesh_1d(self.world)
 
     @property
     def refused(self) -> tuple[str, ...] | None:
@@ -112,8 +120,9 @@ class Case:
 
 def _valid(values: dict[str, Any]) -> bool:
     """Cases that exist: HF gradient checkpointing is a transformers method; an int frozen_reshard
-    (reshard to N-rank groups) needs more ranks than one."""
-    if values.get("ranks") == 1 and isinstance(values["frozen_reshard"], int):
+    (reshard to N-rank groups of the 1-D mesh) needs more ranks than one, and on HSDP 2 x 2 it would be
+    the shard size (FSDP2 takes that as True: nothing of its own to test)."""
+    if values.get("ranks") in (1, "hsdp") and isinstance(values["frozen_reshard"], int):
         return False
     return not (values["wrapper"] == "hf_gradient_checkpointing" and values["family"] not in HF_FAMILIES)
 
@@ -387,9 +396,9 @@ def _equal(a: dict[str, list[torch.Tensor]] | dict[str, torch.Tensor], b) -> lis
     return sorted(bad)
 
 
-def _ours(case: Case, tmp: str, world: int) -> nn.Module:
+def _ours(case: Case, tmp: str) -> nn.Module:
     model = build_model(case, tmp, meta=case.build == "meta")
-    model = shard_with_freezing(model, mesh_1d(world), policy_of(case))
+    model = shard_with_freezing(model, case.mesh(), policy_of(case))
     if case.build == "meta":
         load_pretrained(model, pretrained_dir(tmp, case.family))
     return model
@@ -400,14 +409,14 @@ def pretrained_dir(tmp: str, family: str) -> str:
     return os.path.join(tmp, family if FAMILIES[family].hf else "toy")
 
 
-def _reference(case: Case, tmp: str, world: int, trainable: dict[str, torch.Tensor]) -> nn.Module:
+def _reference(case: Case, tmp: str, trainable: dict[str, torch.Tensor]) -> nn.Module:
     """Plain FSDP2 on the same units, wrapper and MixedPrecisionPolicy, real weights, our trainable values."""
     model = build_model(case, tmp, meta=False)
     names = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in trainable.items():
             names[name].copy_(value.to(names[name].dtype))
-    return plain_fsdp(model, mesh_1d(world), tuple(policy_of(case).units), mp_policy_of(case))
+    return plain_fsdp(model, case.mesh(), tuple(policy_of(case).units), mp_policy_of(case))
 
 
 def _all_gathers(model: nn.Module) -> int:
@@ -422,13 +431,13 @@ def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
         compat.SPLIT_GROUPS_SUPPORTED = False
     if case.refused is not None:
         try:
-            _ours(case, tmp, world)
+            _ours(case, tmp)
         except PolicyError as e:
             return {"refused": str(e)}
         return {"refused": None}
     out: dict[str, Any] = {}
     try:
-        model = _ours(case, tmp, world)
+        model = _ours(case, tmp)
     except PolicyError as e:
         if FALLBACK and "cannot split them off" in str(e):  # FALLBACK_REFUSAL
             return {"refused": str(e)}
@@ -438,7 +447,7 @@ def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
     # frozen parameters FSDP manages, beyond what the structural fallback leaves in trainable groups: at
     # shard size 1 none unless FSDP casts them ([Note: whole frozen groups])
     out["frozen_in_fsdp"] = sorted((set(sharded_state(model).fsdp_params) & plan.frozen) - set(plan.unsplit))
-    reference = _reference(case, tmp, world, _trainable(model))
+    reference = _reference(case, tmp, _trainable(model))
     frozen_before = _local_frozen(model)
     opt, ref_opt = torch.optim.AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
     counter = CommCounter()
@@ -475,7 +484,7 @@ def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
     # save, load into a fresh model, bitwise parameters and next step
     path = os.path.join(tmp, f"ck-{case.id}")
     save_checkpoint(path, model, opt, overwrite=True)
-    fresh = _ours(case, tmp, world)
+    fresh = _ours(case, tmp)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
     load_checkpoint(path, fresh, fresh_opt)
     out["loaded_trainable_differ"] = _equal(_trainable(model), _trainable(fresh))

@@ -93,7 +93,8 @@ def test_case(case: matrix.Case, pretrained: str):
         assert r["norm_trainable"] and all(r["norm_trainable"].values()), r["norm_trainable"]
         assert all(r["norm_moved"].values()), r["norm_moved"]
     # estimate: the same policy (units as the case names them) on a fake process group, meta build
-    est = estimate(lambda: matrix.build_model(case, pretrained, meta=True), case.world, matrix.policy_of(case))
+    est = estimate(lambda: matrix.build_model(case, pretrained, meta=True), case.world, matrix.policy_of(case),
+                   replicate=2 if case.ranks == "hsdp" else 1)
     assert est.trainable_grouping == results[0]["grouping"], (est.trainable_grouping, results[0]["grouping"])
     assert est.frozen_shard_bytes > 0 or case.family == "partial"
 
