@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     estimates = {}  # (dtype, offloaded) -> GiB
-    offloads = sorted({a.offload_activations, a.offloaded_step or a.offload_activations})
+    offloads = {a.offload_activations} | ({True} if a.offloaded_step else set())  # the measured steps', the extra's
     for d, offload in ((d, o) for d in dtypes for o in offloads):  # before the real process group: a fake one
         try:
             estimates[d, offload] = estimate_gib(d, a, offload)
