@@ -3,7 +3,7 @@
 Dimensions (`DIMENSIONS`): model family x wrapper x frozen policy x trainable grouping x precision x
 build path x how units are named x coalescing x ranks (1: the shard-size-1 layout, frozen groups kept out
 of FSDP, [Note: whole frozen groups]; 2; HSDP, 2 replicas x 2 shards; an int ``frozen_reshard`` runs on 4). `cases()` covers every pair of values of any two dimensions that
-some valid case can hold (a greedy covering, ties broken by ``random.Random(SEED)``), so adding a
+some valid case can hold (a greedy covering, ties broken by the cheaper case, then ``random.Random(SEED)``), so adding a
 value to a dimension adds the cases that pair it with every other value. Combinations the package
 refuses (`REFUSED`) are left out of the covering and get one case each that asserts the refusal.
 
@@ -127,8 +127,15 @@ def _valid(values: dict[str, Any]) -> bool:
     return not (values["wrapper"] == "hf_gradient_checkpointing" and values["family"] not in HF_FAMILIES)
 
 
+def _cost(case: Case) -> int:
+    """Roughly what a case costs to run on 2 cores: ranks (processes sharing them) x 3 for compile x 2
+    for a transformers model."""
+    return case.world * (3 if case.wrapper == "compile" else 1) * (2 if FAMILIES[case.family].hf else 1)
+
+
 def cases() -> list[Case]:
-    """Every valid pair of values covered by some case; then one case per refused pair."""
+    """Every valid pair of values covered by some case (greedy: the case covering the most pairs not yet
+    covered, the cheapest of those (`_cost`), then a seeded random one); then one case per refused pair."""
     names = list(DIMENSIONS)
     pool = []
     for combo in itertools.product(*DIMENSIONS.values()):
@@ -140,7 +147,9 @@ def cases() -> list[Case]:
     chosen = []
     while uncovered:
         best = max(len(p & uncovered) for _, p in pool)
-        case, pairs = rng.choice([(c, p) for c, p in pool if len(p & uncovered) == best])
+        candidates = [(c, p) for c, p in pool if len(p & uncovered) == best]
+        cheapest = min(_cost(c) for c, _ in candidates)
+        case, pairs = rng.choice([(c, p) for c, p in candidates if _cost(c) == cheapest])
         chosen.append(case)
         uncovered -= pairs
     for (d1, v1, d2, v2) in REFUSED:  # one case per refusal, the rest as the first chosen case has it
