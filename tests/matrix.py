@@ -2,9 +2,10 @@
 
 Dimensions (`DIMENSIONS`): model family x wrapper x frozen policy x trainable grouping x precision x
 build path x how units are named x coalescing x ranks (1: the shard-size-1 layout, frozen groups kept out
-of FSDP, [Note: whole frozen groups]; 2; HSDP, 2 replicas x 2 shards; an int ``frozen_reshard`` runs on 4). `cases()` covers every pair of values of any two dimensions that
-some valid case can hold (a greedy covering, ties broken by the cheaper case, then ``random.Random(SEED)``), so adding a
-value to a dimension adds the cases that pair it with every other value. Combinations the package
+of FSDP, [Note: whole frozen groups]; 2; HSDP, 2 replicas x 2 shards; an int ``frozen_reshard`` runs on
+4). `cases()` covers every pair of values of any two dimensions that some valid case can hold (a greedy
+covering, ties broken by the cheaper case, then ``random.Random(SEED)``), so adding a value to a
+dimension adds the cases that pair it with every other value. Combinations the package
 refuses (`REFUSED`) are left out of the covering and get one case each that asserts the refusal.
 
 Each case (`run_case`, on the ranks) builds the model as a user does, shards it with
