@@ -216,6 +216,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     from fsdp_frozen.checkpoint import load_pretrained
     from fsdp_frozen.diagnostics import PeakTensorMemory, state_tensors
     from fsdp_frozen.storage import is_nf4
+    from offload import OffloadActivations
 
     cuda = a.device == "cuda"
     release(a.device)
@@ -253,8 +254,6 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     def train_step(ids, counted: bool, offload: bool = a.offload_activations):
         """One step; counted: inside a PeakTensorMemory (returned; None otherwise); offload: the forward
         under recipes/offload.py's hook (the checkpointed blocks' inputs to pinned host memory)."""
-        from offload import OffloadActivations
-
         tracker = PeakTensorMemory(state_tensors(model, opt), top=PEAK_TOP) if counted else None
         hook = OffloadActivations(min_bytes=0 if a.tiny else 1 << 20) if offload else None  # tiny: every input
         with tracker or contextlib.nullcontext():

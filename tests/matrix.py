@@ -457,6 +457,7 @@ def run_case(rank: int, world: int, tmp: str, case: Case) -> dict[str, Any]:
     # frozen parameters FSDP manages, beyond what the structural fallback leaves in trainable groups: at
     # shard size 1 none unless FSDP casts them ([Note: whole frozen groups])
     out["frozen_in_fsdp"] = sorted((set(sharded_state(model).fsdp_params) & plan.frozen) - set(plan.unsplit))
+    out["mesh_ndims"] = sorted({p.device_mesh.ndim for p in model.parameters() if isinstance(p, DTensor)})
     reference = _reference(case, tmp, _trainable(model))
     frozen_before = _local_frozen(model)
     opt, ref_opt = torch.optim.AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)

@@ -81,6 +81,9 @@ def test_case(case: matrix.Case, pretrained: str):
         if case.world == 1 and case.precision != "bf16_fp32_frozen":  # stored as they compute: no FSDP copy
             assert r["frozen_in_fsdp"] == [], r["frozen_in_fsdp"]
         assert r["frozen_changed"] == [], r["frozen_changed"]
+        # HSDP's sharded parameters really are on the 2-D mesh, the others' on a 1-D one (none at all where
+        # every group is kept whole: one rank, or "never" frozen groups beside a replicated trainable group)
+        assert set(r["mesh_ndims"]) <= ({2} if case.ranks == "hsdp" else {1}), r["mesh_ndims"]
         assert "frozen" in r["describe"] or case.family == "partial", r["describe"]
         assert r["ag_described"] == r["ag_counted"], (r["ag_described"], r["ag_counted"], r["describe"])
         if "disabled_diff" in r:
