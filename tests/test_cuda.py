@@ -40,11 +40,10 @@ def _mesh(world: int):
 def _adamw(model) -> torch.optim.Optimizer:
     """foreach=False: left to itself, torch takes AdamW's foreach kernels on CUDA for plain tensors only
     (torch.optim.optimizer._default_to_fused_or_foreach, `_foreach_supported_types`; pytorch/pytorch#92306:
-    "all tensors are native tensors (not subclasses) and on CUDA"), so plain FSDP2's
-    DTensors step through the per-tensor loop and replicated adapters (plain tensors) through the
-    foreach kernels, whose rounding may differ: the likely cause of the first GPU run's
-    test_cuda_replicate[1] failure (2026-12-04, losses not bitwise; on the CPU both take the loop).
-    One implementation for every model compared."""
+    "all tensors are native tensors (not subclasses) and on CUDA"), so plain FSDP2's DTensors would step
+    through the per-tensor loop and replicated adapters (plain tensors) through the foreach kernels:
+    one implementation for every model compared. (Not what failed test_cuda_replicate[1] on the GPU:
+    that was its reference, built under torch.device("cuda"), drawing other initial weights.)"""
     return torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=False)
 
 
@@ -277,8 +276,10 @@ def _replicate(rank: int, world: int) -> dict:
     from .common import plain_fsdp
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    with torch.device("cuda"):
-        reference = plain_fsdp(make_model(), _mesh(world), ("layers.*",), mp)
+    # Both built on the CPU (fully_shard moves them to the mesh's device): built under torch.device("cuda"),
+    # the reference drew its initial weights from CUDA's generator, not the CPU's, and was another model
+    # (the GPU runs of 2026-12-04: losses not equal, with either AdamW)
+    reference = plain_fsdp(make_model(), _mesh(world), ("layers.*",), mp)
     policy = FreezePolicy(units=["layers.*"], trainable_grouping="replicate", param_dtype="bfloat16",
                           reduce_dtype="float32")
     model = shard_with_freezing(make_model(), _mesh(world), policy)  # built on the CPU: moved to the mesh's device
