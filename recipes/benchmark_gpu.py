@@ -12,7 +12,12 @@ a 1-rank mesh (NCCL on CUDA, gloo on the CPU), loaded with `load_pretrained`, an
 activation checkpointing (transformers' ``gradient_checkpointing_enable``), bf16 compute, AdamW on the
 adapters, on random tokens of batch x seq, with the recipes' chunked cross-entropy (recipes/loss.py,
 ``--loss-chunks``, default 8 as torchtune: the full fp32 logits never exist; ``--loss-chunks 0``: the
-model's own unchunked loss, ``labels=``). Not compiled (torchtune's published figures are). Records
+model's own unchunked loss, ``labels=``). Not compiled unless ``--compile [BACKEND]`` (torchtune's published
+figures are): each decoder layer then gets ``layer.compile()`` and torch's ``checkpoint_wrapper`` before
+sharding, torchtune's way (FSDP's hooks outside both; the ``--warmup`` steps compile). Not HF's gradient
+checkpointing there: transformers 5 mutates a context variable inside its checkpointed call, which dynamo
+refuses inside the checkpoint HOP, so every layer fell back to eager (``compiled`` in the JSON: dynamo's graph
+and graph-break counts). Records
 the training peak ``torch.cuda.max_memory_allocated`` (reset after the load; the load's own peak is
 ``load_peak_gib`` in the JSON) and tokens/s (steps after ``--warmup``), plus load time. On the CPU
 (``--device cpu``, the dry run) there is no device peak: the row records the largest tensor storage peak
@@ -226,8 +231,17 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training: no KV cache (HF's checkpointing sets this too; compile's does not)
+    if not a.compile:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES))
+    if a.compile:  # torchtune's order: each layer compiled in place inside torch's checkpoint_wrapper
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+        layers = model.base_model.model.model.layers
+        for i in range(len(layers)):
+            layers[i].compile(backend=a.compile)
+            layers[i] = checkpoint_wrapper(layers[i])
     policy = policy_for(frozen_dtype, ["base_model.model.model.layers.*"], a)
     model = shard_with_freezing(model, init_device_mesh(a.device, (1,)), policy)
     load_pretrained(model, directory)
@@ -268,7 +282,9 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
         sync()
         t = time.perf_counter()
-        loss, counted, _ = train_step(ids, counted=not cuda)
+        # CPU: every step counted (a dispatch mode, under which dynamo does not compile), but a compiled run's
+        # warm-up steps, so that they compile
+        loss, counted, _ = train_step(ids, counted=not cuda and not (a.compile and step < a.warmup))
         if counted is not None and counted.peak / 2**30 > tensor_peak:
             tensor_peak, peak_top = counted.peak / 2**30, counted.peak_top
         sync()
@@ -305,6 +321,12 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
             "step_s": time.perf_counter() - t, "tensors": hook.offloaded, "gib": hook.offloaded_bytes / 2**30}
     times.sort()
     median = times[len(times) // 2]
+    if a.compile:  # proof that it compiled, and how whole: dynamo's own counters (this process: one variant)
+        from torch._dynamo.utils import counters
+
+        breakdown["compiled"] = {"graphs": counters["stats"]["unique_graphs"],
+                                 "graph_breaks": sum(counters["graph_break"].values()),
+                                 "break_reasons": sorted(counters["graph_break"])[:5]}
     out = {"frozen_dtype": frozen_dtype, "load_s": load_s, "step_s_median": median, "steps_measured": len(times),
            "tokens_per_s": a.batch * a.seq / median,
            "peak_gib": peak, "peak_metric": PEAK_CUDA if cuda else PEAK_TENSORS, "load_peak_gib": load_peak,
@@ -333,7 +355,8 @@ def header(meta: dict) -> list[str]:
     return [f"{meta.get('date')}, {meta.get('gpu')}, torch {meta.get('torch')}: {shape}, {layers} layers{partial}, "
             f"LoRA r=8 on {', '.join(TARGET_MODULES)}, batch {meta.get('batch')} x {meta.get('seq')}, bf16, "
             f"activation checkpointing{' with its inputs offloaded to host memory' if meta.get('offload_activations') else ''}, "
-            f"{loss_label(meta.get('loss_chunks', 0))}, not compiled; "
+            f"{loss_label(meta.get('loss_chunks', 0))}, "
+            f"{'compiled per layer (' + meta['compile'] + ')' if meta.get('compile') else 'not compiled'}; "
             f"peak = {meta.get('peak_metric')}", "",
             f"| frozen | {peak} | estimate GiB (ratio) | inputs offloaded: {peak} | estimate (ratio) | tok/s "
             "| load s | torchtune (8B, RTX 4090, compiled) |",
@@ -429,6 +452,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                          "(recipes/offload.py), its peak measured apart beside its estimate: both halves of the "
                          "memory comparison from one load (as 'offloaded' in the JSON; ignored with "
                          "--offload-activations)")
+    ap.add_argument("--compile", nargs="?", const="inductor", default="", metavar="BACKEND",
+                    help="torch.compile each decoder layer (layer.compile(backend=BACKEND), default inductor) "
+                         "before sharding, as torchtune's recipes do; the warm-up steps compile")
     ap.add_argument("--time-limit", type=float, default=0.0,
                     help="seconds this process may take: fewer measured steps (at least 1) when the load was slow")
     ap.add_argument("--frozen-dtypes", default="bfloat16,nf4")
@@ -537,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_metric": PEAK_CUDA if a.device == "cuda" else PEAK_TENSORS, "base": str(base),
             "write_base_s": written["seconds"], **{k: getattr(a, k) for k in (*SHAPE_8B, "batch", "seq", "steps",
                                                                            "warmup", "loss_chunks",
-                                                                           "offload_activations")}}
+                                                                           "offload_activations", "compile")}}
     rc = 0
     for d in dtypes:
         t0 = time.perf_counter()

@@ -5,11 +5,13 @@
 # inside the budget (a stage gets at most its cap and never the time the later stages' minimums need),
 # and writes its results as it finishes; summary.md is rewritten after every stage, so a kill leaves a table.
 #
-#   bash scripts/gpu_check.sh            full: 32 layers, 2 warm-up + 5 measured steps   (~6 min)
-#   bash scripts/gpu_check.sh --quick    rerun: 4 layers, 1 + 2 steps, shorter caps       (~2.5 min)
+#   bash scripts/gpu_check.sh            full: 32 layers, 2 warm-up + 5 measured steps, each layer
+#                                        compiled (inductor; torchtune's figures are compiled)  (~5 min)
+#   bash scripts/gpu_check.sh --quick    rerun: 4 layers, 1 + 2 steps, shorter caps, eager (~2.5 min)
 #   bash scripts/gpu_check.sh --dry-run  CPU (gloo), tiny shapes (2 layers, hidden 64, vocab 256, seq 16,
-#                                        1 step): every stage, so that no import, path, flag or file error
-#                                        reaches the GPU; the CUDA tier only collects (it skips on CPU).
+#                                        1 warm-up step compiled with aot_eager + 1 step): every stage, so
+#                                        that no import, path, flag or file error reaches the GPU; the CUDA
+#                                        tier only collects (it skips on CPU).
 #
 # Stages (cap / minimum seconds, full | quick) and what each writes to $OUT (default runs/gpu_check):
 #   wheels   60/0   | 60/0    .whl/*.whl (torchao) installed to /tmp/site; wheels.log (skipped if none / dry run)
@@ -24,8 +26,8 @@
 #                             then gpu_bench.json / gpu_bench.md: every variant so far
 #   tier    150/60  | 90/45   cuda_tests.xml, cuda_tests.log, cuda_tests.json: the CUDA tier, in what is left
 #   always                    stages.json (each stage: status, exit code, seconds, timeout), summary.md
-# The worst case (every stage killed at its timeout) still ends inside the budget; the expected full run
-# is ~15 + 60 + 90 + 90 + 75 s.
+# The worst case (every stage killed at its timeout) still ends inside the budget. The full run of
+# 2026-12-04 (eager): 19 + 45 + 38 + 38 + 134 s; compiled, each variant took ~55-60 s.
 # On the lent H200 machine (no network; torch 2.11, no torchao): carry wheels made here with
 #   scripts/gpu_wheels.sh   (writes .whl/, ignored by git)   and call with carry [".whl"].
 # Env: GPU_BUDGET (seconds), GPU_LAYERS, GPU_STEPS (override the mode's), GPU_BASE_ROOT (where the base
@@ -49,9 +51,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"
 GRACE=5   # seconds between a stage's SIGTERM and SIGKILL
 
-FULL_BENCH=(--layers "${GPU_LAYERS:-32}" --steps "${GPU_STEPS:-5}" --warmup 2 --offloaded-step)
+FULL_BENCH=(--layers "${GPU_LAYERS:-32}" --steps "${GPU_STEPS:-5}" --warmup 2 --offloaded-step --compile)
 QUICK_BENCH=(--layers "${GPU_LAYERS:-4}" --steps "${GPU_STEPS:-2}" --warmup 1 --offloaded-step)
-DRY_BENCH=(--tiny --device cpu --offloaded-step)
+DRY_BENCH=(--tiny --device cpu --offloaded-step --compile aot_eager --warmup 1)
 case "$MODE" in
   full)    BUDGET=${GPU_BUDGET:-400} BENCH=("${FULL_BENCH[@]}")
            CAP_BASE=120 MIN_BASE=40 CAP_VAR=150 MIN_VAR=60 CAP_TIER=150 MIN_TIER=60 ;;

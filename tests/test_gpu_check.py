@@ -60,6 +60,7 @@ def check_outputs(out: Path) -> None:
     assert _text(out / "env.txt").startswith("torch ")
     parsed = [json.loads(line) for line in _text(out / "args.log").splitlines()]
     assert [(x["layers"], x["device"]) for x in parsed[::2]] == [(32, "cuda"), (4, "cuda"), (2, "cpu")], parsed
+    assert [x["compile"] for x in parsed[::2]] == ["inductor", "", "aot_eager"], parsed  # full: torchtune's way
     base = _json(out / "bench_base.json")
     assert base["written"] and base["bytes"] > 0, base
     storage = {"bfloat16": "bfloat16", "nf4": "NF4Tensor"}
@@ -78,6 +79,11 @@ def check_outputs(out: Path) -> None:
         assert r["steps_measured"] == 1 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"]), r
         assert r["trainable_params"] > 0 and r["estimate_gib"] > 0, r
         assert kind in r["frozen_storage"], r  # NF4 frozen shards really are NF4Tensors
+        # --compile: the uncounted warm-up step compiled every layer whole; one graph per input signature
+        # (the first layer's input needs no grad: a frozen embedding), so no recompiles: a KV cache left on
+        # in training recompiled per layer (4 graphs here), and under inductor failed the recompute
+        assert meta["compile"] == "aot_eager" and r["compiled"]["graph_breaks"] == 0, r["compiled"]
+        assert 1 <= r["compiled"]["graphs"] <= 2, r["compiled"]
         # --offloaded-step: one more step with the checkpointed inputs offloaded, its peak beside its estimate
         off = r["offloaded"]
         assert off["tensors"] >= meta["layers"] and off["gib"] > 0 and off["peak_gib"] > 0, off
