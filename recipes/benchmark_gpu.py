@@ -23,7 +23,9 @@ the training peak ``torch.cuda.max_memory_allocated`` (reset after the load; the
 (``--device cpu``, the dry run) there is no device peak: the row records the largest tensor storage peak
 of a training step instead (`fsdp_frozen.diagnostics.PeakTensorMemory` around each step, the model and
 optimizer state counted), labelled as such (``peak_metric``), with its ratio to the estimate; the host RSS
-peak as ``host_peak_rss_gib``; and ``peak_top``, the largest storages alive at that peak (bytes, the op
+peak as ``host_peak_rss_gib``; ``peak_groups``, the state at that peak and the rest summed per op, shape
+and dtype (where the activations hide: a block's backward, the checkpointed inputs); and ``peak_top``, the
+largest storages alive at that peak (bytes, the op
 that made them, shape, dtype; ``--peak-breakdown`` adds one such counted step on CUDA). Its step times
 are not comparable to anything (the counting slows every op). That is how docs/benchmark.md reproduced
 the first GPU run's excess on the CPU. ``--offloaded-step`` (what `scripts/gpu_check.sh` passes) runs one
@@ -84,6 +86,7 @@ ORDER = ["bfloat16", "nf4"]
 PEAK_CUDA = "torch.cuda.max_memory_allocated"
 PEAK_TENSORS = "tensor storage peak of a step (PeakTensorMemory; CPU dry run)"
 PEAK_TOP = 12  #: the largest storages alive at a counted step's peak, recorded as ``peak_top``
+PEAK_GROUPS = 16  #: and the largest groups of the rest (per op, shape, dtype), as ``peak_groups``
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -199,6 +202,17 @@ def estimate_gib(frozen_dtype: str, a: argparse.Namespace, offload: bool) -> flo
     return (est.peak_bytes + acts["checkpointing_bytes"]) / 2**30
 
 
+def grouped(counted, n: int = PEAK_GROUPS) -> dict:
+    """What a counted step's peak holds beyond the state: `PeakTensorMemory.peak_by_origin` without the
+    baseline (parameters, buffers, optimizer state: summed apart), its `n` largest groups as
+    [GiB, count, op, shape, dtype]."""
+    groups = counted.peak_by_origin
+    state = sum(b for (op, *_), (b, _) in groups.items() if op == "baseline")
+    rest = [(b, c, *k) for k, (b, c) in groups.items() if k[0] != "baseline"]
+    return {"state_gib": state / 2**30, "rest_gib": sum(r[0] for r in rest) / 2**30,
+            "largest": [[b / 2**30, c, op, list(shape), dtype] for b, c, op, shape, dtype in rest[:n]]}
+
+
 def step_loss(model, ids, a: argparse.Namespace):
     """The step's loss: next-token CE of `ids`, chunked (recipes/loss.py) or, with --loss-chunks 0, the
     model's own (``labels=ids``: the full logits, upcast to fp32)."""
@@ -262,7 +276,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     g = torch.Generator(a.device).manual_seed(0)
     times: list[float] = []
     loss = None
-    tensor_peak, peak_top = 0.0, []  # CPU: the largest step's tensor storage peak, and what it holds
+    tensor_peak, peak_top, peak_groups = 0.0, [], {}  # CPU: the largest step's tensor storage peak, what it holds
     offloaded_step = a.offloaded_step and not a.offload_activations  # one more step after the measured ones
 
     def train_step(ids, counted: bool, offload: bool = a.offload_activations):
@@ -286,7 +300,7 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
         # warm-up steps, so that they compile
         loss, counted, _ = train_step(ids, counted=not cuda and not (a.compile and step < a.warmup))
         if counted is not None and counted.peak / 2**30 > tensor_peak:
-            tensor_peak, peak_top = counted.peak / 2**30, counted.peak_top
+            tensor_peak, peak_top, peak_groups = counted.peak / 2**30, counted.peak_top, grouped(counted)
         sync()
         took = time.perf_counter() - t
         if step >= a.warmup:
@@ -304,9 +318,10 @@ def run(directory: Path, frozen_dtype: str, a: argparse.Namespace, progress=lamb
     if cuda and a.peak_breakdown:  # one more step, counted (slower: not timed), after the measured ones
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
         _, counted, _ = train_step(ids, counted=True)
-        breakdown = {"tensor_peak_gib": counted.peak / 2**30, "peak_top": counted.peak_top}
+        breakdown = {"tensor_peak_gib": counted.peak / 2**30, "peak_top": counted.peak_top,
+                     "peak_groups": grouped(counted)}
     elif not cuda:
-        breakdown = {"peak_top": peak_top}
+        breakdown = {"peak_top": peak_top, "peak_groups": peak_groups}
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else tensor_peak
     if offloaded_step:  # the inputs off the device: its own peak, the same model (no second load)
         ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), device=a.device, generator=g)
@@ -443,7 +458,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the loss in this many chunks of tokens (recipes/loss.py); 0: the model's own unchunked loss")
     ap.add_argument("--peak-breakdown", action="store_true",
                     help="on CUDA, one more step counted with PeakTensorMemory after the measured ones: its tensor "
-                         "peak and the largest storages alive there (op, shape, dtype) as peak_top in the JSON "
+                         "peak, the largest storages alive there (op, shape, dtype) as peak_top and the rest "
+                         "grouped as peak_groups in the JSON "
                          "(the CPU dry run records them for every step)")
     ap.add_argument("--offload-activations", action="store_true",
                     help="the checkpointed blocks' inputs to pinned host memory in forward (recipes/offload.py)")

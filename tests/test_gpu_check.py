@@ -76,6 +76,13 @@ def check_outputs(out: Path) -> None:
         top = r["peak_top"]
         assert len(top) == 12 and all(b > 0 and isinstance(op, str) for b, op, _, _ in top), top
         assert [b for b, *_ in top] == sorted((b for b, *_ in top), reverse=True), top
+        # and all of it: the state plus the rest grouped per (op, shape, dtype) is the peak itself
+        groups = r["peak_groups"]
+        assert groups["state_gib"] > 0 and groups["rest_gib"] > 0, groups
+        assert math.isclose(groups["state_gib"] + groups["rest_gib"], r["peak_gib"], rel_tol=1e-9), (groups, r)
+        sizes = [g[0] for g in groups["largest"]]
+        assert 0 < len(sizes) <= 16 and sizes == sorted(sizes, reverse=True), groups
+        assert all(g[1] >= 1 and g[2] != "baseline" for g in groups["largest"]), groups
         assert r["steps_measured"] == 1 and r["tokens_per_s"] > 0 and math.isfinite(r["loss"]), r
         assert r["trainable_params"] > 0 and r["estimate_gib"] > 0, r
         assert kind in r["frozen_storage"], r  # NF4 frozen shards really are NF4Tensors

@@ -41,7 +41,23 @@ def test_peak_top_names_what_the_peak_is_made_of():
     assert m.peak_top == [(400, "baseline", (100,), "float32"), (4, "aten.empty.memory_format", (1,), "float32")]
     with PeakTensorMemory() as m:  # without top: nothing recorded
         torch.empty(1)
-    assert m.peak_top == []
+    assert m.peak_top == [] and m.peak_by_origin == {}
+
+
+def test_peak_by_origin_sums_every_storage_alive_at_the_peak():
+    """Many small storages of one origin outweigh a large one that `peak_top` alone would show first."""
+    held = torch.empty(1000)  # 4000 bytes: baseline
+    with PeakTensorMemory([held], top=1) as m:
+        small = [torch.zeros(300) for _ in range(5)]  # 5 x 1200 bytes, one origin
+        big = torch.ones(500)  # 2000 bytes
+        del small, big
+        torch.empty(10)  # after the peak: not counted
+    assert m.peak == 12000
+    assert m.peak_top == [(4000, "baseline", (1000,), "float32")]
+    assert m.peak_by_origin == {("aten.zeros.default", (300,), "float32"): (6000, 5),
+                                ("baseline", (1000,), "float32"): (4000, 1),
+                                ("aten.ones.default", (500,), "float32"): (2000, 1)}
+    assert list(m.peak_by_origin.values()) == sorted(m.peak_by_origin.values(), reverse=True)
 
 
 def test_baseline_and_in_place_resize_are_counted():

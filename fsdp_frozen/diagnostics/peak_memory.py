@@ -39,7 +39,11 @@ class PeakTensorMemory(compat.TorchDispatchMode):
         top: with N > 0, `peak_top` lists the N largest storages alive at the peak as (bytes, the op
             that first touched them, "baseline" for those given, shape, dtype), largest first: what
             a peak is made of (how the first GPU run's QLoRA excess, torchao's int64 codes of the
-            dequantized head, was found). Costs a pass over the live storages at each new peak.
+            dequantized head, was found); and `peak_by_origin`, every storage alive at the peak summed
+            per (op, shape, dtype) as ``{key: (bytes, count)}``, largest first, where a peak of many
+            small activations shows that the largest few (the weights) hide (how the second GPU run's
+            LoRA peak was split into state, checkpointed inputs and one block's backward). Costs a
+            pass over the live storages at each new peak.
     """
 
     def __init__(self, baseline: Iterable[torch.Tensor] = (), *, top: int = 0) -> None:
@@ -51,6 +55,7 @@ class PeakTensorMemory(compat.TorchDispatchMode):
         self._origin: dict[int, tuple[str, tuple[int, ...], str]] = {}  #: storage -> (op, shape, dtype); with `top`
         self._op = "baseline"
         self.peak_top: list[tuple[int, str, tuple[int, ...], str]] = []
+        self.peak_by_origin: dict[tuple[str, tuple[int, ...], str], tuple[int, int]] = {}
         for t in baseline:
             self._track(t)
         self._sample()
@@ -82,6 +87,12 @@ class PeakTensorMemory(compat.TorchDispatchMode):
             live = [(s.nbytes(), *self._origin.get(k, ("?", (), "?"))) for k, ref in list(self._live.items())
                     if (s := ref()) is not None]
             self.peak_top = heapq.nlargest(self.top, live, key=lambda x: x[0])
+            groups: dict[tuple[str, tuple[int, ...], str], list[int]] = {}
+            for nbytes, *key in live:
+                group = groups.setdefault(tuple(key), [0, 0])
+                group[0] += nbytes
+                group[1] += 1
+            self.peak_by_origin = {k: (b, n) for k, (b, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])}
         self.peak = max(self.peak, self.current)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
