@@ -459,7 +459,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--peak-breakdown", action="store_true",
                     help="on CUDA, one more step counted with PeakTensorMemory after the measured ones: its tensor "
                          "peak, the largest storages alive there (op, shape, dtype) as peak_top and the rest "
-                         "grouped as peak_groups in the JSON "
+                         "grouped as peak_groups in the JSON (eager: dynamo does not run under the counting "
+                         "mode) "
                          "(the CPU dry run records them for every step)")
     ap.add_argument("--offload-activations", action="store_true",
                     help="the checkpointed blocks' inputs to pinned host memory in forward (recipes/offload.py)")
