@@ -490,6 +490,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                 "nf4_scaler_block_size": 256}
     if a.tiny:
         defaults.update(TINY)
+        if a.compile:  # a warm-up step, uncounted on the CPU, so that dynamo runs (counted steps are eager)
+            defaults["warmup"] = 1
     for k, v in defaults.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
