@@ -43,7 +43,7 @@ class PeakTensorMemory(compat.TorchDispatchMode):
             per (op, shape, dtype) as ``{key: (bytes, count)}``, largest first, where a peak of many
             small activations shows that the largest few (the weights) hide (how the second GPU run's
             LoRA peak was split into state, checkpointed inputs and one block's backward). Costs a
-            pass over the live storages at each new peak.
+            snapshot of the live storages' sizes at each new peak; both are computed when read.
     """
 
     def __init__(self, baseline: Iterable[torch.Tensor] = (), *, top: int = 0) -> None:
@@ -54,8 +54,7 @@ class PeakTensorMemory(compat.TorchDispatchMode):
         self.top = top
         self._origin: dict[int, tuple[str, tuple[int, ...], str]] = {}  #: storage -> (op, shape, dtype); with `top`
         self._op = "baseline"
-        self.peak_top: list[tuple[int, str, tuple[int, ...], str]] = []
-        self.peak_by_origin: dict[tuple[str, tuple[int, ...], str], tuple[int, int]] = {}
+        self._at_peak: list[tuple[int, str, tuple[int, ...], str]] = []  #: with `top`: (bytes, op, shape, dtype)
         for t in baseline:
             self._track(t)
         self._sample()
@@ -84,16 +83,25 @@ class PeakTensorMemory(compat.TorchDispatchMode):
     def _sample(self) -> None:
         self.current = sum(s.nbytes() for ref in list(self._live.values()) if (s := ref()) is not None)
         if self.current > self.peak and self.top:
-            live = [(s.nbytes(), *self._origin.get(k, ("?", (), "?"))) for k, ref in list(self._live.items())
-                    if (s := ref()) is not None]
-            self.peak_top = heapq.nlargest(self.top, live, key=lambda x: x[0])
-            groups: dict[tuple[str, tuple[int, ...], str], list[int]] = {}
-            for nbytes, *key in live:
-                group = groups.setdefault(tuple(key), [0, 0])
-                group[0] += nbytes
-                group[1] += 1
-            self.peak_by_origin = {k: (b, n) for k, (b, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])}
+            self._at_peak = [(s.nbytes(), *self._origin.get(k, ("?", (), "?"))) for k, ref in list(self._live.items())
+                             if (s := ref()) is not None]
         self.peak = max(self.peak, self.current)
+
+    @property
+    def peak_top(self) -> list[tuple[int, str, tuple[int, ...], str]]:
+        """The `top` largest storages alive at the peak, largest first (empty without `top`)."""
+        return heapq.nlargest(self.top, self._at_peak, key=lambda x: x[0])
+
+    @property
+    def peak_by_origin(self) -> dict[tuple[str, tuple[int, ...], str], tuple[int, int]]:
+        """Every storage alive at the peak summed per (op, shape, dtype): ``{key: (bytes, count)}``, largest
+        first (empty without `top`)."""
+        groups: dict[tuple[str, tuple[int, ...], str], list[int]] = {}
+        for nbytes, *key in self._at_peak:
+            group = groups.setdefault(tuple(key), [0, 0])
+            group[0] += nbytes
+            group[1] += 1
+        return {k: (b, n) for k, (b, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if self.top:
